@@ -1,0 +1,174 @@
+"""Exact algebra on linear modules: the building blocks of folding (SPEC §4).
+
+Every function returns new modules (or edits one in place, as its name says) and computes in
+float64 before casting back, so that a chain of merges adds no more rounding than one matmul.
+Only Linear and Conv1d/Conv2d with zero padding mode and dilation 1 are handled here; callers
+check :func:`is_plain_conv` first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LinearLike = nn.Linear | nn.Conv1d | nn.Conv2d
+
+
+def is_plain_conv(m: nn.Module) -> bool:
+    """Conv1d/2d without groups, dilation or non-zero padding modes (what the algebra supports)."""
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and all(d == 1 for d in m.dilation)
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def is_foldable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_plain_conv(m)
+
+
+def _bias64(m: LinearLike) -> torch.Tensor:
+    w = m.weight
+    return (m.bias.detach().to(torch.float64) if m.bias is not None
+            else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
+
+
+def _set(m: LinearLike, weight: torch.Tensor, bias: torch.Tensor) -> LinearLike:
+    """Write float64 results back with the module's dtype, creating a bias if needed."""
+    ref = m.weight
+    m.weight = nn.Parameter(weight.to(ref.dtype).contiguous(), requires_grad=ref.requires_grad)
+    m.bias = nn.Parameter(bias.to(ref.dtype).contiguous(), requires_grad=ref.requires_grad)
+    return m
+
+
+def _like(m: LinearLike, in_ch: int, out_ch: int, **conv_overrides) -> LinearLike:
+    """An empty module of the same kind with new channel counts (weights set by the caller)."""
+    device, dtype = m.weight.device, m.weight.dtype
+    if isinstance(m, nn.Linear):
+        return nn.Linear(in_ch, out_ch, bias=True, device=device, dtype=dtype)
+    kwargs = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding)
+    kwargs.update(conv_overrides)
+    return type(m)(in_ch, out_ch, bias=True, device=device, dtype=dtype, **kwargs)
+
+
+@torch.no_grad()
+def scale_output_channels_(m: LinearLike, slope: torch.Tensor, offset: torch.Tensor) -> LinearLike:
+    """y_c -> slope_c · y_c + offset_c, absorbed into the module's rows and bias (in place)."""
+    w = m.weight.detach().to(torch.float64)
+    s = slope.to(torch.float64).to(w.device)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return _set(m, w * s.view(shape), s * _bias64(m) + offset.to(torch.float64).to(w.device))
+
+
+@torch.no_grad()
+def select_output_channels(m: LinearLike, keep: torch.Tensor) -> LinearLike:
+    """A copy of ``m`` that computes only the output channels where ``keep`` is True."""
+    idx = keep.nonzero().squeeze(1).to(m.weight.device)
+    new = _like(m, m.weight.shape[1], len(idx))
+    return _set(new, m.weight.detach().to(torch.float64)[idx], _bias64(m)[idx])
+
+
+@torch.no_grad()
+def select_input_channels(m: LinearLike, keep: torch.Tensor) -> LinearLike:
+    """A copy of ``m`` that reads only the input channels where ``keep`` is True."""
+    idx = keep.nonzero().squeeze(1).to(m.weight.device)
+    new = _like(m, len(idx), m.weight.shape[0])
+    return _set(new, m.weight.detach().to(torch.float64)[:, idx], _bias64(m))
+
+
+@torch.no_grad()
+def absorb_constant_inputs_(m: LinearLike, values: torch.Tensor, channels: torch.Tensor) -> LinearLike:
+    """Fold constant input channels into the bias: b += Σ_c Σ_kernel W[:, c] · value_c (in place).
+
+    Exact for Linear and for convs without padding (every output position sees the constant
+    through the whole kernel); the caller must not use it on a padded conv.
+    """
+    w = m.weight.detach().to(torch.float64)
+    idx = channels.to(w.device)
+    contribution = w[:, idx].flatten(2).sum(2) if w.dim() > 2 else w[:, idx]
+    bias = _bias64(m) + contribution @ values.to(torch.float64).to(w.device)
+    return _set(m, w, bias)
+
+
+@torch.no_grad()
+def merge_linear_linear(first: nn.Linear, second: nn.Linear) -> nn.Linear:
+    """second(first(x)) as one Linear: W = W2 W1, b = W2 b1 + b2."""
+    w1, w2 = first.weight.detach().to(torch.float64), second.weight.detach().to(torch.float64)
+    new = _like(second, first.in_features, second.out_features)
+    return _set(new, w2 @ w1, w2 @ _bias64(first) + _bias64(second))
+
+
+def conv_merge_blocker(first: nn.Module, second: nn.Module) -> str | None:
+    """Why second∘first cannot be one exact conv, or None when it can."""
+    if not (is_plain_conv(first) and is_plain_conv(second)) or type(first) is not type(second):
+        return "only Conv1d/Conv2d pairs of the same dimension, without groups or dilation, are merged"
+    if any(p != 0 for p in second.padding):
+        # The second conv pads the first one's output with zeros, but a merged kernel would see
+        # the first conv's (non-zero) response there: the borders would differ.
+        return "the second conv zero-pads, so a merged kernel would be wrong at the borders"
+    return None
+
+
+@torch.no_grad()
+def merge_conv_conv(first: nn.Conv1d | nn.Conv2d, second: nn.Conv1d | nn.Conv2d) -> nn.Conv1d | nn.Conv2d:
+    """second(first(x)) as one conv with the full composed kernel (k1 + s1·(k2 − 1) wide).
+
+    K[o, i, q] = Σ_m Σ_{s1·v + w = q} W2[o, m, v] · W1[m, i, w], which is exactly a transposed
+    convolution of W2 (as a batch of O images with M channels) by W1 with stride s1. Stride
+    composes as s1·s2, padding is the first conv's (the second has none).
+    """
+    reason = conv_merge_blocker(first, second)
+    if reason:
+        raise ValueError(reason)
+    w1, w2 = first.weight.detach().to(torch.float64), second.weight.detach().to(torch.float64)
+    transpose = F.conv_transpose1d if isinstance(first, nn.Conv1d) else F.conv_transpose2d
+    kernel = transpose(w2, w1, stride=first.stride)
+    bias = _bias64(second) + w2.flatten(2).sum(2) @ _bias64(first)
+    stride = tuple(a * b for a, b in zip(first.stride, second.stride))
+    new = _like(first, first.in_channels, second.out_channels, kernel_size=tuple(kernel.shape[2:]), stride=stride,
+                padding=first.padding)
+    return _set(new, kernel, bias)
+
+
+def identity_blocker(m: nn.Module) -> str | None:
+    """Why ``x + m(x)`` cannot be folded into ``m``, or None when it can."""
+    if isinstance(m, nn.Linear):
+        return None if m.in_features == m.out_features else "the skip adds a vector of another width"
+    if not is_plain_conv(m):
+        return "only plain convs and Linear absorb a skip connection"
+    if m.in_channels != m.out_channels or any(s != 1 for s in m.stride):
+        return "the skip path changes shape (channels or stride)"
+    if any(k % 2 == 0 or p != k // 2 for k, p in zip(m.kernel_size, m.padding)):
+        return "the conv does not keep the spatial size centred (odd kernel, padding k//2)"
+    return None
+
+
+@torch.no_grad()
+def add_identity(m: LinearLike) -> LinearLike:
+    """A copy of ``m`` computing x + m(x): W + I, or a centred delta kernel added for convs."""
+    reason = identity_blocker(m)
+    if reason:
+        raise ValueError(reason)
+    w = m.weight.detach().to(torch.float64).clone()
+    channels = torch.arange(w.shape[0], device=w.device)
+    centre = tuple(k // 2 for k in w.shape[2:])
+    w[(channels, channels) + centre] += 1.0
+    new = _like(m, w.shape[1], w.shape[0])
+    return _set(new, w, _bias64(m))
+
+
+class ChannelAffine(nn.Module):
+    """y = slope · x + offset per channel: a linearized rectifier that could not be absorbed."""
+
+    def __init__(self, slope: torch.Tensor, offset: torch.Tensor, channel_dim: int = 1):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.register_buffer("slope", slope.detach().clone())
+        self.register_buffer("offset", offset.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.channel_dim % x.dim()
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return x * self.slope.to(x.dtype).view(shape) + self.offset.to(x.dtype).view(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.slope.numel()}, channel_dim={self.channel_dim}"

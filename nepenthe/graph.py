@@ -1,0 +1,172 @@
+"""torch.fx helpers shared by measuring, pruning and folding: tracing, rectifier call sites and
+the linear op that feeds each of them.
+
+Naming of call sites (the keys of every per-layer dict in nepenthe):
+
+* a module call site is the module's qualified name (``layer1.0.relu1``); when the same module is
+  called several times in one forward, the k-th later call is ``name#k`` (``layer1.0.relu#1``),
+* a functional call is ``<owner module>.<function>()`` (``blocks.0.gelu()``), ``#k`` likewise.
+
+The hook-based recorder (no tracing) produces the same names for module call sites, so statistics
+from both routes can be compared and merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .activations import (
+    ADD_FUNCTIONS,
+    BATCHNORM_MODULES,
+    LINEAR_MODULES,
+    PASS_THROUGH_MODULES,
+    Rectifier,
+    rectifier_of_call,
+    rectifier_of_module,
+)
+
+
+class TraceError(RuntimeError):
+    """The model cannot be captured by torch.fx symbolic tracing."""
+
+
+def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:
+    """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many kinds of errors; all mean the same to the user
+        raise TraceError(
+            f"{purpose} needs a torch.fx-traceable model, but tracing {type(model).__name__} failed: "
+            f"{type(exc).__name__}: {exc}. Make the forward free of data-dependent Python control flow "
+            "(or wrap the offending part in a leaf module / torch.fx.wrap) and try again."
+        ) from exc
+
+
+@dataclass
+class Site:
+    """One rectifier call site in a traced graph."""
+
+    name: str
+    node: fx.Node
+    rectifier: Rectifier
+    module_path: str | None  # set for module call sites
+    producer: str | None  # qualified name of the Conv/Linear that feeds it, if any
+    channel_dim: int | None  # neuron dimension; None = decide from the tensor's rank at run time
+
+
+def call_site_name(base: str, index: int) -> str:
+    """The name of the ``index``-th call of one module / function base name."""
+    return base if index == 0 else f"{base}#{index}"
+
+
+def default_channel_dim(ndim: int) -> int:
+    """Neuron dim when no producer says otherwise: channels of N×C×… maps, else the last dim."""
+    return 1 if ndim >= 3 else -1
+
+
+def _owner_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.keys())) if stack else ""
+
+
+def _function_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every rectifier call site of a traced graph, in execution order."""
+    sites: list[Site] = []
+    seen: dict[str, int] = {}
+    taken: set[str] = set()
+    for node in gm.graph.nodes:
+        module_path = None
+        if node.op == "call_module":
+            rect = rectifier_of_module(gm.get_submodule(node.target))
+            module_path = node.target
+            base = node.target
+        else:
+            rect = rectifier_of_call(node.op, node.target, node.args, node.kwargs)
+            owner = _owner_path(node)
+            base = f"{owner}.{_function_name(node)}()" if owner else f"{_function_name(node)}()"
+        if rect is None:
+            continue
+        index = seen.get(base, 0)
+        name = call_site_name(base, index)
+        while name in taken:  # a functional name could collide with another base's #k name
+            index += 1
+            name = call_site_name(base, index)
+        seen[base] = index + 1
+        taken.add(name)
+        producer = producer_of(gm, node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        sites.append(Site(name, node, rect, module_path, producer, _channel_dim_of(gm, producer)))
+    return sites
+
+
+def _channel_dim_of(gm: fx.GraphModule, producer: str | None) -> int | None:
+    if producer is None:
+        return None
+    module = gm.get_submodule(producer)
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def _ancestor_distances(node: fx.Node) -> dict[fx.Node, int]:
+    """Shortest backward distance from ``node`` to each of its ancestors (itself at 0)."""
+    dist = {node: 0}
+    frontier = [node]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for parent in n.all_input_nodes:
+                if parent not in dist:
+                    dist[parent] = dist[n] + 1
+                    nxt.append(parent)
+        frontier = nxt
+    return dist
+
+
+def main_operand(add_node: fx.Node) -> fx.Node | None:
+    """The residual branch of ``a + b``: the operand farthest from where both paths meet.
+
+    A skip connection is the short path (identity, or one projection), the block's body the long
+    one, whatever the module classes are called.
+    """
+    operands = [a for a in add_node.args if isinstance(a, fx.Node)]
+    if len(operands) == 1:
+        return operands[0]
+    if len(operands) != 2:
+        return None
+    da, db = _ancestor_distances(operands[0]), _ancestor_distances(operands[1])
+    common = set(da) & set(db)
+    if not common:
+        return None
+    reach_a = min(da[c] for c in common)
+    reach_b = min(db[c] for c in common)
+    if reach_a == reach_b:
+        return None
+    return operands[0] if reach_a > reach_b else operands[1]
+
+
+def producer_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The Conv/Linear whose output reaches ``node`` through BN, pass-through ops and the body
+    branch of residual additions; None when there is none (e.g. the input image)."""
+    cur: fx.Node | None = node
+    while cur is not None:
+        if cur.op == "call_module":
+            module = gm.get_submodule(cur.target)
+            if isinstance(module, LINEAR_MODULES):
+                return cur.target
+            if isinstance(module, BATCHNORM_MODULES + PASS_THROUGH_MODULES) and cur.args:
+                cur = cur.args[0] if isinstance(cur.args[0], fx.Node) else None
+                continue
+            return None
+        if cur.op == "call_function" and cur.target in ADD_FUNCTIONS:
+            cur = main_operand(cur)
+            continue
+        return None
+    return None

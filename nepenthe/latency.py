@@ -1,0 +1,111 @@
+"""Layer 5: latency of a model on one input, and of two models compared fairly (SPEC §5).
+
+Built on ``torch.utils.benchmark.Timer``, which fixes the thread count for the measurement and
+synchronises CUDA around each timed block. We add warm-up, repeated blocks (the spread is over
+blocks, each of ``number`` calls), median / IQR in milliseconds, and, for comparisons, blocks of
+the two models interleaved so that drift of the machine (frequency, other load) hits both alike.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.benchmark import Timer
+
+
+@dataclass
+class LatencyResult:
+    """Per-call latency in milliseconds over ``repeats`` blocks of ``number`` calls."""
+
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    max_ms: float
+    mean_ms: float
+    repeats: int
+    number: int
+    threads: int
+    device: str
+    samples_ms: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _as_args(example_input) -> tuple:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _prepare(model: nn.Module, example_input, device: torch.device | None):
+    params = next(model.parameters(), None)
+    device = device or (params.device if params is not None else torch.device("cpu"))
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _as_args(example_input))
+    return model.to(device).eval(), args, device
+
+
+def _timer(model: nn.Module, args: tuple, threads: int) -> Timer:
+    # no_grad in the statement itself: Timer runs it in its own scope
+    return Timer(stmt="with torch.no_grad(): model(*args)", globals={"model": model, "args": args, "torch": torch},
+                 num_threads=threads)
+
+
+def _auto_number(timer: Timer, target_s: float = 0.02) -> int:
+    """Calls per block so that one block takes about ``target_s`` (at least one call)."""
+    once = timer.timeit(1).median
+    return max(1, min(10_000, int(target_s / max(once, 1e-7))))
+
+
+def _summarise(block_means_s: Sequence[float], number: int, threads: int, device: torch.device) -> LatencyResult:
+    ms = [t * 1e3 for t in block_means_s]
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0], ms[0], ms[0]]
+    return LatencyResult(median_ms=statistics.median(ms), iqr_ms=q[2] - q[0], min_ms=min(ms), max_ms=max(ms),
+                         mean_ms=statistics.fmean(ms), repeats=len(ms), number=number, threads=threads,
+                         device=device_name(device), samples_ms=ms)
+
+
+def latency(model: nn.Module, example_input, *, warmup: int = 5, repeats: int = 20, number: int | None = None,
+            threads: int | None = None, device: torch.device | str | None = None) -> LatencyResult:
+    """Median latency of ``model(example_input)`` in eval mode without gradients.
+
+    ``threads`` fixes the intra-op thread count during the measurement (default: the current
+    ``torch.get_num_threads()``); ``number`` calls per block (default: blocks of about 20 ms).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model, args, dev = _prepare(model, example_input, torch.device(device) if device else None)
+    threads = threads or torch.get_num_threads()
+    timer = _timer(model, args, threads)
+    if warmup:
+        timer.timeit(warmup)
+    number = number or _auto_number(timer)
+    return _summarise([timer.timeit(number).mean for _ in range(repeats)], number, threads, dev)
+
+
+def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmup: int = 5, repeats: int = 20,
+                    threads: int | None = None, device: torch.device | str | None = None
+                    ) -> tuple[LatencyResult, LatencyResult]:
+    """Latency of two models on the same input, blocks interleaved (before, after, before, ...)."""
+    m1, args, dev = _prepare(before, example_input, torch.device(device) if device else None)
+    m2, _, _ = _prepare(after, example_input, dev)
+    threads = threads or torch.get_num_threads()
+    t1, t2 = _timer(m1, args, threads), _timer(m2, args, threads)
+    if warmup:
+        t1.timeit(warmup)
+        t2.timeit(warmup)
+    number = max(_auto_number(t1), 1)  # the same number of calls per block for both
+    s1, s2 = [], []
+    for _ in range(repeats):
+        s1.append(t1.timeit(number).mean)
+        s2.append(t2.timeit(number).mean)
+    return _summarise(s1, number, threads, dev), _summarise(s2, number, threads, dev)

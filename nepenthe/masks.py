@@ -1,0 +1,124 @@
+"""Pruning masks stored on the model itself.
+
+A masked parameter ``<module>.weight`` gets a bool buffer ``<module>.weight_mask`` (True = kept).
+Unlike ``torch.nn.utils.prune`` nothing is renamed and no forward hook is added: the weight itself
+holds zeros at masked positions, and the mask is re-applied after every optimizer step. So a
+pruned model's ``state_dict`` has the original keys plus ``*.weight_mask``, loads into the same
+architecture (after :func:`restore_masks` on a fresh instance), and runs at full speed without
+nepenthe installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+MASK_SUFFIX = "_mask"
+
+
+def mask_buffer_name(param_name: str = "weight") -> str:
+    return param_name + MASK_SUFFIX
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
+    """Attach (or replace) the bool mask of ``module.<param_name>`` and zero the masked weights."""
+    param = getattr(module, param_name)
+    if mask.shape != param.shape:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {param_name} of shape {tuple(param.shape)}"
+                         f" in {type(module).__name__}")
+    mask = mask.to(device=param.device, dtype=torch.bool)
+    name = mask_buffer_name(param_name)
+    if name in module._buffers:
+        module._buffers[name] = mask
+    else:
+        module.register_buffer(name, mask)
+    with torch.no_grad():
+        param.mul_(mask.to(param.dtype))
+
+
+def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | None:
+    return module._buffers.get(mask_buffer_name(param_name))
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module for every module carrying a weight mask."""
+    return {n: m for n, m in model.named_modules() if get_mask(m) is not None}
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: get_mask(m) for n, m in masked_modules(model).items()}
+
+
+@torch.no_grad()
+def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Zero every masked weight (and its optimizer state, when an optimizer is given)."""
+    for module in masked_modules(model).values():
+        param = module.weight
+        state = optimizer.state.get(param) if optimizer is not None else None
+        ops.apply_mask_(param, get_mask(module), state)
+
+
+def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Re-apply the model's masks after every ``optimizer.step()``; returns the hook handle.
+
+    Masked weights and their momentum / Adam moments stay exactly zero, whatever the optimizer
+    does in between (weight decay, momentum from earlier gradients).
+    """
+    def hook(opt, args, kwargs):
+        enforce_masks(model, opt)
+    return optimizer.register_step_post_hook(hook)
+
+
+def restore_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Create the mask buffers a state_dict holds, so ``model.load_state_dict`` accepts it.
+
+    A freshly constructed model has no ``*.weight_mask`` buffers; call this first, then
+    ``model.load_state_dict(state_dict)``.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        if not key.endswith(MASK_SUFFIX):
+            continue
+        owner, _, buffer = key.rpartition(".")
+        param_name = buffer[: -len(MASK_SUFFIX)]
+        module = modules.get(owner)
+        if module is None or not isinstance(getattr(module, param_name, None), torch.Tensor):
+            raise KeyError(f"state_dict has mask {key!r} but the model has no parameter {owner}.{param_name}")
+        set_mask(module, value.to(torch.bool), param_name)
+    return model
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Drop the mask buffers (the zeros stay in the weights)."""
+    for module in masked_modules(model).values():
+        del module._buffers[mask_buffer_name()]
+    return model
+
+
+def prunable_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                     types: Iterable[type] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) -> dict[str, nn.Module]:
+    """Every Conv/Linear of ``model`` accepted by ``filter_fn(module, fqn)``."""
+    types = tuple(types)
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, types) and (filter_fn is None or filter_fn(m, n))}
+
+
+def sparsity(modules: Mapping[str, nn.Module]) -> tuple[float, dict[str, float]]:
+    """(overall fraction of masked weights, per-layer fraction) over the given modules."""
+    per_layer, masked, total = {}, 0, 0
+    for name, module in modules.items():
+        mask = get_mask(module)
+        n = module.weight.numel()
+        m = 0 if mask is None else n - int(mask.sum())
+        per_layer[name] = m / n if n else 0.0
+        masked, total = masked + m, total + n
+    return (masked / total if total else 0.0), per_layer
+
+
+def remaining_weights(module: nn.Module) -> int:
+    mask = get_mask(module)
+    return module.weight.numel() if mask is None else int(mask.sum())

@@ -1,0 +1,160 @@
+"""The main job end to end: train dense, run NEPENTHE, fold, measure latency, write the report.
+
+``run(RunConfig(...))`` is what ``nepenthe run`` calls; it is a plain function so that scripts and
+tests can call it too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import report as reporting
+from .checkpoint import atomic_write_json
+from .data import load_dataset, make_loader
+from .fold import fold, save
+from .latency import compare_latency
+from .loop import PruneConfig, prune
+from .models import build_model
+from .progress import progress_bar
+from .train import TrainConfig, evaluate, train
+
+
+@dataclass
+class RunConfig:
+    """Everything the main job needs; the defaults are the bundled demo (digits, residual MLP)."""
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    out: str = "runs/digits-mlp"
+    data_root: str | None = None
+    data_limit: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    calib_batch_size: int = 512
+    dense: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
+    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.02))
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(max_iters=8, delta=1.0))
+    approximate: bool = False
+    latency_batch: int = 256
+    latency_repeats: int = 30
+    threads: int | None = None
+    progress: bool | None = None  # None: when stderr is a terminal
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prune"].pop("filter_fn", None)
+        return d
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: RunConfig, echo=print) -> dict:
+    """Run the main job and return the report (also written to ``<out>/report.json``)."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+
+    data = load_dataset(cfg.dataset, root=cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        limit=cfg.data_limit)
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(data.val, 512)
+    test_loader = make_loader(data.test, 512)
+    calib_loader = make_loader(data.train, cfg.calib_batch_size)  # Ξ: the training set, no shuffling
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    echo(f"nepenthe: {cfg.model} on {cfg.dataset} ({len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test)"
+         f", device {device}")
+
+    bar = progress_bar(total=cfg.dense.epochs + cfg.prune.max_iters * cfg.retrain.epochs, desc="training",
+                       enabled=cfg.progress)
+    tick = lambda epoch, loss: (bar.update(1), bar.set_postfix_str(f"loss {loss:.3f}"))  # noqa: E731
+    train(model, train_loader, cfg.dense, progress=tick)
+    dense_test = evaluate(model, test_loader)
+
+    def on_iteration(record, _model):
+        r = record.to_dict()
+        echo(f"  iteration {r['iteration']}: val acc {r['accuracy']:.2f}%, sparsity {r['sparsity']:.3f}, "
+             f"zero-entropy layers {len(r['zero_entropy_layers'])}/{len(r['layer_entropy'])}")
+
+    prune_cfg = cfg.prune
+    if prune_cfg.checkpoint_dir is None:
+        prune_cfg.checkpoint_dir = str(out / "checkpoints")
+    result = prune(model, calib_loader, retrain=lambda m, it: train(m, train_loader, cfg.retrain, progress=tick),
+                   evaluate=lambda m: evaluate(m, val_loader), config=prune_cfg, callbacks=[on_iteration],
+                   device=device)
+    bar.close()
+    pruned_test = evaluate(model, test_loader)
+    records = [r.to_dict() for r in result.iterations]
+    echo("\n" + reporting.iteration_table(records))
+
+    example, _ = next(iter(make_loader(data.train, cfg.calib_batch_size)))
+    folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate)
+    folded_test = evaluate(folded, test_loader)
+    fold_report = folded.fold_report
+
+    latency_input = data.test.tensors[0][: cfg.latency_batch].to(device)
+    before, after = compare_latency(model, folded, latency_input, repeats=cfg.latency_repeats, threads=cfg.threads)
+    save(folded, out / "folded", extra={"dataset": cfg.dataset, "model": cfg.model})
+    plot = reporting.plot_entropy(records, out / "entropy.png", title=f"NEPENTHE: {cfg.model} on {cfg.dataset}")
+
+    report = {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "dense_accuracy": dense_test,
+        "pruned_accuracy": pruned_test,
+        "folded_accuracy": folded_test,
+        "dense_val_accuracy": result.dense_accuracy,
+        "selected_iteration": result.selected,
+        "stop_reason": result.stop_reason,
+        "sparsity": result.selected_record.sparsity,
+        "rectifier_layers_total": fold_report.rectifier_layers_total,
+        "rectifier_layers_removed": fold_report.rectifier_layers_removed,
+        "zero_entropy_layers": result.selected_record.zero_entropy_layers,
+        "latency_ms_before": before.median_ms,
+        "latency_ms_after": after.median_ms,
+        "latency_speedup": before.median_ms / after.median_ms if after.median_ms > 0 else None,
+        "latency": {"batch_size": len(latency_input), "before": before.to_dict(), "after": after.to_dict()},
+        "fold": fold_report.to_dict(),
+        "iterations": records,
+        "config": cfg.to_dict(),
+        "environment": reporting.environment(device),
+        "plot": str(plot) if plot else None,
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(json.loads(json.dumps(report, default=str)), out / "report.json")
+    echo(summary(report))
+    return report
+
+
+def summary(report: dict) -> str:
+    """The before/after block printed at the end of a run."""
+    f = report["fold"]
+    lines = [
+        "",
+        "                      dense      pruned     folded",
+        f"  test accuracy %    {report['dense_accuracy']:7.2f}    {report['pruned_accuracy']:7.2f}    "
+        f"{report['folded_accuracy']:7.2f}",
+        f"  rectifier layers removed: {report['rectifier_layers_removed']}/{report['rectifier_layers_total']}"
+        f"   sparsity {report['sparsity']:.3f} (iteration {report['selected_iteration']})",
+        f"  linear ops {f['linear_ops_before']} -> {f['linear_ops_after']}, critical path {f['critical_path_before']}"
+        f" -> {f['critical_path_after']}, params {f['params_before']} -> {f['params_after']}",
+        f"  latency (batch {report['latency']['batch_size']}): {report['latency_ms_before']:.3f} ms -> "
+        f"{report['latency_ms_after']:.3f} ms ({report['latency_speedup']:.2f}x)",
+        f"  fold max relative error on calibration batch: {f['max_rel_error']:.2e}",
+        f"  stop: {report['stop_reason']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment if missing and install nepenthe into it (idempotent).
+# Sourced by main.sh and test.sh; sets PY to the environment's python.
+#   NEPENTHE_VENV   where the environment lives (default: .venv in the repository)
+#   NEPENTHE_TORCH  the torch requirement to install when torch is missing (default: torch==2.13.0,
+#                   the CPU build on this project's machines; a GPU machine keeps its own torch)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${NEPENTHE_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[nepenthe] creating virtual environment $VENV" >&2
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+STAMP="$VENV/.nepenthe-install-stamp"
+# Reinstall only when packaging files changed since the last install.
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "[nepenthe] installing dependencies into $VENV (first run: a few minutes)" >&2
+    "$PY" -m pip install -q --upgrade pip setuptools wheel
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        "$PY" -m pip install -q "${NEPENTHE_TORCH:-torch==2.13.0}"
+    fi
+    "$PY" -m pip install -q "numpy<2.4" "triton==3.6.0"
+    # --no-build-isolation: build against the torch installed above instead of downloading another
+    "$PY" -m pip install -q --no-build-isolation -e "$ROOT[cli,plot,dev]"
+    echo "$WANT" > "$STAMP"
+fi
+export PY ROOT

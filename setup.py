@@ -1,0 +1,57 @@
+"""Build script: the Python package always; the compiled extension ``nepenthe._C`` when sources exist.
+
+Switches (environment variables):
+  NEPENTHE_NO_EXT=1       pure-Python install, no compiled code at all (the package works without it)
+  NEPENTHE_NO_CUDA=1      build the C++ CPU ops only, even where CUDA is available
+  MAX_JOBS=N              parallel compile jobs (default: from cores and free memory, ~3 GiB a job)
+C++ CPU ops are built from csrc/*.cpp + csrc/cpu/*.cpp (OpenMP, -O3 -g0); CUDA ops from
+csrc/cuda/*.cu only when torch was built with CUDA and CUDA_HOME is set. Kernels written in
+Triton live in kernels/ and install as the subpackage ``nepenthe.kernels``.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _default_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        free_gib = 8.0
+    return str(max(1, min(cores, int(free_gib // 3))))
+
+
+def extensions():
+    if os.environ.get("NEPENTHE_NO_EXT") == "1":
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if not sources:  # no compiled ops in this tree yet
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("MAX_JOBS", _default_jobs())
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda = bool(cuda_sources) and torch.version.cuda and CUDA_HOME and os.environ.get("NEPENTHE_NO_CUDA") != "1"
+    if use_cuda:
+        ext = CUDAExtension("nepenthe._C", sources + cuda_sources + glob.glob(os.path.join("csrc", "cuda", "*.cpp")),
+                            extra_compile_args={"cxx": cxx + ["-DNEPENTHE_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("nepenthe._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(
+    packages=["nepenthe", "nepenthe.models", "nepenthe.fold", "nepenthe.kernels"],
+    package_dir={"nepenthe.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
