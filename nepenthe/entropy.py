@@ -13,6 +13,7 @@ correctly, and a call counter per forward pass tells apart several call sites of
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -151,7 +152,9 @@ class _HookProbes:
         self.calls: dict[str, int] = {}
         self.handles = []
         self.batch_index = 0
-        for path, module in model.named_modules(remove_duplicate=False):
+        # one hook per module object, named by its first path as fx names it; remove_duplicate=False
+        # would hook a module shared under several names once per alias and count every call repeatedly
+        for path, module in model.named_modules():
             rect = rectifier_of_module(module)
             if rect is not None:
                 self.handles.append(module.register_forward_pre_hook(self._hook(path, rect)))
@@ -328,7 +331,7 @@ def _batch_call(batch, input_fn: Callable | None):
     """(args, kwargs) for the model from one batch of the calibration data."""
     if input_fn is not None:
         out = input_fn(batch)
-        return (out, {}) if isinstance(out, torch.Tensor) else (tuple(out), {})
+        return ((out,), {}) if isinstance(out, torch.Tensor) else (tuple(out), {})
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
@@ -404,8 +407,13 @@ def measure(
     device = torch.device(device) if device is not None else _model_device(model)
     accs: dict[str, _Accumulator] = {}
     trace_error = None
+    # eval mode before tracing: fx bakes `self.training` (e.g. of F.dropout) into the graph as a constant
+    was_training = model.training
+    model.eval()
     try:
         gm = trace(model, "measuring functional activations")
+        if gm is model:  # never rewrite the caller's GraphModule: probe a copy that shares its submodules
+            gm = fx.GraphModule(model, copy.deepcopy(model.graph))
         sites = find_sites(gm)
     except TraceError as exc:
         trace_error, sites = exc, []
@@ -420,13 +428,12 @@ def measure(
         hooks = _HookProbes(model, accs, options, None, channel_dims)
         if not hooks.found_any:
             hooks.remove()
+            model.train(was_training)
             raise MeasureError(_rectifier_hint(model, trace_error))
         if trace_error is not None:
             warnings.warn(f"{trace_error} Measuring activation modules only, through forward hooks.", stacklevel=2)
         runner = model
 
-    was_training = model.training
-    model.eval()
     batches = 0
     try:
         iterator = data

@@ -33,25 +33,23 @@ def environment(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def _short(name: str, width: int = 14) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
 def iteration_table(records: Sequence[dict], max_layers: int = 12) -> str:
-    """A fixed-width text table: one row per iteration, one entropy column per rectifier layer."""
+    """A fixed-width text table: one row per iteration, one entropy column (L0, L1, ...) per rectifier
+    layer, and a legend naming the layers."""
     if not records:
         return ""
     layers = list(records[0]["layer_entropy"])
     shown = layers[:max_layers]
-    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'H=0':>5} | " + " ".join(f"{_short(n, 7):>7}" for n in shown)
-    if len(layers) > max_layers:
-        head += f" (+{len(layers) - max_layers} more)"
+    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'H=0':>5} | " + " ".join(f"{'L' + str(i):>6}" for i in range(len(shown)))
     lines = [head, "-" * len(head)]
     for r in records:
         ent = r["layer_entropy"]
-        cells = " ".join(f"{ent[n]:7.3f}" if n in ent else f"{'-':>7}" for n in shown)
+        cells = " ".join(f"{ent[n]:6.3f}" if n in ent else f"{'-':>6}" for n in shown)
         lines.append(f"{r['iteration']:>3} {r['accuracy']:6.2f} {r['sparsity']:8.3f} "
                      f"{len(r['zero_entropy_layers']):>2}/{len(ent):<2} | {cells}")
+    legend = ", ".join(f"L{i} {n}" for i, n in enumerate(shown))
+    lines.append(f"layer entropy in bits; {legend}" + (f" (+{len(layers) - max_layers} more in report.json)"
+                                                        if len(layers) > max_layers else ""))
     return "\n".join(lines)
 
 

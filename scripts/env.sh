@@ -17,13 +17,15 @@ STAMP="$VENV/.nepenthe-install-stamp"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[nepenthe] installing dependencies into $VENV (first run: a few minutes)" >&2
-    "$PY" -m pip install -q --upgrade pip setuptools wheel
+    pip_install() {  # quiet, minus this machine's notices about absent local index folders
+        "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    }
+    "$PY" -c "import setuptools, wheel" 2>/dev/null || pip_install "setuptools>=64" wheel
     if ! "$PY" -c "import torch" 2>/dev/null; then
-        "$PY" -m pip install -q "${NEPENTHE_TORCH:-torch==2.13.0}"
+        pip_install "${NEPENTHE_TORCH:-torch==2.13.0}"
     fi
-    "$PY" -m pip install -q "numpy<2.4" "triton==3.6.0"
     # --no-build-isolation: build against the torch installed above instead of downloading another
-    "$PY" -m pip install -q --no-build-isolation -e "$ROOT[cli,plot,dev]"
+    pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev]"
     echo "$WANT" > "$STAMP"
 fi
 export PY ROOT

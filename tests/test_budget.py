@@ -187,9 +187,9 @@ _layer = st.tuples(
 )
 def test_weights_to_prune_properties(layers, zeta, temperature):
     names = [f"l{i}" for i in range(len(layers))]
-    remaining = {n: r for n, (r, _, _) in zip(names, layers)}
-    entropy = {n: h for n, (_, h, _) in zip(names, layers)}
-    irr = {n: h * w for n, (_, h, w) in zip(names, layers)}
+    remaining = {n: r for n, (r, _, _) in zip(names, layers, strict=True)}
+    entropy = {n: h for n, (_, h, _) in zip(names, layers, strict=True)}
+    irr = {n: h * w for n, (_, h, w) in zip(names, layers, strict=True)}
     result = weights_to_prune(entropy, remaining, irr, zeta=zeta, temperature=temperature)
     assert set(result) == set(names)
     prunable = [n for n in names if entropy[n] > 0 and remaining[n] > 0]
@@ -209,10 +209,10 @@ def test_less_irrelevant_layer_never_loses_more(irr):
     n = len(irr)
     names = [f"l{i}" for i in range(n)]
     remaining = {k: 1000 for k in names}
-    irrs = dict(zip(names, irr))
+    irrs = dict(zip(names, irr, strict=True))
     result = weights_to_prune(ones(*names), remaining, irrs, zeta=0.5)
     order = sorted(names, key=lambda k: irrs[k])
-    for lo, hi in zip(order, order[1:]):
+    for lo, hi in zip(order, order[1:], strict=False):
         if irrs[lo] < irrs[hi]:
             assert result[lo] + 1 >= result[hi]  # +1: the largest-remainder rounding
 
@@ -325,7 +325,7 @@ def reference_global_masks(weights, masks, fraction):
         mask = masks.get(name)
         flat = w.reshape(-1).tolist()
         alive = [True] * len(flat) if mask is None else mask.reshape(-1).tolist()
-        entries += [(abs(v), li, i) for i, (v, a) in enumerate(zip(flat, alive)) if a]
+        entries += [(abs(v), li, i) for i, (v, a) in enumerate(zip(flat, alive, strict=True)) if a]
     n_prune = math.floor(fraction * len(entries))
     pruned = {(li, i) for _, li, i in sorted(entries)[:n_prune]}
     out = {}

@@ -167,7 +167,7 @@ def test_round_trip_into_fresh_model():
         module = dict(fresh.named_modules())[name]
         assert torch.equal(get_mask(module), m)
         assert (module.weight[~m] == 0).all()
-    for (k, v), (k2, v2) in zip(net.state_dict().items(), fresh.state_dict().items()):
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     net.eval()
     fresh.eval()

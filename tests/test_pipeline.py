@@ -1,0 +1,64 @@
+"""The main job end to end on a small budget, through the console script's entry point."""
+
+import json
+
+import pytest
+import torch
+
+from nepenthe import cli, load
+from nepenthe.data import load_dataset
+
+REQUIRED = {"dense_accuracy", "pruned_accuracy", "folded_accuracy", "rectifier_layers_total",
+            "rectifier_layers_removed", "latency_ms_before", "latency_ms_after", "iterations", "environment"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = cli.main(["run", "--out", str(out), "--epochs", "12", "--retrain-epochs", "3", "--iters", "3",
+                     "--latency-batch", "64", "--no-progress", "--threads", "1"])
+    assert code == 0
+    return out
+
+
+def test_report_fields(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert REQUIRED <= set(report)
+    assert report["rectifier_layers_total"] == 9
+    its = report["iterations"]
+    assert its[0]["iteration"] == 0 and its[0]["sparsity"] == 0.0
+    assert all({"accuracy", "sparsity", "layer_entropy"} <= set(r) for r in its)
+    assert [r["sparsity"] for r in its] == sorted(r["sparsity"] for r in its)
+    assert report["environment"]["torch"] == torch.__version__
+    # folding is exact on the calibration data, so held-out accuracy matches to within a sample
+    assert abs(report["folded_accuracy"] - report["pruned_accuracy"]) <= 0.3
+    assert report["fold"]["max_rel_error"] <= 1e-5
+
+
+def test_outputs_written_and_folded_model_reloads(run_dir):
+    assert (run_dir / "entropy.png").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "iter_000.pt").exists()
+    folded = load(run_dir / "folded")
+    x = load_dataset("digits").test.tensors[0][:16]
+    assert folded(x).shape == (16, 10)
+
+
+def test_rerun_resumes_from_checkpoints(run_dir):
+    before = json.loads((run_dir / "report.json").read_text())
+    checkpoints = sorted((run_dir / "checkpoints").glob("iter_*.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
+    code = cli.main(["run", "--out", str(run_dir), "--epochs", "12", "--retrain-epochs", "3", "--iters", "3",
+                     "--latency-batch", "64", "--no-progress", "--threads", "1"])
+    assert code == 0
+    after = json.loads((run_dir / "report.json").read_text())
+    # the loop was resumed from its checkpoints: none was rewritten, the same iterations come back
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == stamps
+    assert [r["accuracy"] for r in after["iterations"]] == [r["accuracy"] for r in before["iterations"]]
+    assert after["selected_iteration"] == before["selected_iteration"]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    code = cli.main(["run", "--dataset", "fashion_mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "dataset-fashion-mnist" in err and "Traceback" not in err
