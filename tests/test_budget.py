@@ -388,3 +388,14 @@ def test_global_magnitude_masks_property(sizes, fraction, seed):
     ref = reference_global_masks(weights, masks, fraction)
     for n in weights:
         assert torch.equal(got[n], ref[n])
+
+
+def test_global_magnitude_masks_channels_last_weights():
+    g = torch.Generator().manual_seed(4)
+    w = {"c1": torch.randn(4, 3, 3, 3, generator=g), "c2": torch.randn(6, 4, 3, 3, generator=g)}
+    cl = {k: v.to(memory_format=torch.channels_last) for k, v in w.items()}
+    got = global_magnitude_masks(cl, {}, 0.4)
+    ref = reference_global_masks(w, {}, 0.4)
+    for k in w:
+        assert torch.equal(got[k], ref[k])
+    assert sum(int((~m).sum()) for m in got.values()) == math.floor(0.4 * (108 + 216))

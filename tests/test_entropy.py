@@ -347,6 +347,64 @@ def test_module_called_at_several_sites_gets_separate_keys():
         assert hooked.sites[key].producer == stats.sites[key].producer
 
 
+class SharedBlock(nn.Module):
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.act = act  # the parent's activation module, registered here under a second name
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class SharedAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.act = nn.ReLU()
+        self.b1 = SharedBlock(self.act)
+        self.b2 = SharedBlock(self.act)
+
+    def forward(self, x):
+        return self.b2(self.b1(x))
+
+
+def test_module_shared_under_several_names():
+    model = SharedAct()
+    x = torch.randn(6, 3)
+    stats = measure(model, [x])
+    assert list(stats.histogram) == ["act", "act#1"]  # fx names a module by its first path
+    assert stats.sites["act"].producer == "b1.fc" and stats.sites["act#1"].producer == "b2.fc"
+    with torch.no_grad():
+        z1 = model.b1.fc(x)
+        z2 = model.b2.fc(z1.relu())
+    assert torch.equal(stats.histogram["act"], ops.sign_histogram(z1, -1))
+    assert torch.equal(stats.histogram["act#1"], ops.sign_histogram(z2, -1))
+    # the hook route counts each call once, under the same names
+    with StatsRecorder(model) as rec:
+        model(x)
+    hooked = rec.stats()
+    assert list(hooked.histogram) == ["act", "act#1"]
+    for k in stats.histogram:
+        assert torch.equal(hooked.histogram[k], stats.histogram[k])
+
+
+def test_measure_does_not_modify_a_graph_module():
+    model = torch.fx.symbolic_trace(Reused())
+    code, children = model.code, [n for n, _ in model.named_children()]
+    x = torch.randn(5, 4)
+    first = measure(model, [x])
+    assert model.code == code and [n for n, _ in model.named_children()] == children
+    kept = {k: v.clone() for k, v in first.histogram.items()}
+    model(x)  # later forwards of the user's model must not count into the returned statistics
+    second = measure(model, [x])
+    assert list(second.histogram) == ["act", "act#1", "act#2"]
+    for k in kept:
+        assert torch.equal(first.histogram[k], kept[k])
+        assert torch.equal(second.histogram[k], kept[k])
+    assert second.sites["act#1"].producer == "fc2"
+
+
 class Blocks(nn.Module):
     """Functional activations inside submodules are named after their owner module."""
 
@@ -549,6 +607,14 @@ def test_untraceable_model_falls_back_to_hooks():
     for k in hooked.histogram:
         assert torch.equal(hooked.histogram[k], traced.histogram[k]), k
     assert hooked.sites["act"].producer is None  # no graph, no producer
+    model = Twin(True)
+    with StatsRecorder(model) as rec:  # the recorder needs no trace either
+        for xb in x:
+            model(xb)
+    recorded = rec.stats()
+    assert list(recorded.histogram) == list(hooked.histogram)
+    for k in hooked.histogram:
+        assert torch.equal(recorded.histogram[k], hooked.histogram[k])
     assert (traced.histogram["act2"][:, ops.SAT] > 0).any()
 
 

@@ -343,6 +343,20 @@ def _first_tensor(out):
     raise FoldError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
+def _check_neuron_counts(gm: fx.GraphModule, stats: EntropyStats) -> None:
+    """Statistics of another model with the same call-site names give themselves away by their
+    neuron counts; applying them would fold the wrong channels."""
+    for site in find_sites(gm):
+        hist = stats.histogram.get(site.name)
+        if hist is None or site.producer is None:
+            continue
+        m = gm.get_submodule(site.producer)
+        if _same_channel_dim(m, stats.sites[site.name].channel_dim) and m.weight.shape[0] != hist.shape[0]:
+            raise FoldError(f"the statistics give call site {site.name!r} {hist.shape[0]} neurons, but in this model "
+                            f"it has {m.weight.shape[0]} (the outputs of {site.producer!r}); measure this model (not "
+                            "another one) with nepenthe.measure before folding")
+
+
 @torch.no_grad()
 def fold(
     model: nn.Module,
@@ -381,6 +395,7 @@ def fold(
     if unknown:
         raise FoldError(f"the statistics name call sites this model does not have: {unknown[:5]}; measure this model "
                         "(not another one) with nepenthe.measure before folding")
+    _check_neuron_counts(gm, stats)
     report = FoldReport(linear_ops_before=count_linear_ops(gm), critical_path_before=critical_path(gm),
                         params_before=_params(gm))
     fuse_batchnorm(gm, report)

@@ -98,7 +98,10 @@ def _build_module(cls_name: str, kwargs: dict) -> nn.Module:
     for key in ("kernel_size", "stride", "padding", "dilation", "normalized_shape"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RecipeError(f"recipe gives module class {cls_name!r} arguments it does not accept: {exc}") from exc
 
 
 # ----- argument encoding ----------------------------------------------------------------------
@@ -202,7 +205,11 @@ def from_recipe(recipe: dict) -> fx.GraphModule:
             target = _FUNCTIONS[target]
         elif op == "call_method" and target not in _METHODS:
             raise RecipeError(f"recipe calls method {target!r}, which is not in the allow-list")
-        elif op not in ("call_module", "call_method", "placeholder", "get_attr", "output"):
+        elif op == "call_module" and target not in recipe["modules"]:
+            raise RecipeError(f"recipe calls module {target!r}, which its module list does not declare")
+        elif op == "get_attr":  # never written by to_recipe; it could reach any attribute of the interpreter
+            raise RecipeError(f"recipe reads attribute {target!r}; recipes store modules only")
+        elif op not in ("call_module", "call_method", "placeholder", "output"):
             raise RecipeError(f"unknown node op {op!r} in recipe")
         if op == "output":
             graph.output(args[0])
