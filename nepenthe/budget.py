@@ -114,7 +114,8 @@ def global_magnitude_masks(
     weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor | None], fraction: float
 ) -> dict[str, torch.Tensor]:
     """IMP's step: prune ``fraction`` of all remaining weights by one global magnitude threshold."""
-    alive = {n: (torch.ones_like(w, dtype=torch.bool) if masks.get(n) is None else masks[n]) for n, w in weights.items()}
+    alive = {n: (torch.ones_like(w, dtype=torch.bool) if masks.get(n) is None else masks[n])
+             for n, w in weights.items()}
     values = torch.cat([weights[n].detach().abs().to(torch.float64)[alive[n]] for n in weights])
     n_prune = math.floor(fraction * values.numel())
     if n_prune == 0:

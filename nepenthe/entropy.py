@@ -135,8 +135,11 @@ def _probe_graph(gm: fx.GraphModule, sites: list[Site], accs: dict[str, _Accumul
         node = site.node
         probe_name = f"_nepenthe_probe_{i}"
         gm.add_submodule(probe_name, _ProbedActivation(accs[site.name], _call_of(gm, node)))
+        args, kwargs = node.args, dict(node.kwargs)
+        if not args and "input" in kwargs:  # F.relu(input=z): the probe takes the tensor first
+            args = (kwargs.pop("input"),)
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(probe_name, node.args, node.kwargs)
+            new = gm.graph.call_module(probe_name, args, kwargs)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()
@@ -447,8 +450,25 @@ def measure(
                 acc.batch_index = batches
             if hooks is not None:
                 hooks.batch_index = batches
-            args, kwargs = _batch_call(batch, input_fn)
-            runner(*_to_device(args, device), **_to_device(kwargs, device))
+            args, kwargs = _to_device(_batch_call(batch, input_fn), device)
+            try:
+                runner(*args, **kwargs)
+            except MeasureError:
+                raise
+            except Exception as exc:
+                if hooks is not None or batches > 0:
+                    raise
+                # The trace succeeded but does not run on real inputs (fx bakes e.g. `if mask is None`
+                # into the graph): measure the module activations through hooks instead.
+                warnings.warn(f"the torch.fx trace of {type(model).__name__} fails on real inputs ({exc!r}); "
+                              "measuring activation modules only, through forward hooks.", stacklevel=2)
+                accs.clear()
+                infos = {}
+                hooks = _HookProbes(model, accs, options, None, channel_dims)
+                if not hooks.found_any:
+                    raise MeasureError(_rectifier_hint(model, exc)) from exc
+                runner = model
+                runner(*args, **kwargs)
             batches += 1
     finally:
         if hooks is not None:

@@ -253,7 +253,8 @@ def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a file we did not write, or one damaged outside nepenthe
-            raise PruneError(f"cannot read checkpoint {path}: {exc}. Move it away or start in an empty folder.") from exc
+            raise PruneError(f"cannot read checkpoint {path}: {exc}. "
+                             "Move it away or start in an empty folder.") from exc
         if ckpt.get("identity") != config.identity():
             raise PruneError(f"checkpoint {path} was written with {ckpt.get('identity')}, but this run uses "
                              f"{config.identity()}; use another checkpoint_dir or resume=False.")

@@ -53,13 +53,25 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: get_mask(m) for n, m in masked_modules(model).items()}
 
 
+def masked_parameters(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, parameter name, mask) for every ``<param>_mask`` buffer of the model (weights,
+    biases, any parameter)."""
+    found = []
+    for module in model.modules():
+        for buffer_name, mask in module._buffers.items():
+            param_name = buffer_name[: -len(MASK_SUFFIX)]
+            if buffer_name.endswith(MASK_SUFFIX) and isinstance(module._parameters.get(param_name), torch.Tensor):
+                found.append((module, param_name, mask))
+    return found
+
+
 @torch.no_grad()
 def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Zero every masked weight (and its optimizer state, when an optimizer is given)."""
-    for module in masked_modules(model).values():
-        param = module.weight
+    """Zero every masked parameter entry (and its optimizer state, when an optimizer is given)."""
+    for module, param_name, mask in masked_parameters(model):
+        param = getattr(module, param_name)
         state = optimizer.state.get(param) if optimizer is not None else None
-        ops.apply_mask_(param, get_mask(module), state)
+        ops.apply_mask_(param, mask, state)
 
 
 def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -93,9 +105,9 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> n
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
-    """Drop the mask buffers (the zeros stay in the weights)."""
-    for module in masked_modules(model).values():
-        del module._buffers[mask_buffer_name()]
+    """Drop every mask buffer (the zeros stay in the parameters)."""
+    for module, param_name, _ in masked_parameters(model):
+        del module._buffers[mask_buffer_name(param_name)]
     return model
 
 

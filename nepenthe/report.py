@@ -40,7 +40,8 @@ def iteration_table(records: Sequence[dict], max_layers: int = 12) -> str:
         return ""
     layers = list(records[0]["layer_entropy"])
     shown = layers[:max_layers]
-    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'H=0':>5} | " + " ".join(f"{'L' + str(i):>6}" for i in range(len(shown)))
+    columns = " ".join(f"{'L' + str(i):>6}" for i in range(len(shown)))
+    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'H=0':>5} | {columns}"
     lines = [head, "-" * len(head)]
     for r in records:
         ent = r["layer_entropy"]

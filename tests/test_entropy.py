@@ -909,3 +909,45 @@ def test_all_reduce_without_process_group_is_a_noop():
     stats = measure(ModuleAct(nn.ReLU()), [inputs()])
     assert stats.all_reduce_() is stats
     assert stats.histogram["act"].tolist() == HIST
+
+
+class _OptionalArg(nn.Module):
+    """Traces (fx takes `mask is None` as False) but the trace fails on a real call without mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x, mask=None):
+        if mask is None:
+            return self.act(self.fc(x))
+        return self.act(self.fc(x) * mask)
+
+
+def test_trace_that_fails_on_real_inputs_falls_back_to_hooks():
+    torch.manual_seed(0)
+    model = _OptionalArg()
+    data = [torch.randn(6, 4) for _ in range(3)]
+    with pytest.warns(UserWarning, match="fails on real inputs"):
+        stats = measure(model, data)
+    z = torch.cat([model.fc(x) for x in data]).detach()
+    assert torch.equal(stats.histogram["act"][:, 0], (z > 0).sum(0))
+    assert torch.equal(stats.histogram["act"][:, 1], (z < 0).sum(0))
+
+
+def test_functional_relu_with_keyword_input():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x):
+            return F.relu(input=self.fc(x))
+
+    model = KW()
+    x = torch.randn(10, 3)
+    stats = measure(model, [x])
+    (name,) = stats.histogram
+    z = model.fc(x).detach()
+    assert torch.equal(stats.histogram[name][:, 0], (z > 0).sum(0))

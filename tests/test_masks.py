@@ -316,3 +316,21 @@ def test_sparsity_numbers():
     set_mask(net.body[2], torch.zeros(8, 16, dtype=torch.bool))
     assert sparsity({"b": net.body[2]})[1]["b"] == 1.0
     assert remaining_weights(net.body[2]) == 0
+
+
+def test_bias_masks_are_enforced_and_removed_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    bias_mask = torch.tensor([True, False, True, False])
+    set_mask(model[0], bias_mask, "bias")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handle = keep_masks_after_steps(opt, model)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        opt.step()
+    handle.remove()
+    assert torch.all(model[0].bias[~bias_mask] == 0)
+    assert torch.all(opt.state[model[0].bias]["momentum_buffer"][~bias_mask] == 0)
+    remove_masks(model)
+    assert "bias_mask" not in dict(model[0].named_buffers())
