@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import budget
 from .checkpoint import atomic_torch_save, atomic_write_json
-from .entropy import EntropyStats, describe_sites, measure
+from .entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from .graph import TraceError
 from .masks import (
     get_mask,
@@ -226,6 +226,9 @@ class _Pruner:
             within_tolerance=tolerance is None or accuracy >= tolerance, seconds=time.perf_counter() - started)
 
     def measure(self) -> EntropyStats:
+        if self.config.method == "easier" and self.replaced and not describe_sites(self.model):
+            # EASIER replaced every activation: nothing is left to measure, and the next step stops the loop
+            return EntropyStats({}, {}, EntropyOptions(**self.config.entropy_options()))
         stats = measure(self.model, self.calib, **self.measure_kwargs)
         return stats
 
@@ -299,6 +302,7 @@ def prune(
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
         for site in last["linearized"]:
             pruner._replace_with_identity(site, stats)
+        remove_masks(model)  # the model may carry masks of the interrupted iteration that the checkpoint lacks
         restore_masks(model, last["model"])
         model.load_state_dict(last["model"])
         records = [IterationRecord(**c["record"]) for c in checkpoints]
