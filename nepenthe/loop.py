@@ -296,6 +296,10 @@ def prune(
     best_stats: EntropyStats | None = None
     selected, stop_reason = 0, f"reached max_iters={config.max_iters}"
 
+    if directory and not config.resume and directory.exists():
+        # starting over: files of an earlier run must not be mixed into a later resume of this one
+        for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
+            stale.unlink(missing_ok=True)
     checkpoints = _load_checkpoints(directory, config) if directory and config.resume and directory.exists() else []
     if checkpoints:
         last = checkpoints[-1]

@@ -360,3 +360,14 @@ def test_masks_survive_a_state_dict_round_trip(data):
     train(fresh, make_loader(data["train"], 32), TrainConfig(epochs=1, lr=0.05))
     for name, mask in get_masks(fresh).items():
         assert bool((fresh.get_submodule(name).weight[~mask] == 0).all())
+
+
+def test_resume_false_clears_files_of_an_earlier_run(data, tmp_path):
+    for name in ("iter_000.pt", "iter_007.pt"):
+        (tmp_path / name).write_bytes(b"not a checkpoint of this run")
+    (tmp_path / "summary.json").write_text("{}")
+    result = run(data, max_iters=1, delta=None, checkpoint_dir=str(tmp_path), resume=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["iter_000.pt", "iter_001.pt", "summary.json"]
+    assert torch.load(tmp_path / "iter_000.pt", weights_only=True)["record"]["iteration"] == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["selected"] == result.selected
