@@ -3,7 +3,7 @@
 Built on ``torch.utils.benchmark.Timer``, which fixes the thread count for the measurement and
 synchronises CUDA around each timed block. We add warm-up, repeated blocks (the spread is over
 blocks, each of ``number`` calls), median / IQR in milliseconds, and, for comparisons, blocks of
-the two models interleaved so that drift of the machine (frequency, other load) hits both alike.
+the two models interleaved (ABBA) so that drift of the machine (frequency, other load) hits both alike.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def latency(model: nn.Module, example_input, *, warmup: int = 5, repeats: int = 
 def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmup: int = 5, repeats: int = 20,
                     threads: int | None = None, device: torch.device | str | None = None
                     ) -> tuple[LatencyResult, LatencyResult]:
-    """Latency of two models on the same input, blocks interleaved (before, after, before, ...)."""
+    """Latency of two models on the same input, timing blocks interleaved in ABBA order."""
     m1, args, dev = _prepare(before, example_input, torch.device(device) if device else None)
     m2, _, _ = _prepare(after, example_input, dev)
     threads = threads or torch.get_num_threads()
@@ -105,7 +105,13 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmu
         t2.timeit(warmup)
     number = max(_auto_number(t1), 1)  # the same number of calls per block for both
     s1, s2 = [], []
-    for _ in range(repeats):
-        s1.append(t1.timeit(number).mean)
-        s2.append(t2.timeit(number).mean)
+    for i in range(repeats):
+        # ABBA order: whichever model runs second in a pair inherits the other's cache and
+        # allocator state, so alternate which one that is
+        if i % 2 == 0:
+            s1.append(t1.timeit(number).mean)
+            s2.append(t2.timeit(number).mean)
+        else:
+            s2.append(t2.timeit(number).mean)
+            s1.append(t1.timeit(number).mean)
     return _summarise(s1, number, threads, dev), _summarise(s2, number, threads, dev)
