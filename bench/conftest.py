@@ -1,5 +1,11 @@
+import pytest
 import torch
 
 
-def pytest_configure(config):
-    torch.set_num_threads(2)  # the project's CPU reference machine; recorded in RESULTS.md
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Benchmarks run with 2 intra-op threads (the project's CPU reference machine; see RESULTS.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
