@@ -23,4 +23,4 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     x = namespace["data"].test.tensors[0][:8]
     assert (folded(x) - same(x)).abs().max() == 0
     assert (tmp_path / "ckpt" / "iter_000.pt").exists()
-    assert len(code.strip().splitlines()) <= 20
+    assert len(code.strip().splitlines()) <= 15

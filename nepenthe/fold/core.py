@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..activations import ADD_FUNCTIONS, BATCHNORM_MODULES, Rectifier
+from ..activations import ADD_FUNCTIONS, BATCHNORM_MODULES, Rectifier, rectifier_of_call, rectifier_of_module
 from ..entropy import EntropyStats
 from ..graph import find_sites, trace
 from ..masks import remove_masks
@@ -228,7 +228,6 @@ def _zero_dead_neurons(gm: fx.GraphModule, node: fx.Node, rect: Rectifier, off: 
 
 # ----- pass 3: constant channels ------------------------------------------------------------------
 def _rectifier_between(gm: fx.GraphModule, node: fx.Node) -> Rectifier | None:
-    from ..activations import rectifier_of_call, rectifier_of_module
     m = _module(gm, node)
     if m is not None:
         return rectifier_of_module(m)
