@@ -372,6 +372,16 @@ def _rectifier_hint(model: nn.Module, trace_error: Exception | None) -> str:
     return msg + ". Pass a model that has rectifier activations."
 
 
+def _hook_probes_or_raise(model: nn.Module, accs: dict, options: EntropyOptions, channel_dims: Mapping[str, int],
+                          cause: Exception | None, infos: Mapping[str, SiteInfo] | None = None) -> _HookProbes:
+    """Forward pre-hooks on the model's activation modules; MeasureError when it has none."""
+    hooks = _HookProbes(model, accs, options, infos, channel_dims)
+    if not hooks.found_any:
+        hooks.remove()
+        raise MeasureError(_rectifier_hint(model, cause)) from cause
+    return hooks
+
+
 def _site_infos(sites: list[Site]) -> dict[str, SiteInfo]:
     return {s.name: SiteInfo(s.rectifier, s.channel_dim, s.producer, s.module_path) for s in sites}
 
@@ -428,11 +438,11 @@ def measure(
         runner, hooks = gm, None
     else:
         infos = {}
-        hooks = _HookProbes(model, accs, options, None, channel_dims)
-        if not hooks.found_any:
-            hooks.remove()
+        try:
+            hooks = _hook_probes_or_raise(model, accs, options, channel_dims, trace_error)
+        except MeasureError:
             model.train(was_training)
-            raise MeasureError(_rectifier_hint(model, trace_error))
+            raise
         if trace_error is not None:
             warnings.warn(f"{trace_error} Measuring activation modules only, through forward hooks.", stacklevel=2)
         runner = model
@@ -464,9 +474,7 @@ def measure(
                               "measuring activation modules only, through forward hooks.", stacklevel=2)
                 accs.clear()
                 infos = {}
-                hooks = _HookProbes(model, accs, options, None, channel_dims)
-                if not hooks.found_any:
-                    raise MeasureError(_rectifier_hint(model, exc)) from exc
+                hooks = _hook_probes_or_raise(model, accs, options, channel_dims, exc)
                 runner = model
                 runner(*args, **kwargs)
             batches += 1
@@ -530,10 +538,7 @@ class StatsRecorder:
         self._calls = 0
 
     def __enter__(self) -> StatsRecorder:
-        self._hooks = _HookProbes(self.model, self.accs, self.options, self.infos, self.channel_dims)
-        if not self._hooks.found_any:
-            self._hooks.remove()
-            raise MeasureError(_rectifier_hint(self.model, None))
+        self._hooks = _hook_probes_or_raise(self.model, self.accs, self.options, self.channel_dims, None, self.infos)
         self._counter = self.model.register_forward_pre_hook(self._count)
         return self
 

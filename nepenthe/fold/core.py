@@ -32,7 +32,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..activations import ADD_FUNCTIONS, BATCHNORM_MODULES, Rectifier, rectifier_of_call, rectifier_of_module
 from ..entropy import EntropyStats
-from ..graph import find_sites, trace
+from ..graph import Site, find_sites, trace
 from ..masks import remove_masks
 from . import algebra
 
@@ -167,9 +167,8 @@ def _region_affine(rect: Rectifier, off: torch.Tensor, sat: torch.Tensor) -> tup
     return slope, offset
 
 
-def linearize_rectifiers(gm: fx.GraphModule, stats: EntropyStats, report: FoldReport, approximate: bool,
-                         strict: bool) -> None:
-    sites = find_sites(gm)
+def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropyStats, report: FoldReport,
+                         approximate: bool, strict: bool) -> None:
     report.rectifier_layers_total = len(sites)
     for site in sites:
         name, node, rect = site.name, site.node, site.rectifier
@@ -342,10 +341,10 @@ def _first_tensor(out):
     raise FoldError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
-def _check_neuron_counts(gm: fx.GraphModule, stats: EntropyStats) -> None:
+def _check_neuron_counts(gm: fx.GraphModule, sites: list[Site], stats: EntropyStats) -> None:
     """Statistics of another model with the same call-site names give themselves away by their
     neuron counts; applying them would fold the wrong channels."""
-    for site in find_sites(gm):
+    for site in sites:
         hist = stats.histogram.get(site.name)
         if hist is None or site.producer is None:
             continue
@@ -390,15 +389,16 @@ def fold(
         model.train(was_training)
     gm.eval()
     remove_masks(gm)
-    unknown = sorted(set(stats.histogram) - {s.name for s in find_sites(gm)})
+    sites = find_sites(gm)  # once: BN fusion below keeps the activation nodes and producer names
+    unknown = sorted(set(stats.histogram) - {s.name for s in sites})
     if unknown:
         raise FoldError(f"the statistics name call sites this model does not have: {unknown[:5]}; measure this model "
                         "(not another one) with nepenthe.measure before folding")
-    _check_neuron_counts(gm, stats)
+    _check_neuron_counts(gm, sites, stats)
     report = FoldReport(linear_ops_before=count_linear_ops(gm), critical_path_before=critical_path(gm),
                         params_before=_params(gm))
     fuse_batchnorm(gm, report)
-    linearize_rectifiers(gm, stats, report, approximate, strict)
+    linearize_rectifiers(gm, sites, stats, report, approximate, strict)
     remove_constant_channels(gm, report)
     if merge:
         merge_linear_ops(gm, report, strict)
