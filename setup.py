@@ -50,7 +50,7 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=["nepenthe", "nepenthe.models", "nepenthe.fold", "nepenthe.kernels"],
+    packages=["nepenthe", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.kernels"],
     package_dir={"nepenthe.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
