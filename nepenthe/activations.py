@@ -114,6 +114,27 @@ def rectifier_of_call(op: str, target, args: tuple, kwargs: dict) -> Rectifier |
     return Rectifier("relu")
 
 
+def fused_kind(rect: Rectifier) -> str | None:
+    """The kind of :func:`nepenthe.ops.activation_histogram` that computes this rectifier, if any."""
+    if rect.kind == "gelu":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(rect.approximate)
+    return rect.kind if rect.kind in ("relu", "relu6", "leaky_relu", "silu", "hardswish") else None
+
+
+_INPLACE_FUNCTIONS = (torch.relu_, F.relu_, F.leaky_relu_)
+
+
+def call_is_inplace(op: str, target, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
+    """Whether a rectifier call overwrites its input (``nn.ReLU(inplace=True)``, ``x.relu_()``, ...)."""
+    if op == "call_module":
+        return getattr(module, "inplace", False) is True
+    if op == "call_method":
+        return str(target).endswith("_")
+    if any(target is f for f in _INPLACE_FUNCTIONS):
+        return True
+    return _arg(args, kwargs, 2 if target is F.leaky_relu else 1, "inplace", False) is True
+
+
 # Ops that only move data around or act elementwise with f(0) = 0; used to walk from an
 # activation back to the linear op that produces its input.
 PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)

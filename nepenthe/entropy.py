@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops
-from .activations import Rectifier, rectifier_of_module
+from .activations import Rectifier, call_is_inplace, fused_kind, rectifier_of_module
 from .graph import Site, TraceError, call_site_name, default_channel_dim, find_sites, trace
 
 ESTIMATORS = ("pooled", "batch_mean")
@@ -66,56 +66,111 @@ class SiteInfo:
 
 
 class _Accumulator:
-    """Histogram (and, for the batch-mean estimator, per-batch entropy sums) of one call site."""
+    """Histogram (and, for the batch-mean estimator, per-batch entropy sums) of one call site.
 
-    def __init__(self, name: str, rectifier: Rectifier, channel_dim: int | None, options: EntropyOptions):
+    Counts are kept with a fifth NONFINITE column, filled by the same kernel pass, so NaN/Inf
+    inputs are refused without reading the activation again. With a ``nonfinite_log`` (a list
+    shared by all call sites of one ``measure``) that check is deferred to the end of the batch:
+    one host sync per batch instead of one per call site.
+    """
+
+    def __init__(self, name: str, rectifier: Rectifier, channel_dim: int | None, options: EntropyOptions,
+                 nonfinite_log: list | None = None):
         self.name, self.rectifier, self.channel_dim, self.options = name, rectifier, channel_dim, options
+        self.nonfinite_log = nonfinite_log
         self.hist: torch.Tensor | None = None
         self.batch_neuron_sum: torch.Tensor | None = None
         self.batch_layer_sum = 0.0
         self.batches = 0
         self.batch_index = 0  # set by the caller for error messages
 
-    def update(self, z: torch.Tensor) -> None:
+    def prepare(self, z: torch.Tensor) -> int:
+        """Check that ``z`` can be measured; returns its neuron dimension."""
         if self.channel_dim is None:
             self.channel_dim = default_channel_dim(z.dim())
         if z.dim() == 0:
             raise MeasureError(f"rectifier {self.name!r} received a scalar; it has no neurons to measure")
         if not torch.is_floating_point(z):
             raise MeasureError(f"rectifier {self.name!r} received a {z.dtype} tensor; expected floating point")
-        finite = torch.isfinite(z)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise NonFiniteActivationError(
-                f"the input of rectifier {self.name!r} holds {bad} NaN/Inf value(s) (batch "
-                f"{self.batch_index}); its sign is undefined. Check the model's weights and inputs "
-                "(a diverged training run, unnormalised data, a bad checkpoint) before measuring."
-            )
-        batch_hist = ops.sign_histogram(z, self.channel_dim, self.rectifier.upper)
+        return self.channel_dim
+
+    def update(self, z: torch.Tensor) -> None:
+        """Count ``z`` (the unfused route: the activation itself runs afterwards)."""
+        dim = self.prepare(z)
+        self.add(ops.sign_histogram(z, dim, self.rectifier.upper, bins=5), z.shape)
+
+    def add(self, batch_hist: torch.Tensor, shape: tuple) -> None:
+        """Add one call's int64[C, 5] counts (input of shape ``shape``)."""
+        if self.nonfinite_log is None:
+            self.raise_if_nonfinite(batch_hist[:, ops.NONFINITE].sum())
+        else:
+            self.nonfinite_log.append((self, batch_hist[:, ops.NONFINITE].sum()))
         if self.hist is None:
             self.hist = torch.zeros_like(batch_hist)
         elif self.hist.shape != batch_hist.shape:
             raise MeasureError(
                 f"rectifier {self.name!r} had {self.hist.shape[0]} neurons and now {batch_hist.shape[0]} "
-                f"(input shape {tuple(z.shape)}, neuron dim {self.channel_dim}); pass channel_dims="
+                f"(input shape {tuple(shape)}, neuron dim {self.channel_dim}); pass channel_dims="
                 f"{{{self.name!r}: <dim>}} to measure if the neuron dimension is not the default"
             )
         self.hist += batch_hist
         if self.options.estimator == "batch_mean":
             neuron, layer = ops.entropy_from_histogram(batch_hist, self.options.zero_as, self.options.aggregate)
             self.batch_neuron_sum = neuron if self.batch_neuron_sum is None else self.batch_neuron_sum + neuron
-            self.batch_layer_sum += layer
+            self.batch_layer_sum += float(layer)
         self.batches += 1
+
+    def raise_if_nonfinite(self, count: torch.Tensor) -> None:
+        bad = int(count)
+        if bad:
+            raise NonFiniteActivationError(
+                f"the input of rectifier {self.name!r} holds {bad} NaN/Inf value(s) (batch "
+                f"{self.batch_index}); its sign is undefined. Check the model's weights and inputs "
+                "(a diverged training run, unnormalised data, a bad checkpoint) before measuring."
+            )
+
+    def counts(self) -> torch.Tensor:
+        """The int64[C, 4] histogram (ON, OFF, ZERO, SAT) that EntropyStats keeps."""
+        return self.hist[:, : ops.NUM_STATES].contiguous()
+
+
+def _check_nonfinite(log: list) -> None:
+    """Raise for the first call site (in execution order) of the batch that saw NaN/Inf."""
+    if log and int(torch.stack([count for _, count in log]).sum()):
+        for acc, count in log:
+            acc.raise_if_nonfinite(count)
+    log.clear()
+
+
+class _FusedCall:
+    """Runs one rectifier call through the fused activation + histogram op (one read of its input)."""
+
+    def __init__(self, acc: _Accumulator, kind: str, inplace: bool):
+        self.acc, self.kind, self.inplace = acc, kind, inplace
+        self.negative_slope = acc.rectifier.off_slope
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.acc.prepare(x)
+        if self.inplace:
+            batch = torch.zeros(x.shape[dim], 5, dtype=torch.int64, device=x.device)
+            y = ops.activation_histogram_(x, batch, self.kind, dim, negative_slope=self.negative_slope)
+        else:
+            y, batch = ops.activation_histogram(x, self.kind, dim, negative_slope=self.negative_slope, bins=5)
+        self.acc.add(batch, x.shape)
+        return y
 
 
 class _ProbedActivation(nn.Module):
-    """Replaces one activation call in a traced graph: counts its input, then applies it."""
+    """Replaces one activation call in a traced graph: counts its input and applies it, fused when
+    the activation has a fused op (else counts, then calls the original)."""
 
-    def __init__(self, acc: _Accumulator, fn: Callable):
+    def __init__(self, acc: _Accumulator, fn: Callable, fused: _FusedCall | None):
         super().__init__()
-        self.acc, self.fn = acc, fn
+        self.acc, self.fn, self.fused = acc, fn, fused
 
     def forward(self, x, *args, **kwargs):
+        if self.fused is not None and not (x.requires_grad and torch.is_grad_enabled()):
+            return self.fused(x)  # extra args (slope, inplace, approximate) are already in the Rectifier
         self.acc.update(x.detach())
         return self.fn(x, *args, **kwargs)
 
@@ -134,7 +189,12 @@ def _probe_graph(gm: fx.GraphModule, sites: list[Site], accs: dict[str, _Accumul
     for i, site in enumerate(sites):
         node = site.node
         probe_name = f"_nepenthe_probe_{i}"
-        gm.add_submodule(probe_name, _ProbedActivation(accs[site.name], _call_of(gm, node)))
+        acc = accs[site.name]
+        kind = fused_kind(site.rectifier)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        inplace = call_is_inplace(node.op, node.target, node.args, node.kwargs, module)
+        fused = _FusedCall(acc, kind, inplace) if kind is not None else None
+        gm.add_submodule(probe_name, _ProbedActivation(acc, _call_of(gm, node), fused))
         args, kwargs = node.args, dict(node.kwargs)
         if not args and "input" in kwargs:  # F.relu(input=z): the probe takes the tensor first
             args = (kwargs.pop("input"),)
@@ -155,41 +215,72 @@ class _HookProbes:
         self.calls: dict[str, int] = {}
         self.handles = []
         self.batch_index = 0
-        # one hook per module object, named by its first path as fx names it; remove_duplicate=False
-        # would hook a module shared under several names once per alias and count every call repeatedly
+        self.overridden: list[nn.Module] = []
+        # one probe per module object, named by its first path as fx names it; remove_duplicate=False
+        # would probe a module shared under several names once per alias and count every call repeatedly
         for path, module in model.named_modules():
             rect = rectifier_of_module(module)
-            if rect is not None:
+            if rect is None:
+                continue
+            kind = fused_kind(rect)
+            if kind is not None and type(module).forward in _STOCK_FORWARDS and "forward" not in module.__dict__:
+                module.forward = self._fused_forward(module, path, rect, kind)  # instance attribute, undone in remove
+                self.overridden.append(module)
+            else:  # a subclass with its own forward: count its input, let it run unchanged
                 self.handles.append(module.register_forward_pre_hook(self._hook(path, rect)))
         self.handles.append(model.register_forward_pre_hook(self._reset))
 
     @property
     def found_any(self) -> bool:
-        return len(self.handles) > 1
+        return bool(self.overridden) or len(self.handles) > 1
 
     def _reset(self, module, args):
         self.calls.clear()
 
+    def _acc_for_call(self, path: str, rect: Rectifier) -> _Accumulator:
+        """The accumulator of this call of the module at ``path`` (``path``, ``path#1``, ...)."""
+        index = self.calls.get(path, 0)
+        self.calls[path] = index + 1
+        name = call_site_name(path, index)
+        acc = self.accs.get(name)
+        if acc is None:
+            info = self.infos.get(name)
+            dim = self.channel_dims.get(name, info.channel_dim if info else None)
+            acc = self.accs[name] = _Accumulator(name, rect, dim, self.options)
+        acc.batch_index = self.batch_index
+        return acc
+
     def _hook(self, path: str, rect: Rectifier):
         def hook(module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            index = self.calls.get(path, 0)
-            self.calls[path] = index + 1
-            name = call_site_name(path, index)
-            acc = self.accs.get(name)
-            if acc is None:
-                info = self.infos.get(name)
-                dim = self.channel_dims.get(name, info.channel_dim if info else None)
-                acc = self.accs[name] = _Accumulator(name, rect, dim, self.options)
-            acc.batch_index = self.batch_index
-            acc.update(args[0].detach())
+            if args and isinstance(args[0], torch.Tensor):
+                self._acc_for_call(path, rect).update(args[0].detach())
         return hook
+
+    def _fused_forward(self, module: nn.Module, path: str, rect: Rectifier, kind: str):
+        inplace = call_is_inplace("call_module", None, (), {}, module)
+        stock_forward = type(module).forward
+
+        def forward(x):
+            acc = self._acc_for_call(path, rect)
+            if inplace and x.requires_grad and torch.is_grad_enabled():
+                # an inplace activation inside autograd stays PyTorch's own op (counted separately)
+                acc.update(x.detach())
+                return stock_forward(module, x)
+            return _FusedCall(acc, kind, inplace)(x)
+        return forward
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for module in self.overridden:
+            module.__dict__.pop("forward", None)
+        self.overridden.clear()
+
+
+# forward methods of the activation modules that the fused op reproduces exactly
+_STOCK_FORWARDS = (nn.ReLU.forward, nn.Hardtanh.forward, nn.LeakyReLU.forward, nn.GELU.forward, nn.SiLU.forward,
+                   nn.Hardswish.forward)
 
 
 @dataclass
@@ -430,10 +521,12 @@ def measure(
         sites = find_sites(gm)
     except TraceError as exc:
         trace_error, sites = exc, []
+    nonfinite_log: list = []
     if trace_error is None and sites:
         infos = _site_infos(sites)
         for s in sites:
-            accs[s.name] = _Accumulator(s.name, s.rectifier, channel_dims.get(s.name, s.channel_dim), options)
+            accs[s.name] = _Accumulator(s.name, s.rectifier, channel_dims.get(s.name, s.channel_dim), options,
+                                        nonfinite_log)
         _probe_graph(gm, sites, accs)
         runner, hooks = gm, None
     else:
@@ -473,10 +566,12 @@ def measure(
                 warnings.warn(f"the torch.fx trace of {type(model).__name__} fails on real inputs ({exc!r}); "
                               "measuring activation modules only, through forward hooks.", stacklevel=2)
                 accs.clear()
+                nonfinite_log.clear()
                 infos = {}
                 hooks = _hook_probes_or_raise(model, accs, options, channel_dims, exc)
                 runner = model
                 runner(*args, **kwargs)
+            _check_nonfinite(nonfinite_log)
             batches += 1
     finally:
         if hooks is not None:
@@ -503,7 +598,7 @@ def _stats_from(accs: dict[str, _Accumulator], infos: Mapping[str, SiteInfo], op
         info = infos.get(k)
         sites[k] = SiteInfo(a.rectifier, a.channel_dim, info.producer if info else None,
                             info.module_path if info else None)
-    stats = EntropyStats({k: a.hist for k, a in accs.items()}, sites, options, batches=batches)
+    stats = EntropyStats({k: a.counts() for k, a in accs.items()}, sites, options, batches=batches)
     if options.estimator == "batch_mean":
         stats.batch_neuron_sum = {k: a.batch_neuron_sum for k, a in accs.items()}
         stats.batch_layer_sum = {k: a.batch_layer_sum for k, a in accs.items()}

@@ -85,6 +85,35 @@ def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
     return optimizer.register_step_post_hook(hook)
 
 
+def mask_lookup(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``parameter -> its current mask buffer (or None)`` for the fused optimizers' ``masks=``.
+
+    The lookup goes by (module, parameter name) at every call, so masks attached or replaced
+    after the optimizer was built (a new pruning round) are used from the next step on.
+    """
+    owners = {}
+    for module in model.modules():
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), (module, mask_buffer_name(param_name)))
+
+    def lookup(param: torch.Tensor) -> torch.Tensor | None:
+        owner = owners.get(id(param))
+        return None if owner is None else owner[0]._buffers.get(owner[1])
+    return lookup
+
+
+def masked_optimizer(model: nn.Module, name: str = "sgd", params: Iterable | None = None, **kwargs):
+    """A fused masked optimizer (``"sgd"`` or ``"adamw"``) over ``params`` (default: the model's
+    trainable parameters) that keeps the model's ``*_mask`` buffers enforced in its own step."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    if name == "sgd":
+        return ops.MaskedSGD(params, masks=mask_lookup(model), **kwargs)
+    if name == "adamw":
+        return ops.MaskedAdamW(params, masks=mask_lookup(model), **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+
+
 def restore_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Create the mask buffers a state_dict holds, so ``model.load_state_dict`` accepts it.
 

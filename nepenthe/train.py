@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .masks import keep_masks_after_steps
+from .masks import masked_optimizer
 
 
 @dataclass
@@ -35,12 +35,12 @@ class TrainConfig:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The fused masked optimizer of ``cfg``: the model's masks are applied inside every step."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return masked_optimizer(model, "sgd", lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return masked_optimizer(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
 
 
@@ -61,7 +61,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=None) -> list[float]:
-    """Train in place with a fresh optimizer and schedule; masks stay enforced after every step.
+    """Train in place with a fresh optimizer and schedule; the fused masked optimizer keeps masks enforced.
 
     Returns the mean training loss of each epoch. ``progress`` is an optional callable called
     with (epoch, loss) after each epoch.
@@ -69,7 +69,6 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
     device = _device_of(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
-    handle = keep_masks_after_steps(optimizer, model)
     losses = []
     model.train()
     try:
@@ -94,7 +93,6 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
             if progress is not None:
                 progress(epoch, losses[-1])
     finally:
-        handle.remove()
         model.eval()
     return losses
 

@@ -391,8 +391,8 @@ def test_entropy_from_histogram_all_options():
         for agg, layer in expected_layer.items():
             n, l_ = ops.entropy_from_histogram(h, zero_as, agg)
             assert n.tolist() == pytest.approx(neurons, abs=1e-12)
-            assert isinstance(l_, float)
-            assert l_ == pytest.approx(layer, abs=1e-12), (zero_as, agg)
+            assert isinstance(l_, torch.Tensor) and l_.dtype == torch.float64 and l_.dim() == 0
+            assert float(l_) == pytest.approx(layer, abs=1e-12), (zero_as, agg)
     # exclude/mean: (1 + 0.811278) / 4 = 0.452820
     assert ops.entropy_from_histogram(h)[1] == pytest.approx((1 + b) / 4, abs=1e-12)
 

@@ -97,8 +97,22 @@ def _load_extension():
     return _C
 
 
+EXTENSION_OPS = ("sign_histogram_", "activation_histogram_", "masked_sgd_", "masked_adamw_")
+
+
+def _require_kernels(dispatch_key: str) -> None:
+    """ImportError unless ``nepenthe._C`` registered every op for ``dispatch_key`` (a partial or stale
+    build would otherwise fail later, in the middle of a run)."""
+    missing = [op for op in EXTENSION_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nepenthe_ext::{op}", dispatch_key)]
+    if missing:
+        raise ImportError(f"nepenthe._C has no {dispatch_key} kernel for {missing} (a stale or partial build); "
+                          "rebuild it: pip install --no-build-isolation --force-reinstall -e .")
+
+
 def _load_cpp():
     _load_extension()
+    _require_kernels("CPU")
     from . import extension
     return extension
 
@@ -116,6 +130,7 @@ def _load_cuda():
         raise ImportError(
             f"nepenthe._C was built with CUDA {ext_major}.{built % 1000 // 10} but torch uses CUDA {torch_cuda or 'none'}; "
             "rebuild the extension against this torch: pip install --no-build-isolation --force-reinstall -e .")
+    _require_kernels("CUDA")
     from . import extension
     return extension
 

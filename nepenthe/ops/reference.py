@@ -215,11 +215,12 @@ def apply_mask_(param: torch.Tensor, mask: torch.Tensor, state: dict | None = No
     Entries are *set* to zero (not multiplied by 0, which would keep a NaN or -0.0), so masked
     weights and their momentum / Adam moments are exactly +0.0 afterwards.
     """
-    param.masked_fill_(~mask, 0)
+    dropped = ~mask if mask.dtype == torch.bool else mask == 0
+    param.masked_fill_(dropped, 0)
     for key in _STATE_TENSOR_NAMES:
         buf = (state or {}).get(key)
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-            buf.masked_fill_(~mask, 0)
+            buf.masked_fill_(dropped, 0)
 
 
 @torch.no_grad()

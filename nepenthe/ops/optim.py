@@ -1,0 +1,145 @@
+"""Drop-in ``torch.optim`` optimizers whose step applies pruning masks in the same fused pass.
+
+:class:`MaskedSGD` and :class:`MaskedAdamW` take the arguments of ``torch.optim.SGD`` /
+``torch.optim.AdamW``, keep the same state (``momentum_buffer``; ``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``), so their state_dicts load into each other, work with LR
+schedulers and param groups, and add ``masks``: where a parameter's mask is False, the parameter
+and its optimizer state are exactly zero after every step. Each step is one multi-tensor call of
+:func:`nepenthe.ops.masked_sgd_` / :func:`nepenthe.ops.masked_adamw_` per parameter group.
+
+``masks`` is a mapping ``parameter -> bool tensor`` or a callable ``parameter -> bool tensor or
+None`` asked at every step (so masks that grow between pruning rounds are picked up);
+:func:`nepenthe.masks.mask_lookup` builds one from the ``*_mask`` buffers of a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .library import masked_adamw_, masked_sgd_
+
+MaskSource = Mapping[Tensor, Tensor] | Callable[[Tensor], Tensor | None] | None
+
+
+def _mask_getter(masks: MaskSource) -> Callable[[Tensor], Tensor | None]:
+    if masks is None:
+        return lambda p: None
+    if callable(masks):
+        return masks
+    by_id = {id(p): m for p, m in masks.items()}
+    return lambda p: by_id.get(id(p))
+
+
+def _grad_of(p: Tensor, who: str) -> Tensor:
+    g = p.grad
+    if g.is_sparse:
+        raise RuntimeError(f"{who} does not support sparse gradients; use torch.optim.SparseAdam or dense grads")
+    return g
+
+
+def _mask_for(getter, p: Tensor, who: str) -> Tensor | None:
+    mask = getter(p)
+    if mask is None:
+        return None
+    if mask.shape != p.shape:
+        raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape {tuple(p.shape)}")
+    return mask.to(device=p.device, dtype=torch.bool).contiguous()
+
+
+class MaskedSGD(torch.optim.Optimizer):
+    """``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize) + masks, fused."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 masks: MaskSource = None):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize)
+        super().__init__(params, defaults)
+        self._mask_of = _mask_getter(masks)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            # parameters whose momentum buffer starts now are stepped separately (first_step=True)
+            batches = {False: ([], [], [], []), True: ([], [], [], [])}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                first = momentum != 0 and state.get("momentum_buffer") is None
+                if first:
+                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                params, grads, bufs, masks = batches[first]
+                params.append(p)
+                grads.append(_grad_of(p, "MaskedSGD"))
+                if momentum != 0:
+                    bufs.append(state["momentum_buffer"])
+                masks.append(_mask_for(self._mask_of, p, "MaskedSGD"))
+            for first, (params, grads, bufs, masks) in batches.items():
+                if params:
+                    masked_sgd_(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
+                                dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                nesterov=group["nesterov"], maximize=group["maximize"], first_step=first)
+        return loss
+
+
+class MaskedAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` (weight decay, amsgrad, maximize) + masks, fused into one pass."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 masks: MaskSource = None):
+        # torch.optim.AdamW's constructor validates the arguments and fills the defaults; its
+        # foreach/fused/capturable/differentiable switches do not apply: our kernel is the step.
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize)
+        self._mask_of = _mask_getter(masks)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            amsgrad = group["amsgrad"]
+            beta1, beta2 = group["betas"]
+            by_step: dict[int, tuple[list, ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                lists = by_step.setdefault(int(state["step"]), ([], [], [], [], [], []))
+                for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
+                                              state.get("max_exp_avg_sq"),
+                                              _mask_for(self._mask_of, p, "MaskedAdamW"))):
+                    seq.append(value)
+            for step, (params, grads, exp_avgs, exp_avg_sqs, maxes, masks) in by_step.items():
+                masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes if amsgrad else [], masks,
+                              lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], step=step, amsgrad=amsgrad,
+                              maximize=group["maximize"])
+        return loss
