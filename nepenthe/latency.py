@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,19 +99,36 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmu
     m1, args, dev = _prepare(before, example_input, torch.device(device) if device else None)
     m2, _, _ = _prepare(after, example_input, dev)
     threads = threads or torch.get_num_threads()
-    t1, t2 = _timer(m1, args, threads), _timer(m2, args, threads)
+    results = _interleaved([_timer(m1, args, threads), _timer(m2, args, threads)], warmup, repeats, threads, dev)
+    return results[0], results[1]
+
+
+def compare_calls(calls: Mapping[str, Callable[[], object]], *, warmup: int = 5, repeats: int = 20,
+                  threads: int | None = None, device: torch.device | str = "cpu") -> dict[str, LatencyResult]:
+    """Latency of several zero-argument callables (e.g. a fused op and the plain PyTorch way),
+    timing blocks interleaved with the order rotating each round, the same calls per block for all."""
+    threads = threads or torch.get_num_threads()
+    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in calls.values()]
+    results = _interleaved(timers, warmup, repeats, threads, torch.device(device))
+    return dict(zip(calls, results))
+
+
+def _interleaved(timers: list[Timer], warmup: int, repeats: int, threads: int,
+                 device: torch.device) -> list[LatencyResult]:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup:
-        t1.timeit(warmup)
-        t2.timeit(warmup)
-    number = max(_auto_number(t1), 1)  # the same number of calls per block for both
-    s1, s2 = [], []
+        for t in timers:
+            t.timeit(warmup)
+    number = _auto_number(timers[0])  # the same number of calls per block for all
+    samples: list[list[float]] = [[] for _ in timers]
     for i in range(repeats):
-        # ABBA order: whichever model runs second in a pair inherits the other's cache and
-        # allocator state, so alternate which one that is
-        if i % 2 == 0:
-            s1.append(t1.timeit(number).mean)
-            s2.append(t2.timeit(number).mean)
-        else:
-            s2.append(t2.timeit(number).mean)
-            s1.append(t1.timeit(number).mean)
-    return _summarise(s1, number, threads, dev), _summarise(s2, number, threads, dev)
+        # rotate (ABBA for two): whichever runs after another inherits its cache and allocator
+        # state, so no callable is always first or always last
+        order = list(range(len(timers)))
+        order = order[i % len(order):] + order[: i % len(order)]
+        if (i // len(order)) % 2:
+            order.reverse()
+        for k in order:
+            samples[k].append(timers[k].timeit(number).mean)
+    return [_summarise(s, number, threads, device) for s in samples]

@@ -1,0 +1,132 @@
+"""Benchmark cases for the fused ops: each builder returns ``{provider: zero-argument callable}`` doing
+the same work, so that the nepenthe op and the plain PyTorch ways are timed side by side.
+
+Providers: ``nepenthe`` (the public op on the automatic backend), ``torch`` (the best plain eager
+PyTorch expression we found), ``torch+…`` variants named for what they add, ``compile``
+(``torch.compile`` of the plain expression, compiled on its first call). Used by
+``bench_kernels.py`` (pytest-benchmark) and ``compare_kernels.py`` (interleaved timing, RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import nepenthe
+from nepenthe import ops
+from nepenthe.models import resnet18_cifar
+
+Case = dict[str, Callable[[], object]]
+
+
+def activation_tensor(shape, dtype=torch.float32, channels_last=False, device="cpu", seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(d for d in range(x.dim()) if d != 1)
+
+
+def plain_sign_histogram(x: torch.Tensor) -> torch.Tensor:
+    """ON / OFF / ZERO per channel of an N×C×... tensor: the three comparisons, one reduction each."""
+    dims = _reduce_dims(x)
+    return torch.stack([(x > 0).sum(dims), (x < 0).sum(dims), (x == 0).sum(dims)], dim=1)
+
+
+def plain_sign_histogram_2pass(x: torch.Tensor) -> torch.Tensor:
+    """Two passes: ZERO from the total (exact for finite inputs only, which is why it is not ours)."""
+    dims = _reduce_dims(x)
+    on, off = (x > 0).sum(dims), (x < 0).sum(dims)
+    return torch.stack([on, off, x.numel() // x.shape[1] - on - off], dim=1)
+
+
+def histogram_case(shape, dtype=torch.float32, channels_last=False, device="cpu") -> Case:
+    x = activation_tensor(shape, dtype, channels_last, device)
+    compiled = torch.compile(plain_sign_histogram, dynamic=False)
+    return {"nepenthe": lambda: ops.sign_histogram(x, 1),
+            "torch": lambda: plain_sign_histogram(x),
+            "torch_2pass": lambda: plain_sign_histogram_2pass(x),
+            "compile": lambda: compiled(x)}
+
+
+def activation_case(kind, shape, dtype=torch.float32, channels_last=False, device="cpu") -> Case:
+    x = activation_tensor(shape, dtype, channels_last, device)
+    act = {"relu": F.relu, "gelu": F.gelu, "relu6": F.relu6, "silu": F.silu}[kind]
+
+    def unfused():
+        return act(x), plain_sign_histogram(x)
+    compiled = torch.compile(unfused, dynamic=False)
+    return {"nepenthe": lambda: ops.activation_histogram(x, kind, 1),
+            "torch_activation_only": lambda: act(x),
+            "torch+histogram": unfused,
+            "compile": compiled}
+
+
+def resnet18_parameters(device="cpu", dtype=torch.float32, masked_fraction=0.5, seed=0):
+    """The CIFAR ResNet-18's parameters (11.2M in 62 tensors) with gradients and random masks on
+    every weight of dim > 1 (as pruning leaves them)."""
+    torch.manual_seed(seed)
+    model = resnet18_cifar(num_classes=10).to(device=device, dtype=dtype)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    masks = {p: torch.rand(p.shape, device=device) >= masked_fraction for p in params if p.dim() > 1}
+    return params, masks
+
+
+def _mask_multiply(masks: dict) -> Callable[[], None]:
+    params, keep = list(masks), [m.to(next(iter(masks)).dtype) for m in masks.values()]
+
+    @torch.no_grad()
+    def apply():
+        torch._foreach_mul_(params, keep)
+    return apply
+
+
+def sgd_case(device="cpu", dtype=torch.float32) -> Case:
+    params, masks = resnet18_parameters(device, dtype)
+    kwargs = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ours = ops.MaskedSGD(params, masks=masks, **kwargs)
+    plain = torch.optim.SGD(params, foreach=True, **kwargs)
+    then_mask = _mask_multiply(masks)
+    compiled_step = torch.compile(plain.step, dynamic=False)
+
+    def plain_then_mask():
+        plain.step()
+        then_mask()
+    return {"nepenthe": ours.step, "torch_unmasked": plain.step, "torch+mask": plain_then_mask,
+            "compile_unmasked": compiled_step}
+
+
+def adamw_case(device="cpu", dtype=torch.float32) -> Case:
+    params, masks = resnet18_parameters(device, dtype)
+    ours = ops.MaskedAdamW(params, masks=masks, lr=1e-3, weight_decay=1e-2)
+    plain = torch.optim.AdamW(params, foreach=True, lr=1e-3, weight_decay=1e-2)
+    then_mask = _mask_multiply(masks)
+
+    def plain_then_mask():
+        plain.step()
+        then_mask()
+    cases = {"nepenthe": ours.step, "torch_unmasked": plain.step, "torch+mask": plain_then_mask}
+    if device != "cpu":  # torch's fused AdamW exists for CUDA tensors
+        fused = torch.optim.AdamW(params, fused=True, lr=1e-3, weight_decay=1e-2)
+        cases["torch_fused_unmasked"] = fused.step
+    return cases
+
+
+def measure_case(batch=64, batches=4, device="cpu") -> Case:
+    """``nepenthe.measure`` of the CIFAR ResNet-18 over a few batches vs the same eval forwards."""
+    torch.manual_seed(0)
+    model = resnet18_cifar(num_classes=10).to(device).eval()
+    data = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(batches)]
+
+    def forwards():
+        with torch.no_grad():
+            for x in data:
+                model(x)
+    return {"nepenthe_measure": lambda: nepenthe.measure(model, data, distributed=False),
+            "torch_forward": forwards}
