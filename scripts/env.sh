@@ -13,18 +13,19 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 STAMP="$VENV/.nepenthe-install-stamp"
-# Reinstall only when packaging files changed since the last install.
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+# Reinstall only when packaging files or the compiled extension's sources changed since the last install.
+WANT="$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[nepenthe] installing dependencies into $VENV (first run: a few minutes)" >&2
     pip_install() {  # quiet, minus this machine's notices about absent local index folders
         "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     }
-    "$PY" -c "import setuptools, wheel" 2>/dev/null || pip_install "setuptools>=64" wheel
+    "$PY" -c "import setuptools, wheel, ninja" 2>/dev/null || pip_install "setuptools>=64" wheel ninja
     if ! "$PY" -c "import torch" 2>/dev/null; then
         pip_install "${NEPENTHE_TORCH:-torch==2.13.0}"
     fi
-    # --no-build-isolation: build against the torch installed above instead of downloading another
+    # --no-build-isolation: build the C++ extension nepenthe._C against the torch installed above
+    # instead of downloading another (about a minute on 2 cores)
     pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev]"
     echo "$WANT" > "$STAMP"
 fi

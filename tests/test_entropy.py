@@ -951,3 +951,57 @@ def test_functional_relu_with_keyword_input():
     (name,) = stats.histogram
     z = model.fc(x).detach()
     assert torch.equal(stats.histogram[name][:, 0], (z > 0).sum(0))
+
+
+# ----- fused activation + histogram route ------------------------------------------------------------------
+class _MixedActs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.relu, self.gelu = nn.ReLU(inplace=True), nn.GELU(approximate="tanh")
+        self.leaky = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        x = self.relu(self.fc1(x))
+        x = self.leaky(self.fc2(x))
+        x = self.gelu(self.fc3(x))
+        return self.fc4(torch.nn.functional.relu6(x * 4))
+
+
+def test_measure_runs_each_activation_through_the_fused_op(monkeypatch):
+    calls = []
+    real, real_inplace = ops.activation_histogram, ops.activation_histogram_
+    monkeypatch.setattr(ops, "activation_histogram", lambda x, kind, *a, **k: calls.append(kind) or real(x, kind, *a, **k))
+    monkeypatch.setattr(ops, "activation_histogram_",
+                        lambda x, h, kind, *a, **k: calls.append(kind + "_") or real_inplace(x, h, kind, *a, **k))
+    torch.manual_seed(0)
+    model, x = _MixedActs().eval(), torch.randn(64, 5)
+    with torch.no_grad():
+        want_out = model(x)
+    stats = measure(model, [x])
+    assert sorted(calls) == sorted(["relu_", "leaky_relu", "gelu_tanh", "relu6"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want_out)
+        z1 = model.fc1(x)
+        z2 = model.fc2(torch.relu(z1))
+    torch.testing.assert_close(stats.histogram["relu"], ops.reference.sign_histogram(z1, -1), rtol=0, atol=0)
+    torch.testing.assert_close(stats.histogram["leaky"], ops.reference.sign_histogram(z2, -1), rtol=0, atol=0)
+
+
+def test_stats_recorder_training_is_fused_and_gradients_unchanged():
+    torch.manual_seed(0)
+    model, plain = _MixedActs(), _MixedActs()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(32, 5)
+    with StatsRecorder(model) as rec:
+        assert "forward" in vars(model.gelu)  # the fused forward is installed on the instance
+        model(x).square().mean().backward()
+    assert "forward" not in vars(model.gelu) and "forward" not in vars(model.relu)
+    plain(x).square().mean().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    stats = rec.stats(distributed=False)
+    with torch.no_grad():
+        z3 = model.fc3(model.leaky(model.fc2(torch.relu(model.fc1(x)))))
+    torch.testing.assert_close(stats.histogram["gelu"], ops.reference.sign_histogram(z3, -1), rtol=0, atol=0)
+    assert stats.histogram["relu"].sum() == 32 * 8  # the inplace ReLU under autograd: counted unfused
