@@ -40,8 +40,14 @@ def extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda and CUDA_HOME and os.environ.get("NEPENTHE_NO_CUDA") != "1"
     if use_cuda:
-        ext = CUDAExtension("nepenthe._C", sources + cuda_sources + glob.glob(os.path.join("csrc", "cuda", "*.cpp")),
-                            extra_compile_args={"cxx": cxx + ["-DNEPENTHE_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+        # No --use_fast_math: the kernels must match PyTorch's arithmetic (IEEE division/sqrt, no flush to zero).
+        nvcc = ["-O3", "-lineinfo", "-std=c++17"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # else torch adds the listed architectures itself
+            nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]  # + PTX, compiled by the driver on newer GPUs
+        cuda_cpp = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        ext = CUDAExtension("nepenthe._C", sources + cuda_sources + cuda_cpp,
+                            extra_compile_args={"cxx": cxx + ["-DNEPENTHE_WITH_CUDA"], "nvcc": nvcc},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("nepenthe._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -135,11 +135,24 @@ def _load_cuda():
     return extension
 
 
+def _source_tree_kernels() -> None:
+    """In a source checkout used without installing, kernels/ sits beside the package directory;
+    an install maps it to nepenthe.kernels (setup.py's package_dir)."""
+    import importlib.util
+
+    import nepenthe
+    if importlib.util.find_spec("nepenthe.kernels") is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(nepenthe.__file__)))
+        if os.path.isfile(os.path.join(root, "kernels", "__init__.py")) and root not in nepenthe.__path__:
+            nepenthe.__path__.append(root)
+
+
 def _load_triton():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         raise ImportError("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU "
                           "through the interpreter, for testing)")
     try:
+        _source_tree_kernels()
         from .. import kernels
     except ImportError as exc:
         raise ImportError(f"Triton is not importable ({exc}); pip install triton") from exc

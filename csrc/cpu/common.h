@@ -1,0 +1,644 @@
+// Shared pieces of the C++ CPU kernels (csrc/cpu/*_cpu.cpp): argument checks, dtype dispatch, the
+// AVX2 clone mechanism, and the one-pass "count signs (+ apply an activation)" engine used by both
+// sign_histogram_ (no output) and activation_histogram_ (writes φ(x)).
+//
+// Vectorisation: the extension is built for baseline x86-64 (SSE2), so every hot loop is compiled
+// twice — once as is, once inside a function with __attribute__((target("avx2,fma"))) — and the
+// AVX2 copy is taken at run time when the CPU has it. The loops themselves are plain C++ that gcc
+// auto-vectorises at -O3 (int32 counters `on += v > 0`, flushed to int64 long before they overflow).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace nepenthe_cpu {
+
+// ----- AVX2 clones ---------------------------------------------------------------------------------------
+#if defined(__GNUC__) && defined(__x86_64__)
+#define NEP_X86 1
+#define NEP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define NEP_X86 0
+#define NEP_TARGET_AVX2
+#endif
+#define NEP_INLINE inline __attribute__((always_inline))
+
+// NEPENTHE_CPU_BASELINE=1 forces the baseline copies (to test them on an AVX2 machine).
+inline bool cpu_has_avx2() {
+#if NEP_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("NEPENTHE_CPU_BASELINE") && std::getenv("NEPENTHE_CPU_BASELINE")[0] == '1');
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// K::run is an always_inline static template; these wrappers instantiate it once for baseline
+// x86-64 and once for AVX2+FMA, and run_best picks one per call (the check is a cached bool).
+template <class K, class... A>
+void run_baseline(A... a) {
+  K::run(a...);
+}
+#if NEP_X86
+template <class K, class... A>
+NEP_TARGET_AVX2 void run_avx2(A... a) {
+  K::run(a...);
+}
+#endif
+template <class K, class... A>
+void run_best(A... a) {
+#if NEP_X86
+  if (cpu_has_avx2()) {
+    run_avx2<K>(a...);
+    return;
+  }
+#endif
+  run_baseline<K>(a...);
+}
+
+// ----- dtypes --------------------------------------------------------------------------------------------
+// Compute type: fp32 for fp16/bf16/fp32 (fp16/bf16 -> fp32 is exact), fp64 for fp64.
+template <class T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename Acc<T>::type;
+
+// Loads and stores between a storage type and its compute type, written as branch-free bit
+// arithmetic (c10's conversions are not always inlined into the loops, which stops vectorisation).
+// Results are identical to c10's: fp16 -> fp32 and bf16 -> fp32 exact, fp32 -> bf16 rounds to
+// nearest even with NaN -> 0x7FC0, fp32 -> fp16 is c10's fp16_ieee_from_fp32_value.
+NEP_INLINE float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+NEP_INLINE uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+template <class T>
+NEP_INLINE acc_t<T> load(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bits_f32(uint32_t(v.x) << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::detail::fp16_ieee_to_fp32_value(v.x);
+  } else {
+    return v;
+  }
+}
+template <class T>
+NEP_INLINE T store(acc_t<T> a) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = f32_bits(a);
+    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(a != a ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(c10::detail::fp16_ieee_from_fp32_value(a), c10::Half::from_bits());
+  } else {
+    return a;
+  }
+}
+
+// x when keep, else exactly +0.0 (bitwise, so a NaN or -0.0 does not survive and loops stay branch-free).
+template <class A>
+NEP_INLINE A keep_or_zero(uint8_t keep, A x) {
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  U bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits &= U(0) - U(keep != 0);
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// fp16 <-> fp32 for a whole block. Without F16C the per-element bit arithmetic above stays scalar
+// (gcc does not vectorise it), so fp16 kernels convert blocks with F16C (vcvtph2ps / vcvtps2ph,
+// round to nearest even, as c10 does) into fp32 scratch and run the fp32 loops on it.
+#if NEP_X86
+__attribute__((target("avx2,f16c"))) inline void half_to_float_f16c(const c10::Half* x, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))));
+  for (; j < n; ++j) out[j] = load<c10::Half>(x[j]);
+}
+__attribute__((target("avx2,f16c"))) inline void float_to_half_f16c(const float* in, c10::Half* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j), _mm256_cvtps_ph(_mm256_loadu_ps(in + j), _MM_FROUND_TO_NEAREST_INT));
+  for (; j < n; ++j) y[j] = store<c10::Half>(in[j]);
+}
+inline bool cpu_has_f16c() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+inline void half_to_float(const c10::Half* x, float* out, int64_t n) {
+#if NEP_X86
+  if (cpu_has_f16c()) return half_to_float_f16c(x, out, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = load<c10::Half>(x[j]);
+}
+inline void float_to_half(const float* in, c10::Half* y, int64_t n) {
+#if NEP_X86
+  if (cpu_has_f16c()) return float_to_half_f16c(in, y, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) y[j] = store<c10::Half>(in[j]);
+}
+constexpr int64_t kStage = 512;  // fp16 elements per conversion block (2 x 2 KiB of fp32 scratch)
+
+inline bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// f(T{}) with T the C++ type of `t` (fp32, fp16, bf16, fp64).
+template <class F>
+void dispatch_float(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default:
+      TORCH_CHECK(false, what, ": no CPU kernel for dtype ", t, "; supported: float32, float16, bfloat16, float64 "
+                  "(convert the tensor, or use the pure-PyTorch backend: nepenthe.ops.use_backend(\"torch\"))");
+  }
+}
+
+// ----- argument checks -----------------------------------------------------------------------------------
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(),
+              " but this is the CPU kernel; move every tensor of the call to the CPU (or use the CUDA backend)");
+}
+
+// hist: contiguous int64 [C, 4|5] on the CPU.
+inline void check_hist(const at::Tensor& hist, int64_t channels, const char* op) {
+  check_cpu(hist, op, "hist");
+  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.dim() == 2 && hist.size(0) == channels &&
+                  (hist.size(1) == 4 || hist.size(1) == 5),
+              op, ": hist must be int64[", channels, ", 4] (ON, OFF, ZERO, SAT) or int64[", channels,
+              ", 5] (+ NONFINITE) for an input with ", channels, " channels, got ", hist.scalar_type(), hist.sizes());
+  TORCH_CHECK(hist.is_contiguous(), op, ": hist must be contiguous (got strides ", hist.strides(),
+              "); pass hist.contiguous() and add the result back");
+}
+
+inline void check_x3(const at::Tensor& x, const char* op, const char* name) {
+  check_cpu(x, op, name);
+  TORCH_CHECK(x.dim() == 3, op, ": ", name, " must be a 3-d [outer, C, inner] view (reference.as_3d), got ",
+              x.dim(), " dims of shape ", x.sizes());
+  TORCH_CHECK(is_kernel_dtype(x.scalar_type()), op, ": ", name, " has dtype ", x.scalar_type(),
+              "; supported: float32, float16, bfloat16, float64");
+}
+
+// ----- the counting (+ activation) engine ----------------------------------------------------------------
+enum Col : int { ON = 0, OFF = 1, ZERO = 2, SAT = 3, NONFINITE = 4, NCOLS = 5 };
+
+// Activation kinds, the indices of reference.ACTIVATIONS; NONE = count only, write nothing.
+enum Kind : int { RELU = 0, RELU6 = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, HARDSWISH = 6, NONE = 7 };
+constexpr int kNumKinds = 7;
+
+// φ(v) with PyTorch's CPU formulas (NaN propagates like PyTorch's: every branch keeps a NaN).
+template <int KIND, class A>
+NEP_INLINE A activate(A v, A slope) {
+  if constexpr (KIND == RELU) {
+    return v < A(0) ? A(0) : v;
+  } else if constexpr (KIND == RELU6) {
+    return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
+  } else if constexpr (KIND == LEAKY_RELU) {
+    return v > A(0) ? v : v * slope;
+  } else if constexpr (KIND == GELU) {
+    return v * A(0.5) * (A(1) + std::erf(v * A(M_SQRT1_2)));
+  } else if constexpr (KIND == GELU_TANH) {
+    const A beta = A(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = A(0.044715);
+    return A(0.5) * v * (A(1) + std::tanh(beta * (v + kappa * v * v * v)));
+  } else if constexpr (KIND == SILU) {
+    return v / (A(1) + std::exp(-v));
+  } else if constexpr (KIND == HARDSWISH) {
+    return v * std::min(std::max(v + A(3), A(0)), A(6)) / A(6);
+  } else {
+    return v;
+  }
+}
+
+// Output modes: NOOUT (sign_histogram_), CONTIG (y contiguous, distinct from x), INPLACE (y is x),
+// STRIDED (y with its own element stride).
+enum Mode : int { NOOUT = 0, CONTIG = 1, INPLACE = 2, STRIDED = 3 };
+
+// Loops gcc vectorises gain from an AVX2 copy; the others (erf/tanh/exp are scalar libm calls, a
+// strided output is written element by element) are compiled once, and so are fp64 activations
+// (rare; their baseline SSE2 loops are vectorised too), which keeps the build short.
+template <class T>
+constexpr bool worth_avx2_clone(int kind, int mode) {
+  return (kind == RELU || kind == RELU6 || kind == LEAKY_RELU || kind == HARDSWISH || kind == NONE) && mode != STRIDED &&
+         (kind == NONE || !std::is_same_v<T, double>);
+}
+template <bool CLONE, class K, class... A>
+NEP_INLINE void run_kernel(A... a) {
+  if constexpr (CLONE) {
+    run_best<K>(a...);
+  } else {
+    run_baseline<K>(a...);
+  }
+}
+
+// Elements per int32 counter run before a flush into int64 (far below 2^31).
+constexpr int64_t kFlush = int64_t(1) << 28;
+
+// The five tests of one value, added to 32-bit counters (gcc vectorises `c += v > 0`).
+template <class A>
+NEP_INLINE void count1(A v, A upper, int32_t& on, int32_t& off, int32_t& zero, int32_t& sat, int32_t& nf) {
+  on += v > A(0);
+  off += v < A(0);
+  zero += v == A(0);
+  sat += v >= upper;
+  nf += !(std::abs(v) <= std::numeric_limits<A>::max());  // NaN, +-Inf
+}
+
+// y + off, or nullptr for a count-only call (no arithmetic on a null pointer).
+template <class T>
+NEP_INLINE T* offset(T* y, int64_t off) {
+  return y ? y + off : y;
+}
+
+// Path A: one run of `n` elements of one channel (x at element stride xs; XCONTIG: xs == 1). Adds
+// the 5 counts into out[0..4] (int64). y written per MODE. Pointers are __restrict__ function
+// parameters, which is what lets gcc vectorise without run-time alias checks.
+template <class T, int KIND, int MODE, bool XCONTIG>
+struct RowKernel {
+  using A = acc_t<T>;
+  static NEP_INLINE void chunk(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t xs, int64_t ys, A upper,
+                               A slope, int64_t* out) {
+    int32_t on = 0, off = 0, zero = 0, sat = 0, nf = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const A v = load<T>(XCONTIG ? x[j] : x[j * xs]);
+      count1(v, upper, on, off, zero, sat, nf);
+      if constexpr (MODE == CONTIG) y[j] = store<T>(activate<KIND>(v, slope));
+      if constexpr (MODE == STRIDED) y[j * ys] = store<T>(activate<KIND>(v, slope));
+    }
+    out[ON] += on, out[OFF] += off, out[ZERO] += zero, out[SAT] += sat, out[NONFINITE] += nf;
+  }
+  // y is x (same memory and strides): read each element, then overwrite it.
+  static NEP_INLINE void chunk_inplace(T* __restrict__ p, int64_t n, int64_t xs, A upper, A slope, int64_t* out) {
+    int32_t on = 0, off = 0, zero = 0, sat = 0, nf = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      T& ref = XCONTIG ? p[j] : p[j * xs];
+      const A v = load<T>(ref);
+      count1(v, upper, on, off, zero, sat, nf);
+      ref = store<T>(activate<KIND>(v, slope));
+    }
+    out[ON] += on, out[OFF] += off, out[ZERO] += zero, out[SAT] += sat, out[NONFINITE] += nf;
+  }
+  static NEP_INLINE void run(const T* x, T* y, int64_t n, int64_t xs, int64_t ys, A upper, A slope, int64_t* out) {
+    if constexpr (std::is_same_v<T, c10::Half> && XCONTIG) {  // fp16: through fp32 scratch (see half_to_float)
+      using F = RowKernel<float, KIND, MODE == NOOUT ? NOOUT : CONTIG, true>;
+      alignas(64) float xb[kStage], yb[kStage];
+      for (int64_t b = 0; b < n; b += kStage) {
+        const int64_t len = std::min(n - b, kStage);
+        half_to_float((MODE == INPLACE ? y : x) + b, xb, len);
+        F::chunk(xb, yb, len, 1, 1, upper, slope, out);
+        if constexpr (MODE == CONTIG || MODE == INPLACE) float_to_half(yb, y + b, len);
+        if constexpr (MODE == STRIDED) {
+          for (int64_t j = 0; j < len; ++j) y[(b + j) * ys] = store<T>(yb[j]);
+        }
+      }
+      return;
+    }
+    for (int64_t b = 0; b < n; b += kFlush) {
+      const int64_t len = std::min(n - b, kFlush);
+      if constexpr (MODE == INPLACE) {
+        chunk_inplace(y + b * xs, len, xs, upper, slope, out);
+      } else {
+        chunk(x + b * xs, offset(y, b * ys), len, xs, ys, upper, slope, out);
+      }
+    }
+  }
+};
+
+// Path B: `nrows` rows of C channel-contiguous elements (x row r at x + r*xrs, channel stride 1;
+// y row at y + r*yrs, channel stride ycs). cnt: int32 [5][L] per-position counters, L >= C. When
+// FLAT (x rows back to back, xrs == C, and y the same or absent) k rows are handled as one run of
+// L = k*C elements, so a small C still fills the vector lanes; position j is channel j % C. Four
+// runs go through the loop together so the counters are loaded and stored once per 4 elements.
+template <class T, int KIND, int MODE>
+struct ChannelBlock {
+  using A = acc_t<T>;
+  static NEP_INLINE void one(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t ycs, A upper, A slope,
+                             int32_t* __restrict__ c0, int32_t* __restrict__ c1, int32_t* __restrict__ c2,
+                             int32_t* __restrict__ c3, int32_t* __restrict__ c4) {
+    for (int64_t j = 0; j < n; ++j) {
+      const A v = load<T>(x[j]);
+      count1(v, upper, c0[j], c1[j], c2[j], c3[j], c4[j]);
+      if constexpr (MODE == CONTIG) y[j] = store<T>(activate<KIND>(v, slope));
+      if constexpr (MODE == STRIDED) y[j * ycs] = store<T>(activate<KIND>(v, slope));
+    }
+  }
+  static NEP_INLINE void one_inplace(T* __restrict__ p, int64_t n, A upper, A slope, int32_t* __restrict__ c0,
+                                     int32_t* __restrict__ c1, int32_t* __restrict__ c2, int32_t* __restrict__ c3,
+                                     int32_t* __restrict__ c4) {
+    for (int64_t j = 0; j < n; ++j) {
+      const A v = load<T>(p[j]);
+      count1(v, upper, c0[j], c1[j], c2[j], c3[j], c4[j]);
+      p[j] = store<T>(activate<KIND>(v, slope));
+    }
+  }
+  static NEP_INLINE void four(const T* __restrict__ x0, const T* __restrict__ x1, const T* __restrict__ x2,
+                              const T* __restrict__ x3, T* __restrict__ y0, T* __restrict__ y1, T* __restrict__ y2,
+                              T* __restrict__ y3, int64_t n, int64_t ycs, A upper, A slope, int32_t* __restrict__ c0,
+                              int32_t* __restrict__ c1, int32_t* __restrict__ c2, int32_t* __restrict__ c3,
+                              int32_t* __restrict__ c4) {
+    for (int64_t j = 0; j < n; ++j) {
+      const A v0 = load<T>(x0[j]), v1 = load<T>(x1[j]), v2 = load<T>(x2[j]), v3 = load<T>(x3[j]);
+      int32_t on = 0, off = 0, zero = 0, sat = 0, nf = 0;
+      count1(v0, upper, on, off, zero, sat, nf);
+      count1(v1, upper, on, off, zero, sat, nf);
+      count1(v2, upper, on, off, zero, sat, nf);
+      count1(v3, upper, on, off, zero, sat, nf);
+      c0[j] += on, c1[j] += off, c2[j] += zero, c3[j] += sat, c4[j] += nf;
+      if constexpr (MODE == CONTIG) {
+        y0[j] = store<T>(activate<KIND>(v0, slope));
+        y1[j] = store<T>(activate<KIND>(v1, slope));
+        y2[j] = store<T>(activate<KIND>(v2, slope));
+        y3[j] = store<T>(activate<KIND>(v3, slope));
+      }
+      if constexpr (MODE == STRIDED) {
+        y0[j * ycs] = store<T>(activate<KIND>(v0, slope));
+        y1[j * ycs] = store<T>(activate<KIND>(v1, slope));
+        y2[j * ycs] = store<T>(activate<KIND>(v2, slope));
+        y3[j * ycs] = store<T>(activate<KIND>(v3, slope));
+      }
+    }
+  }
+  static NEP_INLINE void four_inplace(T* __restrict__ p0, T* __restrict__ p1, T* __restrict__ p2, T* __restrict__ p3,
+                                      int64_t n, A upper, A slope, int32_t* __restrict__ c0, int32_t* __restrict__ c1,
+                                      int32_t* __restrict__ c2, int32_t* __restrict__ c3, int32_t* __restrict__ c4) {
+    for (int64_t j = 0; j < n; ++j) {
+      const A v0 = load<T>(p0[j]), v1 = load<T>(p1[j]), v2 = load<T>(p2[j]), v3 = load<T>(p3[j]);
+      int32_t on = 0, off = 0, zero = 0, sat = 0, nf = 0;
+      count1(v0, upper, on, off, zero, sat, nf);
+      count1(v1, upper, on, off, zero, sat, nf);
+      count1(v2, upper, on, off, zero, sat, nf);
+      count1(v3, upper, on, off, zero, sat, nf);
+      c0[j] += on, c1[j] += off, c2[j] += zero, c3[j] += sat, c4[j] += nf;
+      p0[j] = store<T>(activate<KIND>(v0, slope));
+      p1[j] = store<T>(activate<KIND>(v1, slope));
+      p2[j] = store<T>(activate<KIND>(v2, slope));
+      p3[j] = store<T>(activate<KIND>(v3, slope));
+    }
+  }
+  // One run of n elements at x / y.
+  static NEP_INLINE void do1(const T* x, T* y, int64_t n, int64_t ycs, A upper, A slope, int32_t* c, int64_t L) {
+    if constexpr (std::is_same_v<T, c10::Half>) {  // fp16: through fp32 scratch (see half_to_float)
+      using F = ChannelBlock<float, KIND, MODE == NOOUT ? NOOUT : CONTIG>;
+      alignas(64) float xb[kStage], yb[kStage];
+      for (int64_t b = 0; b < n; b += kStage) {
+        const int64_t len = std::min(n - b, kStage);
+        half_to_float((MODE == INPLACE ? y : x) + b, xb, len);
+        F::one(xb, yb, len, 1, upper, slope, c + b, c + L + b, c + 2 * L + b, c + 3 * L + b, c + 4 * L + b);
+        if constexpr (MODE == CONTIG || MODE == INPLACE) float_to_half(yb, y + b, len);
+        if constexpr (MODE == STRIDED) {
+          for (int64_t j = 0; j < len; ++j) y[(b + j) * ycs] = store<T>(yb[j]);
+        }
+      }
+    } else if constexpr (MODE == INPLACE) {
+      one_inplace(y, n, upper, slope, c, c + L, c + 2 * L, c + 3 * L, c + 4 * L);
+    } else {
+      one(x, y, n, ycs, upper, slope, c, c + L, c + 2 * L, c + 3 * L, c + 4 * L);
+    }
+  }
+  // Four runs of n elements at x + q*xrs / y + q*yrs.
+  static NEP_INLINE void do4(const T* x, T* y, int64_t n, int64_t xrs, int64_t yrs, int64_t ycs, A upper, A slope,
+                             int32_t* c, int64_t L) {
+    if constexpr (MODE == INPLACE) {
+      four_inplace(y, y + yrs, y + 2 * yrs, y + 3 * yrs, n, upper, slope, c, c + L, c + 2 * L, c + 3 * L, c + 4 * L);
+    } else {
+      four(x, x + xrs, x + 2 * xrs, x + 3 * xrs, y, offset(y, yrs), offset(y, 2 * yrs), offset(y, 3 * yrs), n, ycs,
+           upper, slope, c, c + L, c + 2 * L, c + 3 * L, c + 4 * L);
+    }
+  }
+  static NEP_INLINE void run(const T* x, T* y, int64_t nrows, int64_t C, int64_t k, int64_t xrs, int64_t yrs,
+                             int64_t ycs, bool flat, A upper, A slope, int32_t* cnt, int64_t L) {
+    // Four runs at a time only pays where the loop vectorises (elsewhere the libm call or the
+    // strided store dominates): the others take one run at a time, which also keeps the build short.
+    constexpr bool by_four = worth_avx2_clone<T>(KIND, MODE) && !std::is_same_v<T, c10::Half>;
+    if (flat) {  // runs of k rows = L elements back to back (x and y alike)
+      const int64_t groups = nrows / k;
+      int64_t g = 0;
+      if constexpr (by_four) {
+        for (; g + 4 <= groups; g += 4) do4(x + g * L, offset(y, g * L), L, L, L, ycs, upper, slope, cnt, L);
+      }
+      for (; g < groups; ++g) do1(x + g * L, offset(y, g * L), L, ycs, upper, slope, cnt, L);
+      const int64_t tail = (nrows - groups * k) * C;
+      if (tail) do1(x + groups * L, offset(y, groups * L), tail, ycs, upper, slope, cnt, L);
+    } else {
+      int64_t r = 0;
+      if constexpr (by_four) {
+        for (; r + 4 <= nrows; r += 4) do4(x + r * xrs, offset(y, r * yrs), C, xrs, yrs, ycs, upper, slope, cnt, L);
+      }
+      for (; r < nrows; ++r) do1(x + r * xrs, offset(y, r * yrs), C, ycs, upper, slope, cnt, L);
+    }
+  }
+};
+
+// Geometry of one call: x (and y) as [outer, C, inner] with element strides.
+struct Geometry {
+  int64_t outer, C, inner;
+  int64_t xso, xsc, xsi;
+  int64_t yso, ysc, ysi;
+  int64_t mult = 1;  // every count is multiplied by this (stride-0 dims collapsed, count-only)
+};
+
+// Simplify the geometry: a size-1 dim takes no stride; count-only calls collapse stride-0 outer/inner
+// dims into a multiplier (the 2^32-element expand() view becomes 2 elements); [outer, C, 1] becomes
+// [1, C, outer]; outer and inner merge when both x and y allow it.
+inline void normalize(Geometry& g, bool has_output) {
+  for (int it = 0; it < 4; ++it) {
+    if (g.inner == 1 && g.outer > 1) {
+      g.inner = g.outer;
+      g.xsi = g.xso;
+      g.ysi = g.yso;
+      g.outer = 1;
+    }
+    if (g.outer == 1) g.xso = g.yso = 0;
+    if (!has_output) {
+      if (g.inner > 1 && g.xsi == 0) {
+        g.mult *= g.inner;
+        g.inner = 1;
+        continue;
+      }
+      if (g.outer > 1 && g.xso == 0) {
+        g.mult *= g.outer;
+        g.outer = 1;
+        continue;
+      }
+    }
+    if (g.outer > 1 && g.inner > 1 && g.xso == g.inner * g.xsi && (!has_output || g.yso == g.inner * g.ysi)) {
+      g.inner *= g.outer;
+      g.outer = 1;
+      g.xso = g.yso = 0;
+      continue;
+    }
+    break;
+  }
+  if (g.C == 1) g.xsc = g.ysc = 1;
+}
+
+// Thread-local int64 [C][5] partial counts, merged into hist under a mutex when a task ends.
+struct Merger {
+  int64_t* hist;
+  int64_t bins, C, mult;
+  bool has_upper;
+  std::mutex mu;
+  void add(const std::vector<int64_t>& local) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t* l = local.data() + c * NCOLS;
+      int64_t* h = hist + c * bins;
+      h[ON] += l[ON] * mult;
+      h[OFF] += l[OFF] * mult;
+      h[ZERO] += l[ZERO] * mult;
+      if (has_upper) h[SAT] += l[SAT] * mult;
+      if (bins > NONFINITE) h[NONFINITE] += l[NONFINITE] * mult;
+    }
+  }
+};
+
+constexpr int64_t kGrainElems = 32768;   // below this many elements a call runs on one thread
+constexpr int64_t kPieceElems = 65536;   // path A splits longer runs into pieces of this size
+constexpr int64_t kRowsPerFlush = int64_t(1) << 20;  // path B flushes its int32 counters this often
+constexpr int64_t kFlatRun = 64;  // path B, flat layout: rows per run so that a run has >= this many elements
+
+// f(std::integral_constant<int, MODE>) for the run-time mode; a count-only call (KIND == NONE)
+// instantiates NOOUT only, an activation every mode but NOOUT.
+template <int KIND, class F>
+NEP_INLINE void with_mode(int mode, F&& f) {
+  if constexpr (KIND == NONE) {
+    f(std::integral_constant<int, NOOUT>{});
+  } else {
+    switch (mode) {
+      case INPLACE: f(std::integral_constant<int, INPLACE>{}); break;
+      case CONTIG: f(std::integral_constant<int, CONTIG>{}); break;
+      default: f(std::integral_constant<int, STRIDED>{}); break;
+    }
+  }
+}
+
+// Count the sign states of x (and write y = φ(x) unless MODE == NOOUT) over geometry g.
+template <class T, int KIND>
+void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* hist, int64_t bins,
+                        std::optional<double> upper_opt, double negative_slope) {
+  using A = acc_t<T>;
+  const bool has_output = y != nullptr;
+  normalize(g, has_output);
+  const int64_t numel = g.outer * g.C * g.inner;
+  if (numel == 0) return;
+  // The threshold in the input dtype, as PyTorch's `z >= upper` compares (6.0 is exact everywhere).
+  const A upper = upper_opt ? static_cast<A>(static_cast<T>(*upper_opt)) : std::numeric_limits<A>::infinity();
+  const A slope = static_cast<A>(negative_slope);
+  Merger merger{hist, bins, g.C, g.mult, upper_opt.has_value(), {}};
+  const int64_t C = g.C;
+
+  const bool path_a = g.inner > 1 && g.xsi == 1;
+  const bool path_b = !path_a && g.xsc == 1;
+  if (path_a || !path_b) {
+    // ----- path A: runs along inner (contiguous, or the generic strided fallback) -----
+    const int64_t pieces = std::max<int64_t>(1, (g.inner + kPieceElems - 1) / kPieceElems);
+    const int64_t piece = (g.inner + pieces - 1) / pieces;
+    const int64_t units = g.outer * C * pieces;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, piece));
+    const int mode = !has_output ? NOOUT : inplace ? INPLACE : (path_a && g.ysi == 1) ? CONTIG : STRIDED;
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> local(C * NCOLS, 0);
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t row = u / pieces, s = u % pieces;
+        const int64_t o = row / C, c = row % C;
+        const int64_t i0 = s * piece, n = std::min(g.inner, i0 + piece) - i0;
+        if (n <= 0) continue;
+        const T* xr = x + o * g.xso + c * g.xsc + i0 * g.xsi;
+        T* yr = has_output ? y + o * g.yso + c * g.ysc + i0 * g.ysi : nullptr;
+        int64_t* out = local.data() + c * NCOLS;
+        if (path_a && mode != STRIDED) {
+          with_mode<KIND>(mode, [&](auto m) {
+            constexpr int M = decltype(m)::value;
+            if constexpr (M != STRIDED) {
+              run_kernel<worth_avx2_clone<T>(KIND, M), RowKernel<T, KIND, M, true>>(xr, yr, n, g.xsi, g.ysi, upper,
+                                                                                slope, out);
+            }
+          });
+        } else {  // a strided output or generic strides: element by element (NOOUT, INPLACE or STRIDED)
+          with_mode<KIND>(mode == CONTIG ? STRIDED : mode, [&](auto m) {
+            constexpr int M = decltype(m)::value;
+            if constexpr (M != CONTIG) RowKernel<T, KIND, M, false>::run(xr, yr, n, g.xsi, g.ysi, upper, slope, out);
+          });
+        }
+      }
+      merger.add(local);
+    });
+    return;
+  }
+
+  // ----- path B: channel-contiguous rows (channels_last, Linear [rows, C]) -----
+  const int64_t rows = g.outer * g.inner;
+  const bool flat = g.xsi == C && (!has_output || (g.ysi == C && g.ysc == 1));
+  const int64_t k = flat ? std::max<int64_t>(1, (kFlatRun + C - 1) / C) : 1;
+  const int64_t L = k * C;
+  const int mode = !has_output ? NOOUT : inplace ? INPLACE : g.ysc == 1 ? CONTIG : STRIDED;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> local(C * NCOLS, 0);
+    std::vector<int32_t> cnt(NCOLS * L, 0);
+    auto flush = [&]() {
+      for (int col = 0; col < NCOLS; ++col) {
+        int32_t* cc = cnt.data() + col * L;
+        for (int64_t j = 0; j < L; ++j) {
+          local[(j % C) * NCOLS + col] += cc[j];
+          cc[j] = 0;
+        }
+      }
+    };
+    int64_t since_flush = 0;  // rows counted into cnt since the last flush (each adds <= 1 per slot)
+    for (int64_t r = begin; r < end;) {
+      const int64_t o = r / g.inner, i0 = r % g.inner;
+      const int64_t nrows = std::min({end - r, g.inner - i0, kRowsPerFlush});
+      if (since_flush + nrows > kRowsPerFlush) {
+        flush();
+        since_flush = 0;
+      }
+      const T* xr = x + o * g.xso + i0 * g.xsi;
+      T* yr = has_output ? y + o * g.yso + i0 * g.ysi : nullptr;
+      with_mode<KIND>(mode, [&](auto m) {
+        constexpr int M = decltype(m)::value;
+        run_kernel<worth_avx2_clone<T>(KIND, M), ChannelBlock<T, KIND, M>>(xr, yr, nrows, C, k, g.xsi, g.ysi, g.ysc, flat,
+                                                                     upper, slope, cnt.data(), L);
+      });
+      since_flush += nrows;
+      r += nrows;
+    }
+    flush();
+    merger.add(local);
+  });
+}
+
+}  // namespace nepenthe_cpu

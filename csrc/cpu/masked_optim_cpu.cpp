@@ -1,0 +1,328 @@
+// CPU kernels of nepenthe_ext::masked_sgd_ and nepenthe_ext::masked_adamw_: one torch.optim.SGD /
+// AdamW step over lists of contiguous tensors, with the arithmetic of reference.masked_sgd_ /
+// masked_adamw_ done per element in one pass over each parameter (fp32 compute for fp16/bf16/fp32,
+// fp64 for fp64), then the masked entries (mask False) of the parameter and of every state tensor
+// *set* to +0.0. Multi-tensor: all parameters form one virtual concatenated range of elements that
+// one parallel region splits evenly between the threads. Contract: nepenthe/ops/backends.py.
+#include "common.h"
+
+#if NEP_X86
+#include <immintrin.h>
+#endif
+
+namespace nepenthe_cpu {
+namespace {
+
+constexpr int64_t kOptimGrain = 16384;  // elements; smaller steps run on one thread
+
+// AVX2 copy where the loop vectorises (fp16 <-> fp32 conversions stay scalar without F16C).
+template <class T, class K, class... A>
+NEP_INLINE void run_opt(A... a) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    run_baseline<K>(a...);
+  } else {
+    run_best<K>(a...);
+  }
+}
+
+// ----- SGD ----------------------------------------------------------------------------------------------
+struct SgdScalars {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first_step;
+};
+
+template <class T, bool HAS_BUF, bool HAS_MASK>
+struct SgdKernel {
+  static NEP_INLINE void run(T* __restrict__ p, const T* __restrict__ gr, T* __restrict__ buf,
+                             const uint8_t* __restrict__ mask, int64_t n, const SgdScalars* s) {
+    using A = acc_t<T>;
+    const A wd = static_cast<A>(s->weight_decay), mom = static_cast<A>(s->momentum);
+    const A damp1 = static_cast<A>(1 - s->dampening), neg_lr = static_cast<A>(-s->lr);
+    const bool use_wd = s->weight_decay != 0, maximize = s->maximize, nesterov = s->nesterov, first = s->first_step;
+    for (int64_t j = 0; j < n; ++j) {
+      const A pv = load<T>(p[j]);
+      A g = load<T>(gr[j]);
+      g = maximize ? -g : g;
+      g = use_wd ? g + wd * pv : g;
+      A b = A(0);
+      if constexpr (HAS_BUF) {
+        const A old = load<T>(buf[j]);
+        b = first ? g : old * mom + damp1 * g;
+        g = nesterov ? g + mom * b : b;
+      }
+      A np = pv + neg_lr * g;
+      if constexpr (HAS_MASK) {
+        np = keep_or_zero(mask[j], np);
+        b = keep_or_zero(mask[j], b);
+      }
+      p[j] = store<T>(np);
+      if constexpr (HAS_BUF) buf[j] = store<T>(b);
+    }
+  }
+};
+
+// ----- AdamW --------------------------------------------------------------------------------------------
+struct AdamScalars {
+  double decay;        // 1 - lr * weight_decay
+  double lerp_weight;  // 1 - beta1
+  double beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+  bool maximize;
+};
+
+// In-place square roots of buf[0..n). std::sqrt keeps the loops around it scalar (gcc guards it
+// with an errno branch unless -fno-math-errno), so the roots are taken here with SSE/SSE2 (part of
+// baseline x86-64, VEX-encoded inside the AVX2 clone) and the arithmetic around them stays in
+// plain loops that auto-vectorise.
+template <class A>
+NEP_INLINE void sqrt_inplace(A* buf, int64_t n) {
+  int64_t j = 0;
+#if NEP_X86
+  if constexpr (std::is_same_v<A, float>) {
+    for (; j + 4 <= n; j += 4) _mm_storeu_ps(buf + j, _mm_sqrt_ps(_mm_loadu_ps(buf + j)));
+  } else {
+    for (; j + 2 <= n; j += 2) _mm_storeu_pd(buf + j, _mm_sqrt_pd(_mm_loadu_pd(buf + j)));
+  }
+#endif
+  for (; j < n; ++j) buf[j] = std::sqrt(buf[j]);
+}
+
+template <class T, bool AMSGRAD, bool HAS_MASK>
+struct AdamKernel {
+  using A = acc_t<T>;
+  static constexpr int64_t kBlock = 256;  // elements per pass; the three scratch rows stay in L1
+
+  // Pass 1 of a block: moments (stored), and p*decay, m, v(max) into the scratch rows.
+  static NEP_INLINE void moments(T* __restrict__ p, const T* __restrict__ gr, T* __restrict__ m, T* __restrict__ v,
+                                 T* __restrict__ vmax, const uint8_t* __restrict__ mask, int64_t n,
+                                 const AdamScalars* s, A* __restrict__ pbuf, A* __restrict__ mbuf,
+                                 A* __restrict__ root) {
+    const A decay = static_cast<A>(s->decay), w = static_cast<A>(s->lerp_weight);
+    const A b2 = static_cast<A>(s->beta2), omb2 = static_cast<A>(s->one_minus_beta2);
+    // Loop-invariant choices as arithmetic (exact), which keeps the loop free of branches:
+    // -g == g * -1, and torch.lerp's `weight < 0.5 ? self + w*(end-self) : end - (end-self)*(1-w)`
+    // is `base + coef*(end-self)` with base = self, coef = w or base = end, coef = -(1-w).
+    const A gsign = s->maximize ? A(-1) : A(1);
+    const bool small_weight = s->lerp_weight < 0.5;
+    const A coef = small_weight ? w : -(A(1) - w), from_self = small_weight ? A(1) : A(0);
+    for (int64_t j = 0; j < n; ++j) {
+      const A g = load<T>(gr[j]) * gsign;
+      const A mo = load<T>(m[j]);
+      const A base = from_self != A(0) ? mo : g;
+      const A mv = base + coef * (g - mo);
+      const A vv = load<T>(v[j]) * b2 + omb2 * g * g;
+      A vm = vv;
+      if constexpr (AMSGRAD) {
+        const A old = load<T>(vmax[j]);
+        const A larger = old >= vv ? old : vv;  // vv when vv is NaN
+        vm = old != old ? old : larger;          // torch.maximum: a NaN in either wins
+      }
+      pbuf[j] = load<T>(p[j]) * decay;
+      mbuf[j] = mv;
+      root[j] = vm;
+      if constexpr (HAS_MASK) {
+        const uint8_t keep = mask[j];
+        m[j] = store<T>(keep_or_zero(keep, mv));
+        v[j] = store<T>(keep_or_zero(keep, vv));
+        if constexpr (AMSGRAD) vmax[j] = store<T>(keep_or_zero(keep, vm));
+      } else {
+        m[j] = store<T>(mv);
+        v[j] = store<T>(vv);
+        if constexpr (AMSGRAD) vmax[j] = store<T>(vm);
+      }
+    }
+  }
+  // Pass 2: p = p*decay - step_size * m / (sqrt(v)/bc2 + eps), then the mask.
+  static NEP_INLINE void update(T* __restrict__ p, const uint8_t* __restrict__ mask, int64_t n, const AdamScalars* s,
+                                const A* __restrict__ pbuf, const A* __restrict__ mbuf, const A* __restrict__ root) {
+    const A bc2 = static_cast<A>(s->bc2_sqrt), eps = static_cast<A>(s->eps), neg_step = static_cast<A>(s->neg_step_size);
+    for (int64_t j = 0; j < n; ++j) {
+      const A denom = root[j] / bc2 + eps;
+      const A pv = pbuf[j] + neg_step * (mbuf[j] / denom);
+      if constexpr (HAS_MASK) {
+        p[j] = store<T>(keep_or_zero(mask[j], pv));
+      } else {
+        p[j] = store<T>(pv);
+      }
+    }
+  }
+  static NEP_INLINE void run(T* p, const T* gr, T* m, T* v, T* vmax, const uint8_t* mask, int64_t n,
+                             const AdamScalars* s) {
+    alignas(64) A pbuf[kBlock], mbuf[kBlock], root[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = std::min(kBlock, n - b);
+      const uint8_t* mk = HAS_MASK ? mask + b : nullptr;
+      moments(p + b, gr + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, mk, len, s, pbuf, mbuf, root);
+      sqrt_inplace(root, len);
+      update(p + b, mk, len, s, pbuf, mbuf, root);
+    }
+  }
+};
+
+// ----- checks and the multi-tensor driver ---------------------------------------------------------------
+void check_list_len(size_t got, size_t want, const char* op, const char* name, const char* why) {
+  TORCH_CHECK(got == want, op, ": ", name, " has ", got, " tensors but params has ", want, "; pass one per parameter",
+              why);
+}
+
+// t: contiguous, CPU, the dtype and shape of the parameter.
+void check_like_param(const at::Tensor& t, const at::Tensor& p, const char* op, const char* name, size_t i) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
+              "; every tensor of the CPU kernel must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+              " but params[", i, "] has ", p.scalar_type(), "; keep each parameter's gradient and state in its dtype");
+  TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
+              "] has ", p.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] is not contiguous (strides ", t.strides(),
+              "); the fused optimizer needs contiguous tensors (call .contiguous() when creating the state)");
+}
+
+void check_param(const at::Tensor& p, const char* op, size_t i) {
+  TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
+              "; every tensor of the CPU kernel must be on the CPU");
+  TORCH_CHECK(is_kernel_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ", p.scalar_type(),
+              "; supported: float32, float16, bfloat16, float64");
+  TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] is not contiguous (strides ", p.strides(),
+              "); the fused optimizer needs contiguous parameters");
+}
+
+const uint8_t* checked_mask(const c10::List<std::optional<at::Tensor>>& masks, size_t i, const at::Tensor& p,
+                         const char* op) {
+  const std::optional<at::Tensor> mo = masks.get(i);
+  if (!mo.has_value() || !mo->defined()) return nullptr;
+  const at::Tensor& mk = *mo;
+  TORCH_CHECK(mk.device().is_cpu(), op, ": masks[", i, "] is on ", mk.device(), "; keep the masks on the CPU too");
+  TORCH_CHECK(mk.scalar_type() == at::kBool, op, ": masks[", i, "] must be a bool tensor (True = keep), got ",
+              mk.scalar_type());
+  TORCH_CHECK(mk.sizes() == p.sizes(), op, ": masks[", i, "] has shape ", mk.sizes(), " but params[", i,
+              "] has ", p.sizes());
+  TORCH_CHECK(mk.is_contiguous(), op, ": masks[", i, "] is not contiguous (strides ", mk.strides(),
+              "); pass mask.contiguous()");
+  return reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());  // bool storage: one byte, 0 or 1
+}
+
+// Elements [begin, end) of the concatenation of all tensors: f(tensor index, offset, count) per piece.
+template <class F>
+void for_each_piece(const std::vector<int64_t>& prefix, int64_t begin, int64_t end, F&& f) {
+  size_t t = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+  for (int64_t e = begin; e < end; ++t) {
+    const int64_t stop = std::min(end, prefix[t + 1]);
+    if (stop > e) f(t, e - prefix[t], stop - e);
+    e = std::max(e, stop);
+  }
+}
+
+std::vector<int64_t> prefix_sums(at::TensorList params) {
+  std::vector<int64_t> prefix(params.size() + 1, 0);
+  for (size_t i = 0; i < params.size(); ++i) prefix[i + 1] = prefix[i] + params[i].numel();
+  return prefix;
+}
+
+template <class T>
+T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const c10::List<std::optional<at::Tensor>>& masks, double lr, double momentum, double dampening,
+                    double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  constexpr const char* op = "nepenthe_ext::masked_sgd_";
+  const size_t n = params.size();
+  check_list_len(grads.size(), n, op, "grads", "");
+  check_list_len(masks.size(), n, op, "masks", " (None for an unmasked one)");
+  const bool has_buf = momentum != 0;
+  if (has_buf) {
+    check_list_len(momentum_buffers.size(), n, op, "momentum_buffers", " when momentum != 0");
+  } else {
+    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, op, ": momentum_buffers has ",
+                momentum_buffers.size(), " tensors; pass none when momentum == 0 (or one per parameter)");
+  }
+  std::vector<const uint8_t*> mask_ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(params[i], op, i);
+    check_like_param(grads[i], params[i], op, "grads", i);
+    if (has_buf) check_like_param(momentum_buffers[i], params[i], op, "momentum_buffers", i);
+    mask_ptrs[i] = checked_mask(masks, i, params[i], op);
+  }
+  const std::vector<int64_t> prefix = prefix_sums(params);
+  const SgdScalars s{lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
+  at::parallel_for(0, prefix.back(), kOptimGrain, [&](int64_t begin, int64_t end) {
+    for_each_piece(prefix, begin, end, [&](size_t i, int64_t off, int64_t len) {
+      const uint8_t* mk = mask_ptrs[i] ? mask_ptrs[i] + off : nullptr;
+      dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
+        using T = decltype(tag);
+        T* p = ptr<T>(params[i]) + off;
+        const T* g = ptr<T>(grads[i]) + off;
+        T* b = has_buf ? ptr<T>(momentum_buffers[i]) + off : nullptr;
+        if (has_buf) {
+          if (mk) run_opt<T, SgdKernel<T, true, true>>(p, g, b, mk, len, &s);
+          else run_opt<T, SgdKernel<T, true, false>>(p, g, b, mk, len, &s);
+        } else {
+          if (mk) run_opt<T, SgdKernel<T, false, true>>(p, g, b, mk, len, &s);
+          else run_opt<T, SgdKernel<T, false, false>>(p, g, b, mk, len, &s);
+        }
+      });
+    });
+  });
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      const c10::List<std::optional<at::Tensor>>& masks, double lr, double beta1, double beta2,
+                      double eps, double weight_decay, int64_t step, bool amsgrad, bool maximize) {
+  constexpr const char* op = "nepenthe_ext::masked_adamw_";
+  const size_t n = params.size();
+  check_list_len(grads.size(), n, op, "grads", "");
+  check_list_len(exp_avgs.size(), n, op, "exp_avgs", "");
+  check_list_len(exp_avg_sqs.size(), n, op, "exp_avg_sqs", "");
+  check_list_len(masks.size(), n, op, "masks", " (None for an unmasked one)");
+  if (amsgrad) {
+    check_list_len(max_exp_avg_sqs.size(), n, op, "max_exp_avg_sqs", " when amsgrad=True");
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs has ",
+                max_exp_avg_sqs.size(), " tensors; pass none when amsgrad=False (or one per parameter)");
+  }
+  TORCH_CHECK(step >= 1, op, ": step must be the already-incremented step count (>= 1), got ", step);
+  std::vector<const uint8_t*> mask_ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(params[i], op, i);
+    check_like_param(grads[i], params[i], op, "grads", i);
+    check_like_param(exp_avgs[i], params[i], op, "exp_avgs", i);
+    check_like_param(exp_avg_sqs[i], params[i], op, "exp_avg_sqs", i);
+    if (amsgrad) check_like_param(max_exp_avg_sqs[i], params[i], op, "max_exp_avg_sqs", i);
+    mask_ptrs[i] = checked_mask(masks, i, params[i], op);
+  }
+  // Step constants in double, as reference.masked_adamw_ computes them in Python.
+  const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, static_cast<double>(step)));
+  const AdamScalars s{1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
+                      -(lr / bias_correction1), maximize};
+  const std::vector<int64_t> prefix = prefix_sums(params);
+  at::parallel_for(0, prefix.back(), kOptimGrain, [&](int64_t begin, int64_t end) {
+    for_each_piece(prefix, begin, end, [&](size_t i, int64_t off, int64_t len) {
+      const uint8_t* mk = mask_ptrs[i] ? mask_ptrs[i] + off : nullptr;
+      dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
+        using T = decltype(tag);
+        T* p = ptr<T>(params[i]) + off;
+        const T* g = ptr<T>(grads[i]) + off;
+        T* m = ptr<T>(exp_avgs[i]) + off;
+        T* v = ptr<T>(exp_avg_sqs[i]) + off;
+        T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs[i]) + off : nullptr;
+        if (amsgrad) {
+          if (mk) run_opt<T, AdamKernel<T, true, true>>(p, g, m, v, vmax, mk, len, &s);
+          else run_opt<T, AdamKernel<T, true, false>>(p, g, m, v, vmax, mk, len, &s);
+        } else {
+          if (mk) run_opt<T, AdamKernel<T, false, true>>(p, g, m, v, vmax, mk, len, &s);
+          else run_opt<T, AdamKernel<T, false, false>>(p, g, m, v, vmax, mk, len, &s);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace nepenthe_cpu
+
+TORCH_LIBRARY_IMPL(nepenthe_ext, CPU, m) {
+  m.impl("masked_sgd_", &nepenthe_cpu::masked_sgd_cpu);
+  m.impl("masked_adamw_", &nepenthe_cpu::masked_adamw_cpu);
+}
