@@ -9,7 +9,6 @@ The ratios in RESULTS.md come from ``compare_kernels.py``, which interleaves the
 
 import pytest
 import torch
-
 from kernel_cases import activation_case, adamw_case, histogram_case, measure_case, sgd_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -37,7 +37,8 @@ def main() -> None:
     for size in ([big] if args.quick else [(32, 64, 28, 28), big]):
         for layout in ("nchw", "channels_last"):
             name = f"sign_histogram {'x'.join(map(str, size))} {layout}"
-            cases[name] = lambda s=size, cl=layout == "channels_last": histogram_case(s, channels_last=cl, device=device)
+            cases[name] = lambda s=size, cl=layout == "channels_last": histogram_case(s, channels_last=cl,
+                                                                                      device=device)
     for kind in ("relu", "gelu"):
         cases[f"activation+histogram {kind} {'x'.join(map(str, big))}"] = \
             lambda k=kind: activation_case(k, big, device=device)

@@ -17,13 +17,13 @@ from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, Stats
 from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, fold, load, save  # noqa: E402
 from .graph import TraceError  # noqa: E402
 from .latency import LatencyResult, compare_calls, compare_latency, latency  # noqa: E402
-from .ops import MaskedAdamW, MaskedSGD  # noqa: E402
 from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, prune  # noqa: E402
+from .ops import MaskedAdamW, MaskedSGD  # noqa: E402
 from .train import TrainConfig, evaluate, train  # noqa: E402
 
 __all__ = [
-    "ChannelAffine", "EntropyStats", "MaskedAdamW", "MaskedSGD", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MeasureError",
-    "NonFiniteActivationError", "PruneConfig", "PruneError", "PruneResult", "RecipeError", "StatsRecorder",
-    "TraceError", "TrainConfig", "__version__", "compare_calls", "compare_latency", "evaluate", "fold", "latency", "load", "measure",
-    "ops", "prune", "save", "train",
+    "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
+    "MaskedSGD", "MeasureError", "NonFiniteActivationError", "PruneConfig", "PruneError", "PruneResult", "RecipeError",
+    "StatsRecorder", "TraceError", "TrainConfig", "__version__", "compare_calls", "compare_latency", "evaluate", "fold",
+    "latency", "load", "measure", "ops", "prune", "save", "train",
 ]

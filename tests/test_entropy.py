@@ -971,7 +971,8 @@ class _MixedActs(nn.Module):
 def test_measure_runs_each_activation_through_the_fused_op(monkeypatch):
     calls = []
     real, real_inplace = ops.activation_histogram, ops.activation_histogram_
-    monkeypatch.setattr(ops, "activation_histogram", lambda x, kind, *a, **k: calls.append(kind) or real(x, kind, *a, **k))
+    monkeypatch.setattr(ops, "activation_histogram",
+                        lambda x, kind, *a, **k: calls.append(kind) or real(x, kind, *a, **k))
     monkeypatch.setattr(ops, "activation_histogram_",
                         lambda x, h, kind, *a, **k: calls.append(kind + "_") or real_inplace(x, h, kind, *a, **k))
     torch.manual_seed(0)

@@ -128,7 +128,8 @@ def _load_cuda():
     ext_major, torch_cuda = built // 1000, torch.version.cuda or ""
     if not torch_cuda or int(torch_cuda.split(".")[0]) != ext_major:
         raise ImportError(
-            f"nepenthe._C was built with CUDA {ext_major}.{built % 1000 // 10} but torch uses CUDA {torch_cuda or 'none'}; "
+            f"nepenthe._C was built with CUDA {ext_major}.{built % 1000 // 10} but torch uses CUDA "
+            f"{torch_cuda or 'none'}; "
             "rebuild the extension against this torch: pip install --no-build-isolation --force-reinstall -e .")
     _require_kernels("CUDA")
     from . import extension

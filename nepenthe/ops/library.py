@@ -254,7 +254,8 @@ def entropy_from_histogram(hist: Tensor, zero_as: str = "exclude", aggregate: st
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if not isinstance(hist, Tensor) or hist.dim() != 2 or hist.shape[1] < 4 or hist.is_floating_point():
         got = f"{hist.dtype}{list(hist.shape)}" if isinstance(hist, Tensor) else type(hist).__name__
-        raise ValueError(f"entropy_from_histogram: expected an integer histogram [C, 4] (ON, OFF, ZERO, SAT), got {got}")
+        raise ValueError(f"entropy_from_histogram: expected an integer histogram [C, 4] (ON, OFF, ZERO, SAT), "
+                         f"got {got}")
     return _entropy_from_histogram(hist, zero_as, aggregate)
 
 
