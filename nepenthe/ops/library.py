@@ -26,7 +26,7 @@ from torch.library import custom_op
 
 from . import reference
 from .backends import KERNEL_DTYPES, select
-from .reference import ACTIVATIONS, AGGREGATES, HISTOGRAM_BINS, ZERO_AS, as_3d
+from .reference import ACTIVATIONS, AGGREGATES, HISTOGRAM_BINS, ZERO_AS, as_3d, view_3d
 
 # ----- argument checks ----------------------------------------------------------------------------------
 
@@ -68,15 +68,6 @@ def _check_kind(kind: str, what: str) -> None:
 def _check_activation_input(x: Tensor, what: str) -> None:
     if not x.is_floating_point():
         raise ValueError(f"{what}: activations need a floating-point tensor, got {x.dtype}")
-
-
-def _view_3d(t: Tensor, channel_dim: int) -> Tensor | None:
-    """``t`` as [outer, C, inner] *without* copying, or None when its strides do not allow a view."""
-    d = channel_dim % t.dim()
-    try:
-        return t.view(t.shape[:d].numel(), t.shape[d], t.shape[d + 1:].numel())
-    except RuntimeError:
-        return None
 
 
 def _contiguous_hist(hist: Tensor) -> tuple[Tensor, bool]:
@@ -146,7 +137,7 @@ def _run_activation(x: Tensor, y: Tensor, hist: Tensor, kind: str, channel_dim: 
     buf, temporary = _contiguous_hist(hist)
     upper = reference.upper_kink(kind)
     x3 = as_3d(x, channel_dim)
-    y3 = _view_3d(y, channel_dim)  # None only for strides no 3-d view fits (then x3 is a copy too)
+    y3 = view_3d(y, channel_dim)  # None only for strides no 3-d view fits (then x3 is a copy too)
     if y3 is not None:
         impl.activation_histogram_(x3, y3, buf, ACTIVATIONS.index(kind), negative_slope, upper)
     else:  # write a contiguous [outer, C, inner] temporary (logical order of y's dims), then y

@@ -40,6 +40,14 @@ def _grad_of(p: Tensor, who: str) -> Tensor:
     return g
 
 
+def _evaluate_closure(closure) -> Tensor | None:
+    """The loss of ``closure`` (with gradients on, as torch.optim does), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _mask_for(getter, p: Tensor, who: str) -> Tensor | None:
     mask = getter(p)
     if mask is None:
@@ -70,10 +78,7 @@ class MaskedSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             momentum = group["momentum"]
             # parameters whose momentum buffer starts now are stepped separately (first_step=True)
@@ -113,10 +118,7 @@ class MaskedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             beta1, beta2 = group["betas"]

@@ -53,12 +53,17 @@ def as_3d(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """
     if x.dim() == 0:
         raise ValueError("a histogram needs a tensor with at least one dimension, got a scalar")
-    d = channel_dim % x.dim()
-    shape = (math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:]))
+    x3 = view_3d(x, channel_dim)
+    return x3 if x3 is not None else view_3d(x.contiguous(), channel_dim)
+
+
+def view_3d(t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+    """``t`` as [outer, C, inner] *without* copying, or None when its strides admit no such view."""
+    d = channel_dim % t.dim()
     try:
-        return x.view(shape)
+        return t.view(math.prod(t.shape[:d]), t.shape[d], math.prod(t.shape[d + 1:]))
     except RuntimeError:
-        return x.contiguous().view(shape)
+        return None
 
 
 def sign_histogram_(hist: torch.Tensor, x3: torch.Tensor, upper: float | None) -> None:
@@ -127,13 +132,6 @@ def sign_histogram(x: torch.Tensor, channel_dim: int = 1, upper: float | None = 
     x3 = as_3d(x.detach(), channel_dim)
     hist = torch.zeros(x3.shape[1], bins, dtype=torch.int64, device=x.device)
     sign_histogram_(hist, x3, upper)
-    return hist
-
-
-def accumulate_sign_histogram_(hist: torch.Tensor, x: torch.Tensor, channel_dim: int = 1,
-                               upper: float | None = None) -> torch.Tensor:
-    """Add the sign histogram of ``x`` into ``hist`` (int64[C, bins]) in place and return it."""
-    sign_histogram_(hist, as_3d(x.detach(), channel_dim), upper)
     return hist
 
 
