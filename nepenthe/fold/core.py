@@ -124,6 +124,19 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+@torch.no_grad()
+def count_flops(model: nn.Module, example_input) -> int:
+    """FLOPs of one forward on ``example_input`` (2 per multiply-add of matmuls and convolutions;
+    elementwise ops are not counted), by ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*args)
+    return int(counter.get_total_flops())
+
+
 # ----- pass 1: BatchNorm ----------------------------------------------------------------------
 def fuse_batchnorm(gm: fx.GraphModule, report: FoldReport) -> None:
     for node in list(gm.graph.nodes):
