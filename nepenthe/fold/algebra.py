@@ -3,7 +3,9 @@
 Every function returns new modules (or edits one in place, as its name says) and computes in
 float64 before casting back, so that a chain of merges adds no more rounding than one matmul.
 Only Linear and Conv1d/Conv2d with zero padding mode and dilation 1 are handled here; callers
-check :func:`is_plain_conv` first.
+check :func:`is_plain_conv` first. Grouped (and depthwise) convs are composed through their dense,
+block-diagonal weight, so a merge involving one gives a dense conv: the fold planner decides from
+measured latency whether that is worth it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ LinearLike = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 def is_plain_conv(m: nn.Module) -> bool:
-    """Conv1d/2d without groups, dilation or non-zero padding modes (what the algebra supports)."""
-    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and all(d == 1 for d in m.dilation)
+    """Conv1d/2d without dilation or non-zero padding modes (what the algebra supports)."""
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and all(d == 1 for d in m.dilation)
             and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def dense_weight64(m: LinearLike) -> torch.Tensor:
+    """The weight as float64, a grouped conv's expanded to its dense block-diagonal equivalent."""
+    w = m.weight.detach().to(torch.float64)
+    groups = getattr(m, "groups", 1)
+    if groups == 1:
+        return w
+    out_per, in_per = w.shape[0] // groups, w.shape[1]
+    dense = w.new_zeros((w.shape[0], in_per * groups) + tuple(w.shape[2:]))
+    for g in range(groups):
+        dense[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = w[g * out_per:(g + 1) * out_per]
+    return dense
 
 
 def is_foldable(m: nn.Module) -> bool:
@@ -60,7 +75,7 @@ def scale_output_channels_(m: LinearLike, slope: torch.Tensor, offset: torch.Ten
 
 @torch.no_grad()
 def select_output_channels(m: LinearLike, keep: torch.Tensor) -> LinearLike:
-    """A copy of ``m`` that computes only the output channels where ``keep`` is True."""
+    """A copy of ``m`` (not grouped) that computes only the output channels where ``keep`` is True."""
     idx = keep.nonzero().squeeze(1).to(m.weight.device)
     new = _like(m, m.weight.shape[1], len(idx))
     return _set(new, m.weight.detach().to(torch.float64)[idx], _bias64(m)[idx])
@@ -68,7 +83,7 @@ def select_output_channels(m: LinearLike, keep: torch.Tensor) -> LinearLike:
 
 @torch.no_grad()
 def select_input_channels(m: LinearLike, keep: torch.Tensor) -> LinearLike:
-    """A copy of ``m`` that reads only the input channels where ``keep`` is True."""
+    """A copy of ``m`` (not grouped) that reads only the input channels where ``keep`` is True."""
     idx = keep.nonzero().squeeze(1).to(m.weight.device)
     new = _like(m, len(idx), m.weight.shape[0])
     return _set(new, m.weight.detach().to(torch.float64)[:, idx], _bias64(m))
@@ -99,7 +114,7 @@ def merge_linear_linear(first: nn.Linear, second: nn.Linear) -> nn.Linear:
 def conv_merge_blocker(first: nn.Module, second: nn.Module) -> str | None:
     """Why second∘first cannot be one exact conv, or None when it can."""
     if not (is_plain_conv(first) and is_plain_conv(second)) or type(first) is not type(second):
-        return "only Conv1d/Conv2d pairs of the same dimension, without groups or dilation, are merged"
+        return "only Conv1d/Conv2d pairs of the same dimension, without dilation or padding modes, are merged"
     if any(p != 0 for p in second.padding):
         # The second conv pads the first one's output with zeros, but a merged kernel would see
         # the first conv's (non-zero) response there: the borders would differ.
@@ -118,7 +133,7 @@ def merge_conv_conv(first: nn.Conv1d | nn.Conv2d, second: nn.Conv1d | nn.Conv2d)
     reason = conv_merge_blocker(first, second)
     if reason:
         raise ValueError(reason)
-    w1, w2 = first.weight.detach().to(torch.float64), second.weight.detach().to(torch.float64)
+    w1, w2 = dense_weight64(first), dense_weight64(second)
     transpose = F.conv_transpose1d if isinstance(first, nn.Conv1d) else F.conv_transpose2d
     kernel = transpose(w2, w1, stride=first.stride)
     bias = _bias64(second) + w2.flatten(2).sum(2) @ _bias64(first)
@@ -132,8 +147,8 @@ def identity_blocker(m: nn.Module) -> str | None:
     """Why ``x + m(x)`` cannot be folded into ``m``, or None when it can."""
     if isinstance(m, nn.Linear):
         return None if m.in_features == m.out_features else "the skip adds a vector of another width"
-    if not is_plain_conv(m):
-        return "only plain convs and Linear absorb a skip connection"
+    if not is_plain_conv(m) or m.groups != 1:
+        return "only plain convs (without groups) and Linear absorb a skip connection"
     if m.in_channels != m.out_channels or any(s != 1 for s in m.stride):
         return "the skip path changes shape (channels or stride)"
     if any(k % 2 == 0 or p != k // 2 for k, p in zip(m.kernel_size, m.padding)):
@@ -153,6 +168,96 @@ def add_identity(m: LinearLike) -> LinearLike:
     w[(channels, channels) + centre] += 1.0
     new = _like(m, w.shape[1], w.shape[0])
     return _set(new, w, _bias64(m))
+
+
+def _branch_offsets(a: nn.Module, b: nn.Module) -> list[tuple[int, int]] | None:
+    """Per spatial dim, where a's and b's kernels sit in the summed kernel (None: they cannot)."""
+    offsets = []
+    for ka, pa, kb, pb in zip(a.kernel_size, a.padding, b.kernel_size, b.padding):
+        if 2 * pa - ka != 2 * pb - kb:  # output sizes would differ for some input size
+            return None
+        top = max(pa, pb)
+        offsets.append((top - pa, top - pb))
+    return offsets
+
+
+def branches_blocker(a: nn.Module, b: nn.Module) -> str | None:
+    """Why ``a(x) + b(x)`` cannot be one op, or None when it can."""
+    if isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
+        if (a.in_features, a.out_features) != (b.in_features, b.out_features):
+            return "the two branches have different widths"
+        return None
+    if not (is_plain_conv(a) and is_plain_conv(b)) or type(a) is not type(b):
+        return "only two Linear or two plain convs of the same dimension are summed into one op"
+    if (a.in_channels, a.out_channels) != (b.in_channels, b.out_channels) or a.stride != b.stride:
+        return "the two branches differ in channels or stride"
+    if _branch_offsets(a, b) is None:
+        return "the two branches' kernels are not aligned on the same output grid (kernel/padding)"
+    return None
+
+
+@torch.no_grad()
+def merge_branches(a: LinearLike, b: LinearLike) -> LinearLike:
+    """One op computing ``a(x) + b(x)``: the weights summed, the smaller conv kernel placed where
+    its padding puts it in the larger one (e.g. a 1×1 projection at the centre of a 3×3)."""
+    reason = branches_blocker(a, b)
+    if reason:
+        raise ValueError(reason)
+    if isinstance(a, nn.Linear):
+        new = _like(a, a.in_features, a.out_features)
+        return _set(new, dense_weight64(a) + dense_weight64(b), _bias64(a) + _bias64(b))
+    offsets = _branch_offsets(a, b)
+    size = tuple(max(oa + ka, ob + kb) for (oa, ob), ka, kb in zip(offsets, a.kernel_size, b.kernel_size))
+    wa, wb = dense_weight64(a), dense_weight64(b)
+    kernel = wa.new_zeros(wa.shape[:2] + size)
+    for w, which in ((wa, 0), (wb, 1)):
+        index = (slice(None), slice(None)) + tuple(slice(o[which], o[which] + k)
+                                                   for o, k in zip(offsets, w.shape[2:]))
+        kernel[index] += w
+    padding = tuple(max(pa, pb) for pa, pb in zip(a.padding, b.padding))
+    new = _like(a, a.in_channels, a.out_channels, kernel_size=size, stride=a.stride, padding=padding)
+    return _set(new, kernel, _bias64(a) + _bias64(b))
+
+
+@torch.no_grad()
+def add_to_bias_(m: LinearLike, values: torch.Tensor) -> LinearLike:
+    """y -> y + values (one constant per output channel), absorbed into the bias (in place)."""
+    return _set(m, m.weight.detach().to(torch.float64), _bias64(m) + values.to(torch.float64).to(m.weight.device))
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil_mode: bool = False) -> int:
+    """Length of a conv/pool output along one dim (torch's formula)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    return (-(-span // stride) if ceil_mode else span // stride) + 1
+
+
+class ConstantChannels(nn.Module):
+    """The output of an emptied Conv/Linear (all weights zero): its bias, one value per channel,
+    broadcast to the shape the op would have produced.
+
+    ``geometry`` lists, per conv/pool between ``source`` (the tensor this module reads, only for
+    its shape) and the emptied op's output, its (kernel, stride, padding) per spatial dim; the
+    ops before the emptied one are not computed at all. The result is an expanded view (no copy).
+    """
+
+    def __init__(self, value: torch.Tensor, channel_dim: int, geometry: list[list[list[int]]]):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.geometry = [[list(map(int, g)) for g in step] for step in geometry]
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:  # Linear: the last dim becomes the channels
+            shape = list(source.shape[:-1]) + [self.value.numel()]
+            return self.value.expand(shape)
+        spatial = list(source.shape[2:])
+        for step in self.geometry:
+            spatial = [output_size(n, k, s, p) for n, (k, s, p) in zip(spatial, step)]
+        shape = [source.shape[0], self.value.numel()] + spatial
+        return self.value.view([1, -1] + [1] * len(spatial)).expand(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.value.numel()}, channel_dim={self.channel_dim}, geometry={self.geometry}"
 
 
 class ChannelAffine(nn.Module):

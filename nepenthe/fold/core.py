@@ -28,13 +28,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..activations import ADD_FUNCTIONS, BATCHNORM_MODULES, Rectifier, rectifier_of_call, rectifier_of_module
+from ..activations import (
+    ADD_FUNCTIONS,
+    BATCHNORM_MODULES,
+    PASS_THROUGH_MODULES,
+    Rectifier,
+    rectifier_of_call,
+    rectifier_of_module,
+)
 from ..entropy import EntropyStats
 from ..graph import Site, find_sites, trace
+from ..latency import compare_latency
 from ..masks import remove_masks
 from . import algebra
+from .planner import Candidate, Planner
 
 
 class FoldError(RuntimeError):
@@ -54,14 +65,23 @@ class FoldReport:
     merges: list[str] = field(default_factory=list)
     channels_removed: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # {"node": ..., "reason": ...}
+    ops_deleted: list[str] = field(default_factory=list)  # emptied Conv/Linear replaced by their constant output
+    noops_removed: int = 0  # Dropout / Identity (eval)
     linear_ops_before: int = 0
     linear_ops_after: int = 0
     critical_path_before: int = 0
     critical_path_after: int = 0
     params_before: int = 0
     params_after: int = 0
+    flops_before: int | None = None  # on the example input (2 per multiply-add of matmuls / convs)
+    flops_after: int | None = None
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    # per approximated (GELU/SiLU/Hardswish) call site, on the example input: how far its linear
+    # replacement is from the activation itself (max/mean |φ(z) − affine(z)|, and max relative to max|φ(z)|)
+    approximation_error: dict[str, dict] = field(default_factory=dict)
+    planner: dict = field(default_factory=dict)  # mode, per-candidate decisions, whole-model check
+    returned: str = "folded"  # "folded", or "original" when the folded model was not faster
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +155,29 @@ def count_flops(model: nn.Module, example_input) -> int:
     with counter:
         model(*args)
     return int(counter.get_total_flops())
+
+
+# ----- pass 0: eval no-ops ------------------------------------------------------------------------
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout)
+
+
+def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if isinstance(_module(gm, node), PASS_THROUGH_MODULES):
+        return True
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        # traced in eval mode, the training flag is a constant False (F.dropout's default is True)
+        training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+        return training is False
+    return False
+
+
+def remove_noops(gm: fx.GraphModule, report: FoldReport) -> None:
+    """Dropout (eval) and Identity are removed, so the linear ops around them become adjacent."""
+    for node in list(gm.graph.nodes):
+        if _is_noop(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            report.noops_removed += 1
 
 
 # ----- pass 1: BatchNorm ----------------------------------------------------------------------
@@ -238,6 +281,153 @@ def _zero_dead_neurons(gm: fx.GraphModule, node: fx.Node, rect: Rectifier, off: 
         algebra.scale_output_channels_(m, keep, torch.zeros_like(keep))
 
 
+# ----- pass 2b: emptied ops ------------------------------------------------------------------------
+def _conv_geometry(m: nn.Module) -> list[list[int]] | None:
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m.padding, str) \
+            or any(d != 1 for d in m.dilation):
+        return None
+    return [[k, s, p] for k, s, p in zip(m.kernel_size, m.stride, m.padding)]
+
+
+def _pool_geometry(m: nn.Module) -> list[list[int]] | None:
+    if not isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)) or m.ceil_mode \
+            or getattr(m, "dilation", 1) not in (1, (1, 1)):
+        return None
+    dims = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d)) else 2
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims  # noqa: E731
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return [[k, s, p] for k, s, p in zip(as_tuple(m.kernel_size), as_tuple(stride), as_tuple(m.padding))]
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that keep the shape of their only tensor input (the chain walk passes through them)."""
+    m = _module(gm, node)
+    if m is not None:
+        return isinstance(m, BATCHNORM_MODULES + (algebra.ChannelAffine,)) or rectifier_of_module(m) is not None
+    return rectifier_of_call(node.op, node.target, node.args, node.kwargs) is not None
+
+
+def _shape_source(gm: fx.GraphModule, node: fx.Node, linear: bool) -> tuple[fx.Node, list]:
+    """The nearest tensor that is computed anyway and gives the shape of ``node``, and the conv /
+    pool geometry from it to ``node``: everything in between is only used to feed an emptied op."""
+    geometry: list = []
+    cur = node
+    while cur.op != "placeholder" and len(cur.users) == 1 and cur.args and isinstance(cur.args[0], fx.Node):
+        m = _module(gm, cur)
+        if _elementwise(gm, cur) and len(cur.all_input_nodes) == 1:
+            pass
+        elif linear and isinstance(m, nn.Linear):
+            pass
+        elif not linear and m is not None and (_conv_geometry(m) or _pool_geometry(m)):
+            geometry.insert(0, _conv_geometry(m) or _pool_geometry(m))
+        else:
+            break
+        cur = cur.args[0]
+    return cur, geometry
+
+
+def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: algebra.ConstantChannels):
+    """(value, geometry) of ``user`` applied to the constant ``node``, or None when the result is
+    not a per-channel constant (e.g. a zero-padded conv sees the constant only inside the border)."""
+    if not (user.args and user.args[0] is node and len(user.all_input_nodes) == 1):
+        return None
+    m = _module(gm, user)
+    shape = [1, -1] + [1] * (len(const.geometry[-1]) if const.channel_dim == 1 and const.geometry else 0)
+    value = const.value.clone().view(shape)  # a clone: inplace rectifiers must not touch the buffer
+    geometry = const.geometry
+    if _elementwise(gm, user):
+        if m is not None:
+            value = m(value)
+        elif user.op == "call_method":
+            value = getattr(value, user.target)(*user.args[1:], **user.kwargs)
+        else:
+            value = user.target(value, *user.args[1:], **user.kwargs)
+    elif isinstance(m, nn.Linear) and const.channel_dim == -1:
+        value = m(value)
+    elif (const.channel_dim == 1 and const.geometry and _conv_geometry(m) is not None
+          and len(_conv_geometry(m)) == len(const.geometry[-1]) and all(p == 0 for _, _, p in _conv_geometry(m))):
+        w = algebra.dense_weight64(m)  # unpadded: every output sees the constant through the whole kernel
+        b = m.bias.detach().double() if m.bias is not None else w.new_zeros(w.shape[0])
+        value = (w.flatten(2).sum(2) @ const.value.double() + b).to(const.value.dtype)
+        geometry = geometry + [_conv_geometry(m)]
+    else:
+        return None
+    return value.flatten(), geometry
+
+
+def _propagate_constant(gm: fx.GraphModule, node: fx.Node, const: algebra.ConstantChannels,
+                        report: FoldReport) -> None:
+    """Ops applied to a per-channel constant that give one again (rectifiers, BN, Linear, unpadded
+    convs) are evaluated once; the constant moves down the graph."""
+    for user in list(node.users):
+        through = _constant_through(gm, user, node, const)
+        if through is None:
+            continue
+        new = algebra.ConstantChannels(through[0], const.channel_dim, through[1])
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), algebra.LinearLike.__args__):
+            report.ops_deleted.append(user.target)
+        target = f"{user.name}_constant"
+        gm.add_submodule(target, new)
+        with gm.graph.inserting_after(user):
+            new_node = gm.graph.call_module(target, node.args)
+        user.replace_all_uses_with(new_node)
+        gm.graph.erase_node(user)
+        _propagate_constant(gm, new_node, new, report)
+
+
+def absorb_constant_addends(gm: fx.GraphModule) -> bool:
+    """``m(y) + c`` with a per-channel constant c: add c to m's bias. ``c += x`` becomes ``x + c``
+    (the constant is an expanded view, which cannot be written in place). True if any changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        const = _module(gm, node)
+        if not isinstance(const, algebra.ConstantChannels):
+            continue
+        for user in list(node.users):
+            if not (user.op == "call_function" and user.target in ADD_FUNCTIONS and len(user.args) == 2
+                    and not user.kwargs):
+                continue
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            m = _module(gm, other)
+            # `other` may also be the constant's shape source: that use dies with the addition
+            if (isinstance(other, fx.Node) and algebra.is_foldable(m) and set(other.users) <= {user, node}
+                    and m.weight.shape[0] == const.value.numel()
+                    and const.channel_dim == (-1 if isinstance(m, nn.Linear) else 1)):
+                algebra.add_to_bias_(m, const.value)
+                user.replace_all_uses_with(other)
+                gm.graph.erase_node(user)
+                changed = True
+            elif user.target is operator.iadd and user.args[0] is node:
+                user.target = operator.add
+                user.args = (user.args[1], node)
+    gm.graph.eliminate_dead_code()
+    return changed
+
+
+def delete_empty_ops(gm: fx.GraphModule, report: FoldReport) -> None:
+    """A Conv/Linear whose weights are all zero (pruning emptied it) outputs its bias whatever its
+    input: replace it by that constant and let the ops that only fed it die."""
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or not node.args \
+                or not isinstance(node.args[0], fx.Node) or bool(m.weight.detach().any()):
+            continue
+        linear = isinstance(m, nn.Linear)
+        if not linear and _conv_geometry(m) is None:
+            continue
+        source, geometry = _shape_source(gm, node.args[0], linear)
+        if not linear:
+            geometry.append(_conv_geometry(m))
+        bias = m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+        const = algebra.ConstantChannels(bias, -1 if linear else 1, geometry)
+        _set_module(gm, node.target, const)
+        node.args = (source,)
+        report.ops_deleted.append(node.target)
+        _propagate_constant(gm, node, const, report)
+    gm.graph.eliminate_dead_code()  # the ops that only fed an emptied op stop counting as users
+    absorb_constant_addends(gm)
+
+
 # ----- pass 3: constant channels ------------------------------------------------------------------
 def _rectifier_between(gm: fx.GraphModule, node: fx.Node) -> Rectifier | None:
     m = _module(gm, node)
@@ -263,6 +453,8 @@ def remove_constant_channels(gm: fx.GraphModule, report: FoldReport) -> None:
             continue
         if isinstance(prod, nn.Linear) != isinstance(cons, nn.Linear):
             continue  # a flatten or reshape would be needed in between
+        if getattr(prod, "groups", 1) != 1 or getattr(cons, "groups", 1) != 1:
+            continue  # dropping channels would break the groups' structure
         w = prod.weight.detach()
         bias = prod.bias.detach() if prod.bias is not None else torch.zeros(w.shape[0], device=w.device)
         constant = (w.flatten(1) == 0).all(dim=1)
@@ -289,52 +481,108 @@ def remove_constant_channels(gm: fx.GraphModule, report: FoldReport) -> None:
 
 
 # ----- pass 4: merging ------------------------------------------------------------------------------
-def _merge_once(gm: fx.GraphModule, report: FoldReport, strict: bool) -> bool:
-    for node in gm.graph.nodes:
-        # x + f(x) with f linear -> one op
-        if node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            for skip, body in ((a, b), (b, a)):
-                m = _module(gm, body)
-                if (algebra.is_foldable(m) and _only_user(body) is node and body.args
-                        and body.args[0] is skip and algebra.identity_blocker(m) is None):
-                    _set_module(gm, body.target, algebra.add_identity(m))
-                    node.replace_all_uses_with(body)
-                    gm.graph.erase_node(node)
-                    report.ops_merged += 1
-                    report.merges.append(f"skip + {body.target}")
-                    return True
-        second = _module(gm, node)
-        if not algebra.is_foldable(second) or not node.args:
-            continue
-        prev = node.args[0]
-        first = _module(gm, prev)
-        if not algebra.is_foldable(first) or _only_user(prev) is not node:
-            continue
-        if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
-            merged = algebra.merge_linear_linear(first, second)
-        elif isinstance(first, nn.Linear) or isinstance(second, nn.Linear):
-            continue
-        else:
-            reason = algebra.conv_merge_blocker(first, second)
+def _note_blocked(report: FoldReport, key: str, reason: str) -> None:
+    if not any(s["node"] == key for s in report.skipped):
+        _skip(report, False, key, reason)  # a merge not done is never an error
+
+
+def _erase(gm: fx.GraphModule, *nodes: fx.Node) -> None:
+    for node in nodes:
+        gm.graph.erase_node(node)
+
+
+def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
+    """``x + m(x)`` -> one op (identity added into m), and ``a(x) + b(x)`` -> one op."""
+    if not (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs):
+        return
+    a, b = node.args
+    for skip, body in ((a, b), (b, a)):
+        m = _module(gm, body)
+        if algebra.is_foldable(m) and _only_user(body) is node and body.args and body.args[0] is skip:
+            reason = algebra.identity_blocker(m)
             if reason:
-                key = f"{prev.target} -> {node.target}"
-                if not any(s["node"] == key for s in report.skipped):
-                    _skip(report, False, key, reason)  # a merge not done is never an error
+                _note_blocked(report, f"skip + {body.target}", reason)
                 continue
-            merged = algebra.merge_conv_conv(first, second)
+
+            def apply(merged, body=body):
+                _set_module(gm, body.target, merged)
+                node.replace_all_uses_with(body)
+                _erase(gm, node)
+
+            yield Candidate(f"skip + {body.target}", skip, lambda x, m=m: x + m(x),
+                            lambda m=m: algebra.add_identity(m), apply)
+    ma, mb = _module(gm, a), _module(gm, b)
+    if (algebra.is_foldable(ma) and algebra.is_foldable(mb) and a is not b and _only_user(a) is node
+            and _only_user(b) is node and a.args and b.args and a.args[0] is b.args[0]):
+        key = f"{a.target} + {b.target}"
+        reason = algebra.branches_blocker(ma, mb)
+        if reason:
+            _note_blocked(report, key, reason)
+            return
+
+        def apply(merged):
+            _set_module(gm, a.target, merged)
+            node.replace_all_uses_with(a)
+            _erase(gm, node, b)
+
+        yield Candidate(key, a.args[0], lambda x: ma(x) + mb(x), lambda: algebra.merge_branches(ma, mb), apply)
+
+
+def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
+    """``second(first(x))`` -> one op."""
+    second = _module(gm, node)
+    if not algebra.is_foldable(second) or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    prev = node.args[0]
+    first = _module(gm, prev)
+    if not algebra.is_foldable(first) or _only_user(prev) is not node or not prev.args:
+        return
+    key = f"{prev.target} + {node.target}"
+    if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
+        build = lambda: algebra.merge_linear_linear(first, second)  # noqa: E731
+    elif isinstance(first, nn.Linear) or isinstance(second, nn.Linear):
+        return
+    else:
+        reason = algebra.conv_merge_blocker(first, second)
+        if reason:
+            _note_blocked(report, f"{prev.target} -> {node.target}", reason)
+            return
+        build = lambda: algebra.merge_conv_conv(first, second)  # noqa: E731
+
+    def apply(merged):
         _set_module(gm, node.target, merged)
         node.args = (prev.args[0],) + tuple(node.args[1:])
-        gm.graph.erase_node(prev)
-        report.ops_merged += 1
-        report.merges.append(f"{prev.target} + {node.target}")
-        return True
-    return False
+        _erase(gm, prev)
+
+    yield Candidate(key, prev.args[0], lambda x: second(first(x)), build, apply)
 
 
-def merge_linear_ops(gm: fx.GraphModule, report: FoldReport, strict: bool) -> None:
-    while _merge_once(gm, report, strict):
-        pass
+def _candidates(gm: fx.GraphModule, report: FoldReport):
+    for node in gm.graph.nodes:
+        yield from _skip_candidates(gm, node, report)
+        yield from _chain_candidate(gm, node, report)
+
+
+def merge_linear_ops(gm: fx.GraphModule, report: FoldReport, planner: Planner) -> None:
+    """Make the exact merges the planner accepts, until none is left (each merge can expose another)."""
+    if not planner.merges:
+        return
+    rejected: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for candidate in _candidates(gm, report):
+            if candidate.key in rejected:
+                continue
+            merged = candidate.build()
+            if not planner.accept(candidate, merged):
+                rejected.add(candidate.key)
+                continue
+            candidate.apply(merged)
+            report.ops_merged += 1
+            report.merges.append(candidate.key)
+            changed = True
+            break
 
 
 # ----- entry point ----------------------------------------------------------------------------------
@@ -368,6 +616,47 @@ def _check_neuron_counts(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
                             "another one) with nepenthe.measure before folding")
 
 
+def _approximation_errors(gm: fx.GraphModule, sites: list[Site], stats: EntropyStats, args: tuple) -> dict:
+    """For each GELU/SiLU/Hardswish about to be linearized: how far the linear map is from the
+    activation on the example input (the replacement is approximate by nature; SPEC §4.4)."""
+    chosen = [s for s in sites if not s.rectifier.exact and s.name in stats.histogram and stats.linearizable(s.name)]
+    wanted = {s.node.args[0] for s in chosen if s.node.args and isinstance(s.node.args[0], fx.Node)}
+    if not wanted:
+        return {}
+    captured: dict[fx.Node, torch.Tensor] = {}
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted and isinstance(out, torch.Tensor):
+                captured[n] = out.detach().to(torch.float64, copy=True)  # a copy: an inplace activation follows
+            return out
+
+    _Capture(gm).run(*args)
+    errors = {}
+    for site in chosen:
+        z = captured.get(site.node.args[0])
+        if z is None or z.numel() == 0:
+            continue
+        slope, offset = _region_affine(site.rectifier, stats.always_off[site.name].cpu(),
+                                       stats.always_saturated[site.name].cpu())
+        dim = stats.sites[site.name].channel_dim % z.dim()
+        shape = [1] * z.dim()
+        shape[dim] = -1
+        phi = site.rectifier.apply(z)
+        err = (phi - (z * slope.to(z.device).view(shape) + offset.to(z.device).view(shape))).abs()
+        scale = float(phi.abs().max())
+        errors[site.name] = {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
+                             "max_rel": float(err.max()) / scale if scale > 0 else float(err.max())}
+    return errors
+
+
+def _planner_of(planner, merge: bool, threads: int | None) -> Planner:
+    if isinstance(planner, Planner):
+        return planner
+    return Planner("none" if not merge else planner, threads=threads)
+
+
 @torch.no_grad()
 def fold(
     model: nn.Module,
@@ -375,11 +664,14 @@ def fold(
     example_input,
     *,
     approximate: bool = False,
+    planner: str | Planner = "latency",
+    latency_input=None,
+    threads: int | None = None,
     merge: bool = True,
     strict: bool = False,
     verify: bool = True,
     tolerance: float = 1e-5,
-) -> fx.GraphModule:
+) -> nn.Module:
     """A shallower copy of ``model`` with its zero-entropy rectifiers folded away (SPEC §4).
 
     ``stats`` are the statistics of ``model`` on its calibration data (``nepenthe.measure``).
@@ -389,10 +681,21 @@ def fold(
     error is warned about (``strict=True``: raised), since it means the input leaves the states
     seen on the calibration data. The model itself is not modified; the report is attached to
     the returned module as ``fold_report``.
+
+    ``planner`` decides which exact merges to make (see :mod:`nepenthe.fold.planner`):
+    ``"latency"`` times each candidate merged vs unmerged on ``latency_input`` (default:
+    ``example_input``; pass a batch of the size you will run, on the device you will run on),
+    then times the whole folded model against ``model`` and returns a copy of ``model`` itself
+    (``fold_report.returned == "original"``) unless the folded one is faster; ``"all"`` makes
+    every exact merge; ``"none"`` (or ``merge=False``) only drops activations, BatchNorm and dead
+    channels. ``threads`` fixes the CPU threads of those timings.
     """
     if not isinstance(stats, EntropyStats):
         raise TypeError(f"stats must be the EntropyStats of nepenthe.measure(model, data), got {type(stats).__name__}")
+    plan = _planner_of(planner, merge, threads)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    timing_args = args if latency_input is None else (latency_input if isinstance(latency_input, tuple)
+                                                      else (latency_input,))
     was_training = model.training
     model.eval()
     try:
@@ -409,31 +712,73 @@ def fold(
                         "(not another one) with nepenthe.measure before folding")
     _check_neuron_counts(gm, sites, stats)
     report = FoldReport(linear_ops_before=count_linear_ops(gm), critical_path_before=critical_path(gm),
-                        params_before=_params(gm))
+                        params_before=_params(gm), flops_before=count_flops(gm, args))
+    if approximate:
+        report.approximation_error = _approximation_errors(gm, sites, stats, args)
+    remove_noops(gm, report)
     fuse_batchnorm(gm, report)
     linearize_rectifiers(gm, sites, stats, report, approximate, strict)
+    delete_empty_ops(gm, report)
     remove_constant_channels(gm, report)
-    if merge:
-        merge_linear_ops(gm, report, strict)
+    if plan.merges:
+        _recompile(gm)
+        ShapeProp(gm).propagate(*timing_args)  # the shapes each merge candidate is timed at
+        merge_linear_ops(gm, report, plan)
+        while absorb_constant_addends(gm):  # a merge can make a constant's addend a single op
+            merge_linear_ops(gm, report, plan)
         remove_constant_channels(gm, report)
+    _recompile(gm)
+    report.linear_ops_after = count_linear_ops(gm)
+    report.critical_path_after = critical_path(gm)
+    report.params_after = _params(gm)
+    report.flops_after = count_flops(gm, args)
+    report.planner = {"mode": plan.mode, "decisions": plan.decisions}
+    if verify:
+        _verify(gm, args, reference, report, strict, tolerance)
+    result: nn.Module = gm
+    if plan.mode == "latency":
+        result = _faster_of(model, gm, timing_args, report, plan)
+    result.fold_report = report
+    return result
+
+
+def _recompile(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    report.linear_ops_after = count_linear_ops(gm)
-    report.critical_path_after = critical_path(gm)
-    report.params_after = _params(gm)
-    if verify:
-        out = _first_tensor(gm(*args))
-        if out.shape != reference.shape:
-            raise FoldError(f"folded output shape {tuple(out.shape)} differs from the model's {tuple(reference.shape)}")
-        report.max_abs_error, report.max_rel_error = _relative_error(out, reference)
-        if report.max_rel_error > tolerance and not report.approximated:
-            message = (f"folded model differs from the original on the example input: max relative error "
-                       f"{report.max_rel_error:.3g} > {tolerance:g}. The input leaves neuron states seen on the "
-                       "calibration data (use calibration samples to check exactness).")
-            if strict:
-                raise FoldError(message)
-            warnings.warn(message, stacklevel=2)
-    gm.fold_report = report
-    return gm
+
+
+def _verify(gm: fx.GraphModule, args: tuple, reference: torch.Tensor, report: FoldReport, strict: bool,
+            tolerance: float) -> None:
+    out = _first_tensor(gm(*args))
+    if out.shape != reference.shape:
+        raise FoldError(f"folded output shape {tuple(out.shape)} differs from the model's {tuple(reference.shape)}")
+    report.max_abs_error, report.max_rel_error = _relative_error(out, reference)
+    if report.max_rel_error > tolerance and not report.approximated:
+        message = (f"folded model differs from the original on the example input: max relative error "
+                   f"{report.max_rel_error:.3g} > {tolerance:g}. The input leaves neuron states seen on the "
+                   "calibration data (use calibration samples to check exactness).")
+        if strict:
+            raise FoldError(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _faster_of(model: nn.Module, gm: fx.GraphModule, timing_args: tuple, report: FoldReport,
+               plan: Planner) -> nn.Module:
+    """The folded model if it measured faster than ``model`` on the latency input, else a copy of
+    ``model`` (eval, masks dropped): fold never hands back something slower than what it got."""
+    was_training = model.training
+    try:
+        before, after = compare_latency(model, gm, timing_args, repeats=plan.repeats, warmup=plan.warmup,
+                                        threads=plan.threads)
+    finally:
+        model.train(was_training)
+    report.planner["model_ms"] = {"unfolded": before.median_ms, "folded": after.median_ms,
+                                  "unfolded_iqr": before.iqr_ms, "folded_iqr": after.iqr_ms}
+    if after.median_ms < before.median_ms:
+        return gm
+    report.returned = "original"
+    original = remove_masks(copy.deepcopy(model)).eval()
+    report.max_abs_error, report.max_rel_error = 0.0, 0.0
+    return original
