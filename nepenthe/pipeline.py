@@ -102,11 +102,13 @@ def run(cfg: RunConfig, echo=print) -> dict:
     echo("\n" + reporting.iteration_table(records))
 
     example, _ = next(iter(make_loader(data.train, cfg.calib_batch_size)))
-    folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate)
+    latency_input = data.test.tensors[0][: cfg.latency_batch].to(device)
+    # the planner times merges at the batch size the report measures, on the same threads
+    folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate,
+                  latency_input=latency_input, threads=cfg.threads)
     folded_test = evaluate(folded, test_loader)
     fold_report = folded.fold_report
 
-    latency_input = data.test.tensors[0][: cfg.latency_batch].to(device)
     before, after = compare_latency(model, folded, latency_input, repeats=cfg.latency_repeats, threads=cfg.threads)
     save(folded, out / "folded", extra={"dataset": cfg.dataset, "model": cfg.model})
     plot = reporting.plot_entropy(records, out / "entropy.png", title=f"NEPENTHE: {cfg.model} on {cfg.dataset}")

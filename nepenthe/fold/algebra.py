@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LinearLike = nn.Linear | nn.Conv1d | nn.Conv2d
+LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what a merge candidate can be made of
 
 
 def is_plain_conv(m: nn.Module) -> bool:

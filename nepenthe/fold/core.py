@@ -320,6 +320,8 @@ def _shape_source(gm: fx.GraphModule, node: fx.Node, linear: bool) -> tuple[fx.N
             pass
         elif not linear and m is not None and (_conv_geometry(m) or _pool_geometry(m)):
             geometry.insert(0, _conv_geometry(m) or _pool_geometry(m))
+        elif isinstance(m, algebra.ConstantChannels) and (m.channel_dim == -1) == linear:
+            geometry[:0] = m.geometry  # an emptied op before this one: read its source instead
         else:
             break
         cur = cur.args[0]
@@ -531,11 +533,15 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
 def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
     """``second(first(x))`` -> one op."""
     second = _module(gm, node)
-    if not algebra.is_foldable(second) or not node.args or not isinstance(node.args[0], fx.Node):
+    if not isinstance(second, algebra.LINEAR_MODULES) or not node.args or not isinstance(node.args[0], fx.Node):
         return
     prev = node.args[0]
     first = _module(gm, prev)
-    if not algebra.is_foldable(first) or _only_user(prev) is not node or not prev.args:
+    if not isinstance(first, algebra.LINEAR_MODULES) or _only_user(prev) is not node or not prev.args:
+        return
+    if not (algebra.is_foldable(first) and algebra.is_foldable(second)):
+        _note_blocked(report, f"{prev.target} -> {node.target}", algebra.conv_merge_blocker(first, second)
+                      or "only Linear, Conv1d and Conv2d are merged")
         return
     key = f"{prev.target} + {node.target}"
     if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
