@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (layer 1 first: everything else builds on it)
 from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure  # noqa: E402
-from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, fold, load, save  # noqa: E402
+from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save  # noqa: E402
 from .graph import TraceError  # noqa: E402
 from .latency import LatencyResult, compare_calls, compare_latency, latency  # noqa: E402
 from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, prune  # noqa: E402
@@ -25,5 +25,5 @@ __all__ = [
     "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
     "MaskedSGD", "MeasureError", "NonFiniteActivationError", "PruneConfig", "PruneError", "PruneResult", "RecipeError",
     "StatsRecorder", "TraceError", "TrainConfig", "__version__", "compare_calls", "compare_latency", "evaluate", "fold",
-    "latency", "load", "measure", "ops", "prune", "save", "train",
+    "export_onnx", "latency", "load", "measure", "ops", "prune", "save", "train",
 ]

@@ -26,7 +26,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     fi
     # --no-build-isolation: build the C++ extension nepenthe._C against the torch installed above
     # instead of downloading another (about a minute on 2 cores)
-    pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev]"
+    pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev,export]"
     echo "$WANT" > "$STAMP"
 fi
 export PY ROOT

@@ -19,7 +19,6 @@ compares the folded model with the original on that fresh batch: fp32 max|Δ| / 
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nepenthe import FoldError, RecipeError, TraceError, fold, load, measure, save
+from nepenthe import FoldError, TraceError, fold, measure
 from nepenthe.fold import FoldReport, critical_path
 from nepenthe.masks import get_mask, set_mask
 from nepenthe.models import MLP, ResidualMLP, SmallCNN
@@ -149,7 +148,7 @@ def check_fold(model: nn.Module, calib: torch.Tensor, fresh: torch.Tensor, **kwa
     before = copy.deepcopy(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exactness warning would be a failure here
-        gm = fold(model, stats, calib, **kwargs)
+        gm = fold(model, stats, calib, **{"planner": "all", **kwargs})  # deterministic merges
     assert set(model.state_dict()) == set(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), "fold modified the model"
     assert_states_kept(model, stats, fresh)
@@ -251,21 +250,24 @@ def test_residual_mlp_emptied_blocks_fold_with_their_skip(all_linear):
     gm, stats = check_fold(model, calib, uniform(256, 6, seed=2))
     report = gm.fold_report
     assert stats.layer_entropy["blocks.0.relu"] == 0.0 and stats.layer_entropy["blocks.2.relu"] == 0.0
-    assert "skip + blocks.0.fc2" in report.merges and "skip + blocks.2.fc2" in report.merges
+    # the emptied blocks output a constant (fc1's bias through the ReLU and fc2): both ops are deleted
+    assert report.ops_deleted == ["blocks.0.fc1", "blocks.0.fc2", "blocks.2.fc1", "blocks.2.fc2"]
     assert report.critical_path_after < report.critical_path_before
     assert report.params_after < report.params_before
     if all_linear:
         assert report.rectifier_layers_removed == 4
         assert report.linear_ops_after == 1 and [type(m) for m in linear_modules(gm)] == [nn.Linear]
         assert "skip + blocks.1.fc2" in report.merges
+        assert not any(n.op == "call_function" for n in gm.graph.nodes)  # constants went into the biases
     else:
         assert report.removed == ["blocks.0.relu", "blocks.2.relu"]
         assert report.rectifier_layers_removed == 2 and report.rectifier_layers_total == 4
-        # block 0 and block 2 became one op each (fc1 ∘ fc2 + identity), block 2 then merged into the head
-        assert report.linear_ops_before == 8 and report.linear_ops_after == 5
-        assert report.ops_merged == 5
-        assert "blocks.2.fc2 + head" in report.merges
-        assert sum(1 for n in gm.graph.nodes if n.op == "call_function") == 1  # block 1's add only
+        assert report.linear_ops_before == 8 and report.linear_ops_after == 4 and report.ops_merged == 0
+        # block 0 and block 2 became "x + constant" (x is a ReLU output: the constant stays an addition)
+        adds = [n for n in gm.graph.nodes if n.op == "call_function"]
+        assert len(adds) == 3
+        constants = [m for m in gm.modules() if type(m).__name__ == "ConstantChannels"]
+        assert len(constants) == 2
 
 
 def test_conv_bn_chain_merges_1x1_and_skips_padded_second_conv():
@@ -503,110 +505,3 @@ def test_fold_leaves_the_model_alone():
     assert get_mask(model.fcs[1]) is not None
     assert isinstance(model.act, nn.ReLU) and len(model.fcs) == 2
     assert not gm.training
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving, loading, exporting
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folded_cnn():
-    model = SmallCNN(in_channels=1, num_classes=3, input_size=8, width=4).eval()
-    f = model.features
-    x = uniform(64, 1, 8, 8, seed=3)
-    random_conv_bn_(f.conv1, f.bn1, [1], seed=1)
-    place_(model, f.bn1, ["on", "off", "on", "on"], x)
-    gm = fold(model, measure(model, [x]), x)
-    assert gm.fold_report.ops_merged >= 1
-    return gm, uniform(16, 1, 8, 8, seed=4)
-
-
-def test_save_load_roundtrip(tmp_path, folded_cnn):
-    gm, x = folded_cnn
-    save(gm, tmp_path / "folded")
-    assert {p.name for p in (tmp_path / "folded").iterdir()} == {"recipe.json", "weights.pt"}
-    loaded = load(tmp_path / "folded")
-    with torch.no_grad():
-        assert torch.equal(loaded(x), gm(x))
-    assert not loaded.training
-    weights = torch.load(tmp_path / "folded" / "weights.pt", weights_only=True)
-    assert weights.keys() == gm.state_dict().keys()
-    recipe = json.loads((tmp_path / "folded" / "recipe.json").read_text())
-    assert recipe["fold_report"]["ops_merged"] == gm.fold_report.ops_merged
-
-
-def test_save_load_residual_and_channel_affine(tmp_path):
-    """A rectifier whose producer has other users becomes a ChannelAffine module; it round-trips."""
-
-    class TwoUsers(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 8)
-
-        def forward(self, x):
-            z = self.fc1(x)
-            return self.fc2(self.act(z)) + z  # z is used twice: the affine map cannot go into fc1
-
-    model = TwoUsers().eval()
-    force_rows_(model.fc1, ["sat", "lin6", "off", "lin6"] * 2, 1.0, seed=0)
-    gm, _ = check_fold(model, uniform(128, 6, seed=1), uniform(128, 6, seed=2))
-    assert any(type(m).__name__ == "ChannelAffine" for m in gm.modules())
-    save(gm, tmp_path / "f")
-    x = uniform(8, 6, seed=3)
-    with torch.no_grad():
-        assert torch.equal(load(tmp_path / "f")(x), gm(x))
-
-
-def _tamper(tmp_path, gm, edit) -> None:
-    save(gm, tmp_path / "t")
-    path = tmp_path / "t" / "recipe.json"
-    recipe = json.loads(path.read_text())
-    edit(recipe)
-    path.write_text(json.dumps(recipe))
-
-
-def _first(recipe, op):
-    return next(n for n in recipe["nodes"] if n["op"] == op)
-
-
-@pytest.mark.parametrize(
-    "edit, match",
-    [
-        (lambda r: next(iter(r["modules"].values())).update({"class": "os.system"}), "allow-list"),
-        (lambda r: _first(r, "call_module").update({"op": "call_function", "target": "os.system"}), "allow-list"),
-        (lambda r: _first(r, "call_module").update({"op": "call_function", "target": "builtins.eval"}), "allow-list"),
-        (lambda r: _first(r, "call_module").update({"op": "call_method", "target": "__reduce_ex__"}), "allow-list"),
-        (lambda r: _first(r, "call_module").update({"op": "get_attr", "target": "__class__.__init__.__globals__",
-                                                    "args": {"tuple": []}}), "attribute"),
-        (lambda r: _first(r, "call_module").update({"target": "__class__"}), "module"),
-        (lambda r: next(iter(r["modules"].values()))["kwargs"].update({"dtype": "os.system"}), "module"),
-        (lambda r: r.update({"format": "pickle"}), "not a nepenthe"),
-    ],
-    ids=["module-class", "function", "builtins-eval", "method", "get_attr", "undeclared-module", "kwargs", "format"],
-)
-def test_tampered_recipe_is_refused(tmp_path, folded_cnn, edit, match):
-    _tamper(tmp_path, folded_cnn[0], edit)
-    with pytest.raises(RecipeError, match=match):
-        load(tmp_path / "t")
-
-
-def test_load_missing_or_broken_recipe(tmp_path):
-    with pytest.raises(RecipeError, match="no recipe.json"):
-        load(tmp_path)
-    (tmp_path / "recipe.json").write_text("{not json")
-    with pytest.raises(RecipeError, match="not valid JSON"):
-        load(tmp_path)
-
-
-def test_save_refuses_modules_outside_the_allow_list(tmp_path):
-    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
-    with pytest.raises(RecipeError, match="Tanh"):
-        save(gm, tmp_path / "x")
-
-
-def test_folded_model_exports_with_torch_export(folded_cnn):
-    gm, x = folded_cnn
-    exported = torch.export.export(gm, (x,))
-    with torch.no_grad():
-        assert rel_err(exported.module()(x), gm(x)) <= FP32_TOL

@@ -185,7 +185,8 @@ class MLPBlock(nn.Module):
     def __init__(self, dim=16, hidden=64, residual=True, prenorm=False):
         super().__init__()
         self.norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
-        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1)
+        self.fc2 = nn.Linear(hidden, dim)
         self.residual = residual
 
     def forward(self, x):

@@ -2,6 +2,8 @@
 
 from .algebra import ChannelAffine
 from .core import FoldError, FoldReport, count_flops, critical_path, fold
-from .recipe import RecipeError, load, save
+from .export import export_onnx
+from .recipe import RecipeError, load, register_module, save
 
-__all__ = ["ChannelAffine", "FoldError", "FoldReport", "RecipeError", "count_flops", "critical_path", "fold", "load", "save"]
+__all__ = ["ChannelAffine", "FoldError", "FoldReport", "RecipeError", "count_flops", "critical_path", "export_onnx",
+           "fold", "load", "register_module", "save"]

@@ -113,7 +113,7 @@ class StateRectifier(nn.Module):
 
 def _state_maps(rect: Rectifier, hist: torch.Tensor, stats: EntropyStats, name: str, approximate: bool):
     """(keep φ, slope, offset) per neuron: what folding makes of this call site."""
-    off, on, sat = stats.always_off[name].cpu(), stats.always_on[name].cpu(), stats.always_saturated[name].cpu()
+    off, sat = stats.always_off[name].cpu(), stats.always_saturated[name].cpu()
     regions = rect.region_affine()
     slope = torch.ones(hist.shape[0], dtype=torch.float64)
     offset = torch.zeros(hist.shape[0], dtype=torch.float64)
