@@ -10,6 +10,8 @@ measured latency whether that is worth it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,29 @@ def dense_weight64(m: LinearLike) -> torch.Tensor:
 
 def is_foldable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_plain_conv(m)
+
+
+# Conv-like modules computing ``conv(x, weight, bias, stride, padding, groups) + r(x)`` where r does
+# not depend on ``weight``/``bias`` (border.BorderCorrectedConv registers itself here). Adding a
+# skip or a parallel branch only changes ``weight`` and ``bias``, so those merges accept them;
+# composing them with another conv does not (they are never "foldable").
+COMPOSED_CONVS: list[type] = []
+
+
+def is_composed_conv(m: nn.Module) -> bool:
+    return isinstance(m, tuple(COMPOSED_CONVS))
+
+
+def _with_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor, **conv_overrides) -> nn.Module:
+    """A copy of conv ``m`` (plain or composed) with a new kernel and bias."""
+    if is_composed_conv(m):
+        new = copy.deepcopy(m)
+        if conv_overrides.get("kernel_size", new.kernel_size) != new.kernel_size \
+                or conv_overrides.get("padding", new.padding) != new.padding:
+            raise ValueError("a composed conv keeps its kernel size and padding")
+        return _set(new, weight, bias)
+    kwargs = {"kernel_size": tuple(weight.shape[2:]), **conv_overrides}
+    return _set(_like(m, m.in_channels, m.out_channels, **kwargs), weight, bias)
 
 
 def _bias64(m: LinearLike) -> torch.Tensor:
@@ -148,7 +173,7 @@ def identity_blocker(m: nn.Module) -> str | None:
     """Why ``x + m(x)`` cannot be folded into ``m``, or None when it can."""
     if isinstance(m, nn.Linear):
         return None if m.in_features == m.out_features else "the skip adds a vector of another width"
-    if not is_plain_conv(m) or m.groups != 1:
+    if not (is_plain_conv(m) or is_composed_conv(m)) or m.groups != 1:
         return "only plain convs (without groups) and Linear absorb a skip connection"
     if m.in_channels != m.out_channels or any(s != 1 for s in m.stride):
         return "the skip path changes shape (channels or stride)"
@@ -158,7 +183,7 @@ def identity_blocker(m: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def add_identity(m: LinearLike) -> LinearLike:
+def add_identity(m: nn.Module) -> nn.Module:
     """A copy of ``m`` computing x + m(x): W + I, or a centred delta kernel added for convs."""
     reason = identity_blocker(m)
     if reason:
@@ -167,8 +192,9 @@ def add_identity(m: LinearLike) -> LinearLike:
     channels = torch.arange(w.shape[0], device=w.device)
     centre = tuple(k // 2 for k in w.shape[2:])
     w[(channels, channels) + centre] += 1.0
-    new = _like(m, w.shape[1], w.shape[0])
-    return _set(new, w, _bias64(m))
+    if isinstance(m, nn.Linear):
+        return _set(_like(m, w.shape[1], w.shape[0]), w, _bias64(m))
+    return _with_weights(m, w, _bias64(m))
 
 
 def _branch_offsets(a: nn.Module, b: nn.Module) -> list[tuple[int, int]] | None:
@@ -182,23 +208,40 @@ def _branch_offsets(a: nn.Module, b: nn.Module) -> list[tuple[int, int]] | None:
     return offsets
 
 
+def _branch_layout(a: nn.Module, b: nn.Module):
+    """(a, b, offsets, kernel size, padding) of ``a(x) + b(x)`` as one conv whose kernel is a's
+    size or larger (a composed conv always comes first: its kernel cannot change), or a reason."""
+    convs = [is_plain_conv(m) or is_composed_conv(m) for m in (a, b)]
+    if not all(convs) or len(a.kernel_size) != len(b.kernel_size):
+        return "only two Linear or two convs of the same dimension are summed into one op"
+    if is_composed_conv(a) and is_composed_conv(b):
+        return "both branches are composed convs with their own border corrections"
+    if is_composed_conv(b):
+        a, b = b, a
+    if (a.in_channels, a.out_channels) != (b.in_channels, b.out_channels) or a.stride != b.stride:
+        return "the two branches differ in channels or stride"
+    offsets = _branch_offsets(a, b)
+    if offsets is None:
+        return "the two branches' kernels are not aligned on the same output grid (kernel/padding)"
+    size = tuple(max(oa + ka, ob + kb) for (oa, ob), ka, kb in zip(offsets, a.kernel_size, b.kernel_size))
+    padding = tuple(max(pa, pb) for pa, pb in zip(a.padding, b.padding))
+    if is_composed_conv(a) and (size != tuple(a.kernel_size) or padding != tuple(a.padding) or a.groups != 1):
+        return "the other branch's kernel does not fit inside the composed conv's"
+    return a, b, offsets, size, padding
+
+
 def branches_blocker(a: nn.Module, b: nn.Module) -> str | None:
     """Why ``a(x) + b(x)`` cannot be one op, or None when it can."""
     if isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
         if (a.in_features, a.out_features) != (b.in_features, b.out_features):
             return "the two branches have different widths"
         return None
-    if not (is_plain_conv(a) and is_plain_conv(b)) or type(a) is not type(b):
-        return "only two Linear or two plain convs of the same dimension are summed into one op"
-    if (a.in_channels, a.out_channels) != (b.in_channels, b.out_channels) or a.stride != b.stride:
-        return "the two branches differ in channels or stride"
-    if _branch_offsets(a, b) is None:
-        return "the two branches' kernels are not aligned on the same output grid (kernel/padding)"
-    return None
+    layout = _branch_layout(a, b)
+    return layout if isinstance(layout, str) else None
 
 
 @torch.no_grad()
-def merge_branches(a: LinearLike, b: LinearLike) -> LinearLike:
+def merge_branches(a: nn.Module, b: nn.Module) -> nn.Module:
     """One op computing ``a(x) + b(x)``: the weights summed, the smaller conv kernel placed where
     its padding puts it in the larger one (e.g. a 1×1 projection at the centre of a 3×3)."""
     reason = branches_blocker(a, b)
@@ -207,17 +250,14 @@ def merge_branches(a: LinearLike, b: LinearLike) -> LinearLike:
     if isinstance(a, nn.Linear):
         new = _like(a, a.in_features, a.out_features)
         return _set(new, dense_weight64(a) + dense_weight64(b), _bias64(a) + _bias64(b))
-    offsets = _branch_offsets(a, b)
-    size = tuple(max(oa + ka, ob + kb) for (oa, ob), ka, kb in zip(offsets, a.kernel_size, b.kernel_size))
+    a, b, offsets, size, padding = _branch_layout(a, b)
     wa, wb = dense_weight64(a), dense_weight64(b)
     kernel = wa.new_zeros(wa.shape[:2] + size)
     for w, which in ((wa, 0), (wb, 1)):
         index = (slice(None), slice(None)) + tuple(slice(o[which], o[which] + k)
                                                    for o, k in zip(offsets, w.shape[2:]))
         kernel[index] += w
-    padding = tuple(max(pa, pb) for pa, pb in zip(a.padding, b.padding))
-    new = _like(a, a.in_channels, a.out_channels, kernel_size=size, stride=a.stride, padding=padding)
-    return _set(new, kernel, _bias64(a) + _bias64(b))
+    return _with_weights(a, kernel, _bias64(a) + _bias64(b), stride=a.stride, padding=padding)
 
 
 @torch.no_grad()

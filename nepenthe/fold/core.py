@@ -44,7 +44,7 @@ from ..entropy import EntropyStats
 from ..graph import Site, find_sites, trace
 from ..latency import compare_latency
 from ..masks import remove_masks
-from . import algebra
+from . import algebra, border
 from .planner import Candidate, Planner
 
 
@@ -493,6 +493,11 @@ def _erase(gm: fx.GraphModule, *nodes: fx.Node) -> None:
         gm.graph.erase_node(node)
 
 
+def _linear_op(m: nn.Module | None) -> bool:
+    """Linear ops a skip or a parallel branch can be added into (composed convs included)."""
+    return algebra.is_foldable(m) or algebra.is_composed_conv(m)
+
+
 def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
     """``x + m(x)`` -> one op (identity added into m), and ``a(x) + b(x)`` -> one op."""
     if not (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs):
@@ -500,7 +505,7 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
     a, b = node.args
     for skip, body in ((a, b), (b, a)):
         m = _module(gm, body)
-        if algebra.is_foldable(m) and _only_user(body) is node and body.args and body.args[0] is skip:
+        if _linear_op(m) and _only_user(body) is node and body.args and body.args[0] is skip:
             reason = algebra.identity_blocker(m)
             if reason:
                 _note_blocked(report, f"skip + {body.target}", reason)
@@ -514,7 +519,7 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
             yield Candidate(f"skip + {body.target}", skip, lambda x, m=m: x + m(x),
                             lambda m=m: algebra.add_identity(m), apply)
     ma, mb = _module(gm, a), _module(gm, b)
-    if (algebra.is_foldable(ma) and algebra.is_foldable(mb) and a is not b and _only_user(a) is node
+    if (_linear_op(ma) and _linear_op(mb) and a is not b and _only_user(a) is node
             and _only_user(b) is node and a.args and b.args and a.args[0] is b.args[0]):
         key = f"{a.target} + {b.target}"
         reason = algebra.branches_blocker(ma, mb)
@@ -544,23 +549,27 @@ def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
                       or "only Linear, Conv1d and Conv2d are merged")
         return
     key = f"{prev.target} + {node.target}"
+    corrected = False
     if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
         build = lambda: algebra.merge_linear_linear(first, second)  # noqa: E731
     elif isinstance(first, nn.Linear) or isinstance(second, nn.Linear):
         return
     else:
-        reason = algebra.conv_merge_blocker(first, second)
+        reason = border.merge_padded_blocker(first, second)
         if reason:
             _note_blocked(report, f"{prev.target} -> {node.target}", reason)
             return
-        build = lambda: algebra.merge_conv_conv(first, second)  # noqa: E731
+        build = lambda: border.merge_padded(first, second)  # noqa: E731
+        # a zero-padding second conv makes the merge exact only with a border correction
+        corrected = algebra.conv_merge_blocker(first, second) is not None
 
     def apply(merged):
         _set_module(gm, node.target, merged)
         node.args = (prev.args[0],) + tuple(node.args[1:])
         _erase(gm, prev)
 
-    yield Candidate(key, prev.args[0], lambda x: second(first(x)), build, apply)
+    yield Candidate(key, prev.args[0], lambda x: second(first(x)), build, apply,
+                    corrected=not isinstance(first, nn.Linear) and corrected)
 
 
 def _candidates(gm: fx.GraphModule, report: FoldReport):
@@ -574,11 +583,10 @@ def merge_linear_ops(gm: fx.GraphModule, report: FoldReport, planner: Planner) -
     if not planner.merges:
         return
     rejected: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
+
+    def merge_one(corrected: bool) -> bool:
         for candidate in _candidates(gm, report):
-            if candidate.key in rejected:
+            if candidate.key in rejected or candidate.corrected != corrected:
                 continue
             merged = candidate.build()
             if not planner.accept(candidate, merged):
@@ -587,8 +595,13 @@ def merge_linear_ops(gm: fx.GraphModule, report: FoldReport, planner: Planner) -
             candidate.apply(merged)
             report.ops_merged += 1
             report.merges.append(candidate.key)
-            changed = True
-            break
+            return True
+        return False
+
+    # plain merges first: a border-corrected conv composes no further, so e.g. in an inverted
+    # residual the depthwise and projection convs merge before the expansion conv joins them
+    while merge_one(False) or merge_one(True):
+        pass
 
 
 # ----- entry point ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class Candidate:
     unmerged: Callable[[torch.Tensor], torch.Tensor]  # what the graph computes now
     build: Callable[[], nn.Module]  # the merged op (built only when considered)
     apply: Callable[[nn.Module], None]  # rewrite the graph to use it
+    corrected: bool = False  # the merged op needs a border correction (tried after the plain merges)
 
 
 @dataclass

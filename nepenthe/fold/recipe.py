@@ -160,6 +160,7 @@ def _state_rectifier(kwargs: dict) -> nn.Module:
 
 
 def _register_builtin_modules() -> None:
+    from .border import BorderCorrectedConv
     from .scenario import StateRectifier
 
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d):
@@ -199,12 +200,12 @@ def _register_builtin_modules() -> None:
                                                  sparse=m.sparse))
     register_module(ChannelAffine, lambda m: dict(channels=m.slope.numel(), channel_dim=m.channel_dim),
                     build=_channel_affine)
-    constant_channels = getattr(algebra, "ConstantChannels", None)
-    if constant_channels is not None:
-        register_module(constant_channels,
-                        lambda m: dict(channels=m.value.numel(), channel_dim=m.channel_dim, geometry=m.geometry),
-                        build=lambda kw: constant_channels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
-                                                           list(kw["geometry"])))
+    register_module(algebra.ConstantChannels,
+                    lambda m: dict(channels=m.value.numel(), channel_dim=m.channel_dim, geometry=m.geometry),
+                    build=lambda kw: algebra.ConstantChannels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
+                                                              list(kw["geometry"])))
+    register_module(BorderCorrectedConv, BorderCorrectedConv.recipe_kwargs,
+                    build=BorderCorrectedConv.from_recipe_kwargs)
     register_module(StateRectifier, _state_rectifier_args, build=_state_rectifier)
 
 
