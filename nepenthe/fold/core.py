@@ -137,7 +137,9 @@ def critical_path(gm: fx.GraphModule) -> int:
 
 
 def count_linear_ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if isinstance(_module(gm, n), algebra.LinearLike.__args__))
+    """Conv/Linear calls in the graph (a border-corrected composed conv counts as one)."""
+    return sum(1 for n in gm.graph.nodes
+               if isinstance(_module(gm, n), algebra.LinearLike.__args__) or algebra.is_composed_conv(_module(gm, n)))
 
 
 def _params(m: nn.Module) -> int:
@@ -255,7 +257,7 @@ def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
             replacement = producer
             if not (bool((slope == 1).all()) and bool((offset == 0).all())):
                 dtype = prod_module.weight.dtype if prod_module is not None and hasattr(prod_module, "weight") \
-                    else torch.float32
+                    else _model_dtype(gm)
                 target = f"{name.replace('.', '_').replace('#', '_').replace('()', '')}_affine"
                 gm.add_submodule(target, algebra.ChannelAffine(slope.to(dtype), offset.to(dtype), channel_dim))
                 with gm.graph.inserting_after(node):
@@ -268,17 +270,36 @@ def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
     report.rectifier_layers_removed = len(report.removed)
 
 
+def _model_dtype(gm: fx.GraphModule) -> torch.dtype:
+    param = next(gm.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+
+
+def dead_neuron_producer(gm: fx.GraphModule, node: fx.Node, channels: int, channel_dim) -> fx.Node | None:
+    """The Conv/Linear whose rows can absorb zeroing the always-OFF neurons of the ReLU at ``node``
+    (it feeds only that ReLU, possibly through a BatchNorm that folding fuses into it), or None:
+    then the ReLU stays as it is (``scenario.linearized`` asks the same question)."""
+    producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    m = _module(gm, producer)
+    if isinstance(m, BATCHNORM_MODULES) and _only_user(producer) is node and m.track_running_stats:
+        inner = producer.args[0] if producer.args and isinstance(producer.args[0], fx.Node) else None
+        if inner is not None and _only_user(inner) is producer:
+            producer, node, m = inner, producer, _module(gm, inner)
+    if (algebra.is_foldable(m) and _only_user(producer) is node and m.weight.shape[0] == channels
+            and _same_channel_dim(m, channel_dim)):
+        return producer
+    return None
+
+
 def _zero_dead_neurons(gm: fx.GraphModule, node: fx.Node, rect: Rectifier, off: torch.Tensor, channel_dim) -> None:
     """Always-OFF neurons of a ReLU/ReLU6 that stays output 0 on the data: make their input 0 too,
     so the constant-channel pass can delete them."""
     if not (rect.exact and rect.off_slope == 0.0) or not bool(off.any()):
         return
-    producer = node.args[0]
-    m = _module(gm, producer)
-    if algebra.is_foldable(m) and _only_user(producer) is node and m.weight.shape[0] == off.numel() \
-            and _same_channel_dim(m, channel_dim):
+    producer = dead_neuron_producer(gm, node, off.numel(), channel_dim)
+    if producer is not None:
         keep = (~off).to(torch.float64)
-        algebra.scale_output_channels_(m, keep, torch.zeros_like(keep))
+        algebra.scale_output_channels_(_module(gm, producer), keep, torch.zeros_like(keep))
 
 
 # ----- pass 2b: emptied ops ------------------------------------------------------------------------
@@ -313,6 +334,8 @@ def _shape_source(gm: fx.GraphModule, node: fx.Node, linear: bool) -> tuple[fx.N
     geometry: list = []
     cur = node
     while cur.op != "placeholder" and len(cur.users) == 1 and cur.args and isinstance(cur.args[0], fx.Node):
+        if _is_inplace(gm, cur) and len(cur.args[0].users) > 1:
+            break  # what it writes into its input is read elsewhere: it must stay computed
         m = _module(gm, cur)
         if _elementwise(gm, cur) and len(cur.all_input_nodes) == 1:
             pass
@@ -338,6 +361,10 @@ def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: a
     value = const.value.clone().view(shape)  # a clone: inplace rectifiers must not touch the buffer
     geometry = const.geometry
     if _elementwise(gm, user):
+        if isinstance(m, algebra.ChannelAffine) and m.channel_dim != const.channel_dim:
+            return None  # per-channel along another dim (e.g. tokens vs features)
+        if isinstance(m, BATCHNORM_MODULES) and const.channel_dim != 1:
+            return None  # BatchNorm1d on (N, T, D) normalises dim 1, not the constant's features
         if m is not None:
             value = m(value)
         elif user.op == "call_method":
@@ -402,7 +429,7 @@ def absorb_constant_addends(gm: fx.GraphModule) -> bool:
             elif user.target is operator.iadd and user.args[0] is node:
                 user.target = operator.add
                 user.args = (user.args[1], node)
-    gm.graph.eliminate_dead_code()
+    _eliminate_dead_code(gm)
     return changed
 
 
@@ -426,7 +453,7 @@ def delete_empty_ops(gm: fx.GraphModule, report: FoldReport) -> None:
         node.args = (source,)
         report.ops_deleted.append(node.target)
         _propagate_constant(gm, node, const, report)
-    gm.graph.eliminate_dead_code()  # the ops that only fed an emptied op stop counting as users
+    _eliminate_dead_code(gm)  # the ops that only fed an emptied op stop counting as users
     absorb_constant_addends(gm)
 
 
@@ -715,6 +742,9 @@ def fold(
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     timing_args = args if latency_input is None else (latency_input if isinstance(latency_input, tuple)
                                                       else (latency_input,))
+    param = next(model.parameters(), None)
+    if param is not None:  # timed where the model lives
+        timing_args = tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in timing_args)
     was_training = model.training
     model.eval()
     try:
@@ -761,8 +791,15 @@ def fold(
     return result
 
 
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """fx's dead-code elimination, keeping inplace ops: their result may be unused while what they
+    wrote into their input is read (``relu_(x); ... + x``)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
+        n.op in ("call_module", "call_function", "call_method") and _is_inplace(gm, n)))
+
+
 def _recompile(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+    _eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

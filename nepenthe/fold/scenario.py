@@ -27,6 +27,7 @@ from ..activations import Rectifier
 from ..entropy import EntropyStats, measure
 from ..graph import find_sites, trace
 from ..masks import remove_masks
+from .core import dead_neuron_producer
 
 # per-neuron state codes of forced_stats
 ON, OFF, SAT, MIXED = 0, 1, 2, 3
@@ -70,7 +71,7 @@ def forced_stats(model: nn.Module, example_input, states: Mapping[str, object] |
             continue
         codes = _codes(name, state, hist.shape[0], stats.sites[name].rectifier)
         forced = torch.zeros_like(hist)
-        forced[:, ops.ON] = ((codes == ON) | (codes == MIXED)).long()
+        forced[:, ops.ON] = ((codes == ON) | (codes == MIXED) | (codes == SAT)).long()  # SAT counts are a subset of ON
         forced[:, ops.OFF] = ((codes == OFF) | (codes == MIXED)).long()
         forced[:, ops.SAT] = (codes == SAT).long()
         stats.histogram[name] = forced
@@ -111,8 +112,10 @@ class StateRectifier(nn.Module):
         return torch.where(self.keep.view(shape), self.rect.apply(z), affine)
 
 
-def _state_maps(rect: Rectifier, hist: torch.Tensor, stats: EntropyStats, name: str, approximate: bool):
-    """(keep φ, slope, offset) per neuron: what folding makes of this call site."""
+def _state_maps(rect: Rectifier, hist: torch.Tensor, stats: EntropyStats, name: str, approximate: bool,
+                zeroable: bool):
+    """(keep φ, slope, offset) per neuron: what folding makes of this call site (``zeroable``: its
+    dead neurons can be zeroed in the op that produces them, so folding does)."""
     off, sat = stats.always_off[name].cpu(), stats.always_saturated[name].cpu()
     regions = rect.region_affine()
     slope = torch.ones(hist.shape[0], dtype=torch.float64)
@@ -123,7 +126,7 @@ def _state_maps(rect: Rectifier, hist: torch.Tensor, stats: EntropyStats, name: 
         offset[sat] = regions["sat"][1]
     if stats.linearizable(name) and (rect.exact or approximate):
         return torch.zeros_like(off), slope, offset
-    if rect.exact and rect.off_slope == 0.0:  # folding zeroes the dead neurons of a ReLU that stays
+    if rect.exact and rect.off_slope == 0.0 and zeroable:  # folding zeroes the dead neurons of a ReLU that stays
         return ~off, torch.zeros_like(slope), offset * 0
     return torch.ones_like(off), slope, offset
 
@@ -143,7 +146,9 @@ def linearized(model: nn.Module, stats: EntropyStats, *, approximate: bool = Fal
         if site.name not in stats.histogram:
             continue
         info = stats.sites[site.name]
-        keep, slope, offset = _state_maps(site.rectifier, stats.histogram[site.name], stats, site.name, approximate)
+        hist = stats.histogram[site.name]
+        zeroable = dead_neuron_producer(gm, site.node, hist.shape[0], info.channel_dim) is not None
+        keep, slope, offset = _state_maps(site.rectifier, hist, stats, site.name, approximate, zeroable)
         if bool(keep.all()):
             continue
         target = f"_state_{len(list(gm.named_children()))}"
