@@ -1,6 +1,7 @@
 """The ``nepenthe`` console script.
 
     nepenthe run --dataset digits --model mlp --out runs/digits-mlp
+    nepenthe bench --scenarios resnet18,mlp_block --batches 1,32 --modes eager --threads 2 --out bench-out
 """
 
 from __future__ import annotations
@@ -62,14 +63,73 @@ def _run(args) -> int:
     return 0
 
 
+def _csv_list(kind: str, cast=str):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one {kind}")
+        try:
+            return [cast(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{kind}s must be a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _bench_parser(sub) -> None:
+    from .benchmark import DEFAULT_BATCHES, MODES, available_scenarios
+
+    p = sub.add_parser("bench", help="latency before/after folding of the paper's models (batch sweep, eager "
+                       "and torch.compile); writes bench.json, bench.csv, bench.png",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scenarios", type=_csv_list("scenario"), default=list(available_scenarios()),
+                   help=f"comma-separated, from {','.join(available_scenarios())}")
+    p.add_argument("--batches", type=_csv_list("batch size", int), default=list(DEFAULT_BATCHES),
+                   help="comma-separated batch sizes")
+    p.add_argument("--modes", type=_csv_list("mode"), default=list(MODES),
+                   help=f"comma-separated, from {','.join(MODES)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=10, help="timing blocks per model (median and IQR over them)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model before timing")
+    p.add_argument("--planner", default=None, choices=["latency", "all", "none"],
+                   help="fold planner for every scenario (default: each scenario's; ignored by a fold without one)")
+    p.add_argument("--fold-batch", type=int, default=None,
+                   help="fold once per scenario on a batch of this size (default: fold at each batch size)")
+    p.add_argument("--out", default="bench-out", help="output folder (bench.json, bench.csv, bench.png)")
+
+
+def _bench(args) -> int:
+    from .benchmark import MODES, available_scenarios, main_bench
+
+    unknown = [s for s in args.scenarios if s not in available_scenarios()]
+    if unknown:
+        raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(available_scenarios())}")
+    bad = [b for b in args.batches if b < 1]
+    if bad:
+        raise ValueError(f"batch sizes must be >= 1, got {bad[0]}")
+    modes = [m for m in args.modes if m not in MODES]
+    if modes:
+        raise ValueError(f"unknown mode {modes[0]!r}; choose from {', '.join(MODES)}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.fold_batch is not None and args.fold_batch < 1:
+        raise ValueError(f"--fold-batch must be >= 1, got {args.fold_batch}")
+    main_bench(args.scenarios, args.batches, args.modes, args.device, args.threads, args.repeats, args.warmup,
+               args.out, planner=args.planner, fold_batch=args.fold_batch)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nepenthe", description="Entropy-based pruning that removes layers.")
     parser.add_argument("--version", action="version", version=f"nepenthe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _bench(args) if args.command == "bench" else _run(args)
     except (ValueError, RuntimeError, OSError) as exc:  # user-facing errors: one clear line, no traceback
         print(f"nepenthe {args.command}: error: {exc}", file=sys.stderr)
         return 2

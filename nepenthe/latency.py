@@ -1,9 +1,11 @@
 """Layer 5: latency of a model on one input, and of two models compared fairly (SPEC §5).
 
-Built on ``torch.utils.benchmark.Timer``, which fixes the thread count for the measurement and
-synchronises CUDA around each timed block. We add warm-up, repeated blocks (the spread is over
-blocks, each of ``number`` calls), median / IQR in milliseconds, and, for comparisons, blocks of
-the two models interleaved (ABBA) so that drift of the machine (frequency, other load) hits both alike.
+Built on ``torch.utils.benchmark.Timer`` on CPU, which fixes the thread count for the
+measurement; on CUDA devices each timed block is bracketed by CUDA events on the current stream
+(:class:`CudaEventTimer`), so that the GPU time of the block is measured, not the host's. We add
+warm-up, repeated blocks (the spread is over blocks, each of ``number`` calls), median / IQR in
+milliseconds, and, for comparisons, blocks of the two models interleaved (ABBA) so that drift of
+the machine (frequency, other load) hits both alike.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,7 +57,48 @@ def _prepare(model: nn.Module, example_input, device: torch.device | None):
     return model.to(device).eval(), args, device
 
 
-def _timer(model: nn.Module, args: tuple, threads: int) -> Timer:
+@dataclass
+class _Block:
+    """Seconds per call of one timed block (the fields of ``torch.utils.benchmark.Measurement`` used here)."""
+
+    mean: float
+
+    @property
+    def median(self) -> float:
+        return self.mean
+
+
+class CudaEventTimer:
+    """Times blocks of calls of ``fn`` with CUDA events; ``timeit(number).mean`` is seconds per call.
+
+    The same interface as the part of ``torch.utils.benchmark.Timer`` used here. The device is
+    synchronised before each block (so that earlier work is not counted) and the end event is
+    waited for; the elapsed time is the GPU's, between the two events on the current stream.
+    """
+
+    def __init__(self, fn: Callable[[], object], device: torch.device, threads: int, no_grad: bool = True):
+        self.fn, self.device, self.threads, self.no_grad = fn, device, threads, no_grad
+
+    def timeit(self, number: int) -> _Block:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.cuda.device(self.device), torch.no_grad() if self.no_grad else nullcontext():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(self.device)
+                start.record()
+                for _ in range(number):
+                    self.fn()
+                end.record()
+                end.synchronize()
+                return _Block(mean=start.elapsed_time(end) / 1e3 / number)
+        finally:
+            torch.set_num_threads(before)
+
+
+def _timer(model: nn.Module, args: tuple, threads: int, device: torch.device | None = None):
+    if device is not None and device.type == "cuda":
+        return CudaEventTimer(lambda: model(*args), device, threads)
     # no_grad in the statement itself: Timer runs it in its own scope
     return Timer(stmt="with torch.no_grad(): model(*args)", globals={"model": model, "args": args, "torch": torch},
                  num_threads=threads)
@@ -85,7 +129,7 @@ def latency(model: nn.Module, example_input, *, warmup: int = 5, repeats: int = 
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     model, args, dev = _prepare(model, example_input, torch.device(device) if device else None)
     threads = threads or torch.get_num_threads()
-    timer = _timer(model, args, threads)
+    timer = _timer(model, args, threads, dev)
     if warmup:
         timer.timeit(warmup)
     number = number or _auto_number(timer)
@@ -99,7 +143,8 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmu
     m1, args, dev = _prepare(before, example_input, torch.device(device) if device else None)
     m2, _, _ = _prepare(after, example_input, dev)
     threads = threads or torch.get_num_threads()
-    results = _interleaved([_timer(m1, args, threads), _timer(m2, args, threads)], warmup, repeats, threads, dev)
+    results = _interleaved([_timer(m1, args, threads, dev), _timer(m2, args, threads, dev)], warmup, repeats, threads,
+                           dev)
     return results[0], results[1]
 
 
@@ -108,8 +153,12 @@ def compare_calls(calls: Mapping[str, Callable[[], object]], *, warmup: int = 5,
     """Latency of several zero-argument callables (e.g. a fused op and the plain PyTorch way),
     timing blocks interleaved with the order rotating each round, the same calls per block for all."""
     threads = threads or torch.get_num_threads()
-    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in calls.values()]
-    results = _interleaved(timers, warmup, repeats, threads, torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda":
+        timers = [CudaEventTimer(fn, device, threads, no_grad=False) for fn in calls.values()]
+    else:
+        timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in calls.values()]
+    results = _interleaved(timers, warmup, repeats, threads, device)
     return dict(zip(calls, results))
 
 

@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import nepenthe
-from nepenthe import ops
 from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.graph import find_sites
 
