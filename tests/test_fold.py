@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from nepenthe import FoldError, TraceError, fold, measure
 from nepenthe.fold import FoldReport, critical_path
+from nepenthe.fold.border import BorderCorrectedConv
 from nepenthe.masks import get_mask, set_mask
 from nepenthe.models import MLP, ResidualMLP, SmallCNN
 
@@ -270,9 +271,10 @@ def test_residual_mlp_emptied_blocks_fold_with_their_skip(all_linear):
         assert len(constants) == 2
 
 
-def test_conv_bn_chain_merges_1x1_and_skips_padded_second_conv():
+def test_conv_bn_chain_merges_1x1_and_padded_second_conv_with_border_correction():
     """SmallCNN (width 4): conv1 3×3 + BN + ReLU (forced) → conv2 1×1 + BN: merged into one 3×3;
-    conv3 3×3 + BN + ReLU (forced) → conv4 3×3 padded: not merged, the reason is reported."""
+    conv3 3×3 + BN + ReLU (forced) → conv4 3×3 padded: merged into one 5×5 whose border is corrected
+    (a composed kernel alone would see conv3's response where conv4 saw zero padding)."""
     model = SmallCNN(in_channels=1, num_classes=3, input_size=8, width=4).eval()
     f = model.features
     calib = uniform(256, 1, 8, 8, seed=1)
@@ -291,14 +293,14 @@ def test_conv_bn_chain_merges_1x1_and_skips_padded_second_conv():
     assert stats.zero_entropy_layers == ["features.relu1", "features.relu3"]
     assert report.batchnorms_fused == 4
     assert report.removed == ["features.relu1", "features.relu3"]
-    assert report.merges == ["features.conv1 + features.conv2"] and report.ops_merged == 1
-    assert report.skipped == [{"node": "features.conv3 -> features.conv4",
-                               "reason": "the second conv zero-pads, so a merged kernel would be wrong at the borders"}]
-    assert report.channels_removed == {"features.conv1": 1, "features.conv3": 2}
+    assert report.merges == ["features.conv1 + features.conv2", "features.conv3 + features.conv4"]
+    assert report.ops_merged == 2 and report.skipped == []
+    assert report.channels_removed == {"features.conv1": 1, "features.conv3": 2}  # before merging
     assert gm.features.conv2.kernel_size == (3, 3) and gm.features.conv2.padding == (1, 1)
-    assert gm.features.conv3.out_channels == 6 and gm.features.conv4.in_channels == 6
+    assert isinstance(gm.features.conv4, BorderCorrectedConv) and gm.features.conv4.kernel_size == (5, 5)
+    assert gm.features.conv4.padding == (2, 2)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
-    assert report.linear_ops_before == 6 and report.linear_ops_after == 5
+    assert report.linear_ops_before == 6 and report.linear_ops_after == 4
     assert report.critical_path_after < report.critical_path_before
     assert report.params_after < report.params_before
 
