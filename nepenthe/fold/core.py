@@ -45,7 +45,7 @@ from ..graph import Site, find_sites, trace
 from ..latency import compare_latency
 from ..masks import remove_masks
 from . import algebra, border
-from .planner import Candidate, Planner
+from .planner import Candidate, Planner, paired_ratio
 
 
 class FoldError(RuntimeError):
@@ -823,18 +823,26 @@ def _verify(gm: fx.GraphModule, args: tuple, reference: torch.Tensor, report: Fo
 def _faster_of(model: nn.Module, gm: fx.GraphModule, timing_args: tuple, report: FoldReport,
                plan: Planner) -> nn.Module:
     """The folded model if it measured faster than ``model`` on the latency input, else a copy of
-    ``model`` (eval, masks dropped): fold never hands back something slower than what it got."""
+    ``model`` (eval, masks dropped): fold never hands back something slower than what it got.
+    When no rectifier, op or channel went away there is nothing to measure: the copy it is."""
+    if not (report.rectifier_layers_removed or report.ops_merged or report.ops_deleted or report.channels_removed):
+        report.planner["model_ms"] = None
+        return _original(model, report)
     was_training = model.training
     try:
         before, after = compare_latency(model, gm, timing_args, repeats=plan.repeats, warmup=plan.warmup,
                                         threads=plan.threads)
     finally:
         model.train(was_training)
+    ratio = paired_ratio(before, after)
     report.planner["model_ms"] = {"unfolded": before.median_ms, "folded": after.median_ms,
-                                  "unfolded_iqr": before.iqr_ms, "folded_iqr": after.iqr_ms}
-    if after.median_ms < before.median_ms:
+                                  "unfolded_iqr": before.iqr_ms, "folded_iqr": after.iqr_ms, "ratio": ratio}
+    if ratio < 1.0:
         return gm
+    return _original(model, report)
+
+
+def _original(model: nn.Module, report: FoldReport) -> nn.Module:
     report.returned = "original"
-    original = remove_masks(copy.deepcopy(model)).eval()
     report.max_abs_error, report.max_rel_error = 0.0, 0.0
-    return original
+    return remove_masks(copy.deepcopy(model)).eval()

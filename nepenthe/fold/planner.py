@@ -69,10 +69,21 @@ class Planner:
                                 warmup=self.warmup, repeats=self.repeats, threads=self.threads,
                                 device=x.device)
         before, after = timings["unmerged"].median_ms, timings["merged"].median_ms
-        accepted = after < before
+        ratio = paired_ratio(timings["unmerged"], timings["merged"])
+        accepted = ratio < 1.0
         self.decisions.append({"candidate": candidate.key, "merged": accepted, "unmerged_ms": before,
-                               "merged_ms": after, "shape": list(x.shape)})
+                               "merged_ms": after, "ratio": ratio, "shape": list(x.shape)})
         return accepted
+
+
+def paired_ratio(before, after) -> float:
+    """Median over rounds of after/before, each round's two blocks timed back to back: load from
+    other processes hits both blocks of a round alike, so this is steadier than a ratio of medians."""
+    ratios = sorted(b / a for a, b in zip(before.samples_ms, after.samples_ms) if a > 0)
+    if not ratios:
+        return after.median_ms / before.median_ms if before.median_ms > 0 else 1.0
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
 
 
 def _no_grad(fn, x):
