@@ -18,6 +18,7 @@ from nepenthe.fold.algebra import (
     ChannelAffine,
     absorb_constant_inputs_,
     add_identity,
+    compose_kernels64,
     conv_merge_blocker,
     identity_blocker,
     is_foldable,
@@ -173,6 +174,21 @@ def test_merge_conv1d_conv1d_equals_composition(k1, k2, s1, s2, p1, length, bias
     _, _, merged = build(torch.float32)
     assert isinstance(merged, nn.Conv1d)
     assert merged.kernel_size == (k1 + s1 * (k2 - 1),)
+
+
+@SETTINGS
+@given(dims=st.sampled_from([1, 2]), groups=st.integers(1, 3), n=st.integers(1, 4), m_per=st.integers(1, 3),
+       c_per=st.integers(1, 3), data=st.data())
+def test_compose_kernels64_equals_the_transposed_conv(dims, groups, n, m_per, c_per, data):
+    """The matmul-per-tap composition against PyTorch's own float64 transposed convolution."""
+    sizes = st.tuples(*[st.integers(1, 5)] * dims)
+    k2, k1, stride = data.draw(sizes), data.draw(sizes), data.draw(st.tuples(*[st.integers(1, 3)] * dims))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    w2 = torch.randn((n, groups * m_per) + k2, dtype=torch.float64)
+    w1 = torch.randn((groups * m_per, c_per) + k1, dtype=torch.float64)
+    transpose = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
+    ref = transpose(w2, w1, stride=stride, groups=groups)
+    assert rel_err(compose_kernels64(w2, w1, stride, groups=groups), ref) <= FP64_TOL
 
 
 def test_merge_conv_conv_three_in_a_row():

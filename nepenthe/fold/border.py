@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .algebra import COMPOSED_CONVS, _set, conv_merge_blocker, merge_conv_conv
+from .algebra import COMPOSED_CONVS, _set, compose_kernels64, conv_merge_blocker, merge_conv_conv
 
 Conv = nn.Conv1d | nn.Conv2d
 
-_CONV = {1: (nn.Conv1d, F.conv1d, F.conv_transpose1d), 2: (nn.Conv2d, F.conv2d, F.conv_transpose2d)}
+_CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d)}
 
 
 # ----- geometry ---------------------------------------------------------------------------------
@@ -116,8 +116,6 @@ def _ring_weight64(first: Conv, second: Conv) -> torch.Tensor:
 
 def _compose64(first: Conv, second: Conv) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Composed kernel (O, C/g, K…), bias (O,) in float64, and groups g = gcd(g1, g2)."""
-    dims = _dims(first)
-    transpose = _CONV[dims][2]
     w1, w2 = first.weight.detach().to(torch.float64), second.weight.detach().to(torch.float64).to(first.weight.device)
     g1, g2 = first.groups, second.groups
     g = math.gcd(g1, g2)
@@ -127,7 +125,7 @@ def _compose64(first: Conv, second: Conv) -> tuple[torch.Tensor, torch.Tensor, i
     k2 = tuple(w2.shape[2:])
     # The O/g output channels of each super-group form the batch; the super-groups are conv groups.
     inp = w2.reshape((g, o // g, m // g) + k2).transpose(0, 1).reshape((o // g, m) + k2)
-    kernel = transpose(inp, w1, stride=first.stride, groups=g)       # (O/g, C, K)
+    kernel = compose_kernels64(inp, w1, first.stride, groups=g)  # (O/g, C, K)
     big_k = tuple(kernel.shape[2:])
     kernel = kernel.reshape((o // g, g, c // g) + big_k).transpose(0, 1).reshape((o, c // g) + big_k)
     bias = _ring_weight64(first, second).flatten(1).sum(1)
