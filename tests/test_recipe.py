@@ -436,6 +436,57 @@ def test_masks_of_the_original_are_dropped_like_folding_does(tmp_path, folded_mh
     assert same(loaded, gm, x)
 
 
+def window_bias(table: torch.Tensor, n: int) -> torch.Tensor:
+    """A helper the model's code keeps out of tracing (like torchvision Swin's attention helpers)."""
+    return table[:n].sum(0)
+
+
+def unrelated_helper(x: torch.Tensor) -> torch.Tensor:
+    """Defined beside window_bias, but no model's graph calls it."""
+    return x * 0
+
+
+fx.wrap("window_bias")  # a leaf call_function in every trace of WrappedNet
+
+
+class WrappedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)
+        self.table = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))) + window_bias(self.table, 3)
+
+
+def test_functions_of_the_models_code_come_from_the_original(tmp_path):
+    model, x = WrappedNet(), torch.randn(5, 6)
+    gm = fold(model, x, {"act": "on"})
+    save(gm, tmp_path / "w", original=model)
+    recipe = json.loads((tmp_path / "w" / "recipe.json").read_text())
+    name = f"{FROM_ORIGINAL}{__name__}:window_bias"
+    assert [n["target"] for n in recipe["nodes"] if n["op"] == "call_function"] == [name, "operator.add"]
+
+    with pytest.raises(RecipeError, match=rf"'{__name__}:window_bias' \(function\).*original="):
+        load(tmp_path / "w")
+    loaded = load(tmp_path / "w", original=WrappedNet)  # other random weights: all come from weights.pt
+    assert same(loaded, gm, x)
+    assert same(torch.export.export(loaded, (x,)).module(), gm, x)
+
+    with pytest.raises(RecipeError, match="traced graph does not call"):  # save checks the original it is given
+        save(gm, tmp_path / "w2", original=MLPBlock())
+
+
+@pytest.mark.parametrize("target", [f"{__name__}:unrelated_helper", "os:system", "builtins:eval", "nepenthe:fold",
+                                    f"{__name__}:WrappedNet", f"{__name__}:window_bias.__globals__"])
+def test_only_functions_the_original_graph_calls_can_be_named(tmp_path, target):
+    model, x = WrappedNet(), torch.randn(5, 6)
+    save(fold(model, x, {"act": "on"}), tmp_path / "w")
+    _tamper(tmp_path / "w", lambda r: _first(r, "call_function").update({"target": FROM_ORIGINAL + target}))
+    with pytest.raises(RecipeError, match="does not call"):
+        load(tmp_path / "w", original=model)
+
+
 def test_registered_class_needs_no_original(tmp_path):
     class Scale(nn.Module):
         def __init__(self, n: int, dim: int = -1):
@@ -620,6 +671,11 @@ def test_save_refuses_what_a_recipe_cannot_describe(tmp_path):
 
     with pytest.raises(RecipeError, match="grad_fn"):
         save(fx.symbolic_trace(Grad()), tmp_path / "x")
+
+    graph = fx.Graph()  # a function no name can bring back
+    graph.output(graph.call_function(lambda t: t + 1, (graph.placeholder("x"),)))
+    with pytest.raises(RecipeError, match="<lambda>.*module-level Python function"):
+        save(fx.GraphModule(nn.Module(), graph), tmp_path / "x")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,26 +15,31 @@ Files written by :func:`save` into one folder:
   ``attributes``  parameters / buffers that no listed module provides (e.g. a parameter read by
                   a ``get_attr`` node) and every constant: kind, shape, dtype;
   ``nodes``       every graph node: op, name, target (a function or method *name* from the
-                  allow-lists below, or a module / attribute path) and encoded arguments;
+                  allow-lists below, ``"<from original>module:function"`` for a function of the
+                  model's own code, or a module / attribute path) and encoded arguments;
   ``source``      (informational) the model's class, nepenthe and torch versions.
 
 Loading never unpickles code and never resolves a name from the recipe outside the allow-lists:
 module classes come from the registry, functions from ``_FUNCTIONS``, methods from ``_METHODS``,
 ``getattr`` only for ``_TENSOR_ATTRIBUTES``; a ``get_attr`` node may only read a tensor restored
 from weights.pt / constants.pt; modules that are not in the registry come from the ``original``
-model the caller passes (checked against the recorded class). Nothing in a recipe is imported,
-evaluated or looked up by ``getattr`` on an arbitrary object.
+model the caller passes (checked against the recorded class), and so do functions outside
+``_FUNCTIONS`` (e.g. the ``torch.fx.wrap``-ped helpers of torchvision's Swin attention): only a
+function that the original model's own traced graph calls can be named. Nothing in a recipe is
+imported, evaluated or looked up by ``getattr`` on an arbitrary object.
 """
 
 from __future__ import annotations
 
 import builtins
 import copy
+import inspect
 import json
 import keyword
 import math
 import operator
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_torch_save, atomic_write_json
+from ..graph import TraceError, trace
 from ..masks import MASK_SUFFIX, remove_masks
 from . import algebra
 from .algebra import ChannelAffine
@@ -258,6 +264,37 @@ _FUNCTIONS: dict[str, Callable] = {
     "builtins.getattr": builtins.getattr,  # only with a name from _TENSOR_ATTRIBUTES (checked on both sides)
 }
 _FUNCTION_NAMES = {id(f): name for name, f in _FUNCTIONS.items()}
+
+
+def _original_function_name(function) -> str | None:
+    """``"<from original>module:name"`` for a module-level Python function (what ``torch.fx.wrap``
+    keeps as a leaf call, e.g. torchvision's ``shifted_window_attention``); None for anything else
+    (lambdas, nested functions, builtins, bound methods), which a name cannot bring back."""
+    if not inspect.isfunction(function):
+        return None
+    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    if not (isinstance(module, str) and name.isidentifier()):
+        return None
+    if getattr(sys.modules.get(module), name, None) is not function:
+        return None
+    return f"{FROM_ORIGINAL}{module}:{name}"
+
+
+def _functions_of(original: nn.Module) -> dict[str, Callable]:
+    """The functions outside ``_FUNCTIONS`` that the original model's own traced graph calls, by
+    recipe name: the only ones a recipe may name (nothing is imported or looked up by name)."""
+    try:
+        graph = trace(original, "checking the functions a saved model calls").graph
+    except TraceError as exc:
+        raise RecipeError(f"the recipe calls functions of the original model's code, and checking them needs "
+                          f"the original model to be traceable: {exc}") from exc
+    found = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and id(node.target) not in _FUNCTION_NAMES:
+            name = _original_function_name(node.target)
+            if name is not None:
+                found[name] = node.target
+    return found
 # Tensor methods that compute on tensors only (none takes a callable or touches files / globals).
 _METHODS = frozenset("""view view_as reshape reshape_as flatten unflatten size dim numel mean sum amax amin max min
     permute transpose contiguous relu relu_ add add_ sub sub_ mul mul_ div div_ neg pow matmul squeeze unsqueeze
@@ -429,10 +466,11 @@ def _describe(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
                     modules[node.target] = {"class": FROM_ORIGINAL, "type": _qualname(type(m))}
                     provided |= {k for k in state if k.startswith(node.target + ".")}
         elif node.op == "call_function":
-            name = _FUNCTION_NAMES.get(id(node.target))
+            name = _FUNCTION_NAMES.get(id(node.target)) or _original_function_name(node.target)
             if name is None:
                 raise RecipeError(f"node {node.name!r} calls {getattr(node.target, '__qualname__', node.target)!r}, "
-                                  "which recipes cannot store (not in nepenthe.fold.recipe._FUNCTIONS)")
+                                  "which recipes cannot store: it is neither in nepenthe.fold.recipe._FUNCTIONS nor "
+                                  "a module-level Python function of the model's code")
             if node.target is builtins.getattr:
                 _check_getattr(node.name, node.args)
             entry["target"] = name
@@ -514,7 +552,8 @@ def _resolve_original(original, recipe: dict, needed: dict[str, str]) -> nn.Modu
         listed = ", ".join(f"{t!r} ({q})" for t, q in list(needed.items())[:6])
         more = f" and {len(needed) - 6} more" if len(needed) > 6 else ""
         raise RecipeError(
-            f"this folded model keeps {len(needed)} module(s) that recipes cannot rebuild on their own: "
+            f"this folded model keeps {len(needed)} module(s) or function(s) that recipes cannot rebuild on their "
+            f"own: "
             f"{listed}{more}. "
             f"Pass the original (unfolded) model{_source_hint(recipe)} to take them from it: "
             "nepenthe.load(directory, original=model) or original=lambda: MyModel(...); only their structure is "
@@ -543,6 +582,17 @@ def _from_original(original: nn.Module, target: str, parts: list[str], expected)
         raise RecipeError(f"submodule {target!r} of the original model is a {_qualname(type(module))}, but the "
                           f"folded model was saved with a {expected} there; pass the model that was folded")
     return copy.deepcopy(module)
+
+
+def _check_functions(original: nn.Module, wanted) -> dict[str, Callable]:
+    """The wanted "<from original>" functions, each one that the original model's graph calls."""
+    available = _functions_of(original)
+    missing = [f for f in wanted if f not in available]
+    if missing:
+        shown = ", ".join(f.removeprefix(FROM_ORIGINAL) for f in missing[:4])
+        raise RecipeError(f"the folded model calls {shown}, which the original model's traced graph does not "
+                          "call; pass the model that was folded")
+    return {f: available[f] for f in wanted}
 
 
 def _add_attribute(root: nn.Module, key: str, info, constants: dict[str, torch.Tensor]) -> None:
@@ -575,7 +625,7 @@ def _add_attribute(root: nn.Module, key: str, info, constants: dict[str, torch.T
         raise RecipeError(f"recipe attribute {key!r} cannot be registered: {exc}") from exc
 
 
-def _build_graph(recipe: dict, allowed_attributes: set[str]) -> fx.Graph:
+def _build_graph(recipe: dict, allowed_attributes: set[str], functions: dict[str, Callable]) -> fx.Graph:
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     modules = recipe["modules"]
@@ -593,11 +643,14 @@ def _build_graph(recipe: dict, allowed_attributes: set[str]) -> fx.Graph:
         for key in kwargs:
             _check_identifier(f"keyword argument of node {name!r}", key)
         if op == "call_function":
-            if target not in _FUNCTIONS:
+            if isinstance(target, str) and target in functions:  # checked against the original's graph
+                target = functions[target]
+            elif target not in _FUNCTIONS:
                 raise RecipeError(f"recipe calls function {target!r}, which is not in the allow-list")
-            if target == "builtins.getattr":
-                _check_getattr(name, args)
-            target = _FUNCTIONS[target]
+            else:
+                if target == "builtins.getattr":
+                    _check_getattr(name, args)
+                target = _FUNCTIONS[target]
         elif op == "call_method":
             if target not in _METHODS:
                 raise RecipeError(f"recipe calls method {target!r}, which is not in the allow-list")
@@ -640,8 +693,13 @@ def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, 
             raise RecipeError(f"recipe gives module {target!r} a malformed description {spec!r}")
         specs[target] = (_check_path("module path", target), spec)
     needed = {t: s.get("type") for t, (_, s) in specs.items() if s.get("class") == FROM_ORIGINAL}
-    if needed:
-        original = _resolve_original(original, recipe, needed)
+    wanted_functions = sorted({e.get("target") for e in node_list if isinstance(e, dict)
+                               and e.get("op") == "call_function" and isinstance(e.get("target"), str)
+                               and e["target"].startswith(FROM_ORIGINAL)})
+    if needed or wanted_functions:
+        named = {**needed, **{f.removeprefix(FROM_ORIGINAL): "function" for f in wanted_functions}}
+        original = _resolve_original(original, recipe, named)
+    functions = _check_functions(original, wanted_functions) if wanted_functions else {}
 
     source = recipe.get("source")
     class_name = source.get("model", "").rpartition(".")[2] if isinstance(source, dict) else ""
@@ -669,7 +727,8 @@ def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, 
     for key, info in attributes.items():
         _add_attribute(gm, key, info, constants)
     gm.graph = _build_graph(recipe, set(state) | {k for k, v in attributes.items()
-                                                  if isinstance(v, dict) and v.get("kind") == "constant"})
+                                                  if isinstance(v, dict) and v.get("kind") == "constant"},
+                            functions)
     try:
         gm.graph.lint()  # now also checks that every module / attribute a node names exists
     except RuntimeError as exc:
@@ -697,8 +756,6 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
     directory = Path(directory)
     report = getattr(model, "fold_report", None)
     if not isinstance(model, fx.GraphModule):  # e.g. fold() kept the original model (report.returned)
-        from ..graph import trace
-
         source = _source(model, original if original is not None else model)
         model = trace(copy.deepcopy(model), "saving")
     else:
@@ -709,6 +766,8 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
         for target, spec in recipe["modules"].items():
             if spec["class"] == FROM_ORIGINAL:
                 _from_original(original, target, target.split("."), spec["type"])
+        _check_functions(original, sorted({n["target"] for n in recipe["nodes"] if n["op"] == "call_function"
+                                           and n["target"].startswith(FROM_ORIGINAL)}))
     if report is not None:
         recipe["fold_report"] = report.to_dict()
     if extra:
@@ -746,10 +805,12 @@ def load(directory: str | Path, original: nn.Module | Callable[[], nn.Module] | 
     """Rebuild a folded model saved by :func:`save`, in eval mode (no code is unpickled).
 
     ``original``: needed only when the folded model keeps modules outside the registry (a custom
-    attention block, ``nn.MultiheadAttention``, ...; the error says which). Pass the original
-    (unfolded) model, built with the same arguments, or a zero-argument function that builds it
-    (called only when needed). Those modules are deep-copied from it after checking their class;
-    every weight, also theirs, comes from ``weights.pt`` (``torch.load(weights_only=True)``).
+    attention block, ``nn.MultiheadAttention``, ...) or calls functions of the model's own code
+    (``torch.fx.wrap``-ped helpers such as torchvision Swin's attention); the error says which.
+    Pass the original (unfolded) model, built with the same arguments, or a zero-argument function
+    that builds it (called only when needed). Those modules are deep-copied from it after checking
+    their class, and those functions must be ones that its traced graph calls; every weight, also
+    the modules', comes from ``weights.pt`` (``torch.load(weights_only=True)``).
     ``map_location``: device for the loaded model. Raises :class:`RecipeError` for anything
     missing, malformed or outside the allow-lists.
     """
