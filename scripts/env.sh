@@ -27,6 +27,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # --no-build-isolation: build the C++ extension nepenthe._C against the torch installed above
     # instead of downloading another (about a minute on 2 cores)
     pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev,export]"
+    # torchvision, for the tests on its unmodified models: the release made for the torch installed
+    # above (an unpinned one would replace torch with another, multi-GB build). Optional: without
+    # it (e.g. offline) those tests skip.
+    TORCH_RELEASE="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    pip_install --retries 1 --timeout 30 torchvision "torch==$TORCH_RELEASE" ||
+        echo "[nepenthe] no torchvision for torch $TORCH_RELEASE: the tests on torchvision's models will skip" >&2
     echo "$WANT" > "$STAMP"
 fi
 export PY ROOT

@@ -1,6 +1,9 @@
 import os
+import sys
 
+import pytest
 import torch
+from hypothesis import settings
 
 # Triton kernels run here (no GPU) only through the interpreter, and the flag must be set before any
 # kernel is defined, i.e. before nepenthe.kernels is first imported.
@@ -10,8 +13,40 @@ if not torch.cuda.is_available():
 # Property tests draw the same examples on every run, so a red CI always means a change, never a
 # new random draw. `HYPOTHESIS_PROFILE=explore pytest ...` searches fresh examples (and keeps a
 # database of failures) when hunting for bugs.
-from hypothesis import settings  # noqa: E402
-
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+
+@pytest.fixture(scope="session")
+def torchvision_models():
+    """``torchvision.models``, or skip when torchvision is not installed.
+
+    PyPI's torchvision wheel ships C++ ops (nms, roi_align, ...) built against the CUDA build of
+    torch; on the CPU build (CI) registering their fake kernels fails during ``import torchvision``.
+    Its model definitions are pure Python and use none of those ops, so the import is retried with
+    those registrations skipped: the models under test are then torchvision's own, unmodified.
+    """
+    try:
+        import torchvision.models as models
+        return models
+    except ModuleNotFoundError:
+        pytest.skip("torchvision is not installed")
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    register_fake = torch.library.register_fake
+
+    def skip_torchvision_ops(op, *args, **kwargs):
+        if isinstance(op, str) and op.startswith("torchvision::"):
+            return (lambda fn: fn) if not args else None
+        return register_fake(op, *args, **kwargs)
+
+    torch.library.register_fake = skip_torchvision_ops
+    try:
+        import torchvision.models as models
+    finally:
+        torch.library.register_fake = register_fake
+    return models

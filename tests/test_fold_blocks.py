@@ -10,13 +10,16 @@ calibration batch.
 
 from __future__ import annotations
 
+import functools
+import random
+
 import pytest
 import torch
 import torch.nn as nn
 
-from nepenthe import FoldError, fold
+from nepenthe import FoldError, fold, load, save
 from nepenthe.fold.algebra import ConstantChannels
-from nepenthe.fold.scenario import empty_layers, forced_stats, linearized
+from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 
 FP32_TOL = 1e-5
@@ -337,14 +340,50 @@ def test_strict_mode_names_the_blocked_node():
              planner="all")
 
 
-# ----- the real torchvision models --------------------------------------------------------------------------
-@pytest.mark.parametrize("name, size", [("resnet18", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32), ("swin_t", 64)])
-def test_torchvision_models(name, size):
-    tv = pytest.importorskip("torchvision.models")
+# ----- the real torchvision models (tests/conftest.py: torchvision_models) ---------------------------------
+TORCHVISION = [("resnet18", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32), ("swin_t", 64)]
+
+
+def costly_merge(model_name: str, site: str) -> bool:
+    """VGG's classifier ReLU: removing it merges Linear(25088, 4096) with Linear(4096, 4096), 4e11
+    float64 multiply-adds (20 s on CI's 2 cores) that test nothing the conv sites do not."""
+    return model_name == "vgg16_bn" and site.startswith("classifier")
+
+
+@pytest.mark.parametrize("name, size", TORCHVISION)
+def test_torchvision_models(torchvision_models, tmp_path, name, size):
+    """Unmodified torchvision models: every third rectifier forced ON folds exactly, and the folded
+    model saves and loads (swin_t keeps torchvision's fx-wrapped attention functions: from the original)."""
+    build = functools.partial(getattr(torchvision_models, name), weights=None, num_classes=10)
     torch.manual_seed(9)
-    model = randomize_bn_(getattr(tv, name)(weights=None, num_classes=10))
+    model = randomize_bn_(build())
     x = torch.randn(1, 3, size, size)
-    sites = list(forced_stats(model, x).histogram)
+    sites = [s for s in forced_stats(model, x).histogram if not costly_merge(name, s)]
     states = {s: "on" for s in sites[1::3]}
     folded, _ = fold_and_check(model, x, states, approximate=name == "swin_t")
     assert folded.fold_report.rectifier_layers_removed == len(states)
+    save(folded, tmp_path, original=model)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, original=build)(x), folded(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg16_bn"])
+def test_torchvision_convnets_with_emptied_convs_and_per_neuron_states(torchvision_models, name):
+    """A third of the convs emptied and every call site in a random state, per neuron for some
+    (ON / OFF / mixed, and saturated for ReLU6): folded == linearized on a fresh input."""
+    rng = random.Random(name)
+    torch.manual_seed(rng.randrange(2**16))
+    model = randomize_bn_(getattr(torchvision_models, name)(weights=None, num_classes=10))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    empty_layers(model, rng.sample(convs, len(convs) // 3))
+    x = torch.randn(2, 3, 32, 32)
+    measured = forced_stats(model, x)
+    states = {}
+    for site, hist in measured.histogram.items():
+        if costly_merge(name, site):
+            continue
+        codes = [ON, OFF, MIXED] + ([SAT] if measured.sites[site].rectifier.upper is not None else [])
+        states[site] = rng.choice([*("on", "off", "mixed"),
+                                   torch.tensor([rng.choice(codes) for _ in range(hist.shape[0])])])
+    folded, _ = fold_and_check(model, x, states)
+    assert folded.fold_report.ops_deleted
