@@ -265,36 +265,6 @@ _FUNCTIONS: dict[str, Callable] = {
 }
 _FUNCTION_NAMES = {id(f): name for name, f in _FUNCTIONS.items()}
 
-
-def _original_function_name(function) -> str | None:
-    """``"<from original>module:name"`` for a module-level Python function (what ``torch.fx.wrap``
-    keeps as a leaf call, e.g. torchvision's ``shifted_window_attention``); None for anything else
-    (lambdas, nested functions, builtins, bound methods), which a name cannot bring back."""
-    if not inspect.isfunction(function):
-        return None
-    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
-    if not (isinstance(module, str) and name.isidentifier()):
-        return None
-    if getattr(sys.modules.get(module), name, None) is not function:
-        return None
-    return f"{FROM_ORIGINAL}{module}:{name}"
-
-
-def _functions_of(original: nn.Module) -> dict[str, Callable]:
-    """The functions outside ``_FUNCTIONS`` that the original model's own traced graph calls, by
-    recipe name: the only ones a recipe may name (nothing is imported or looked up by name)."""
-    try:
-        graph = trace(original, "checking the functions a saved model calls").graph
-    except TraceError as exc:
-        raise RecipeError(f"the recipe calls functions of the original model's code, and checking them needs "
-                          f"the original model to be traceable: {exc}") from exc
-    found = {}
-    for node in graph.nodes:
-        if node.op == "call_function" and id(node.target) not in _FUNCTION_NAMES:
-            name = _original_function_name(node.target)
-            if name is not None:
-                found[name] = node.target
-    return found
 # Tensor methods that compute on tensors only (none takes a callable or touches files / globals).
 _METHODS = frozenset("""view view_as reshape reshape_as flatten unflatten size dim numel mean sum amax amin max min
     permute transpose contiguous relu relu_ add add_ sub sub_ mul mul_ div div_ neg pow matmul squeeze unsqueeze
@@ -553,8 +523,7 @@ def _resolve_original(original, recipe: dict, needed: dict[str, str]) -> nn.Modu
         more = f" and {len(needed) - 6} more" if len(needed) > 6 else ""
         raise RecipeError(
             f"this folded model keeps {len(needed)} module(s) or function(s) that recipes cannot rebuild on their "
-            f"own: "
-            f"{listed}{more}. "
+            f"own: {listed}{more}. "
             f"Pass the original (unfolded) model{_source_hint(recipe)} to take them from it: "
             "nepenthe.load(directory, original=model) or original=lambda: MyModel(...); only their structure is "
             "used, every weight comes from weights.pt")
@@ -582,6 +551,37 @@ def _from_original(original: nn.Module, target: str, parts: list[str], expected)
         raise RecipeError(f"submodule {target!r} of the original model is a {_qualname(type(module))}, but the "
                           f"folded model was saved with a {expected} there; pass the model that was folded")
     return copy.deepcopy(module)
+
+
+def _original_function_name(function) -> str | None:
+    """``"<from original>module:name"`` for a module-level Python function (what ``torch.fx.wrap``
+    keeps as a leaf call, e.g. torchvision's ``shifted_window_attention``); None for anything else
+    (lambdas, nested functions, builtins, bound methods), which a name cannot bring back."""
+    if not inspect.isfunction(function):
+        return None
+    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    if not (isinstance(module, str) and name.isidentifier()):
+        return None
+    if getattr(sys.modules.get(module), name, None) is not function:
+        return None
+    return f"{FROM_ORIGINAL}{module}:{name}"
+
+
+def _functions_of(original: nn.Module) -> dict[str, Callable]:
+    """The functions outside ``_FUNCTIONS`` that the original model's own traced graph calls, by
+    recipe name: the only ones a recipe may name (nothing is imported or looked up by name)."""
+    try:
+        graph = trace(original, "checking the functions a saved model calls").graph
+    except TraceError as exc:
+        raise RecipeError(f"the recipe calls functions of the original model's code, and checking them needs "
+                          f"the original model to be traceable: {exc}") from exc
+    found = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and id(node.target) not in _FUNCTION_NAMES:
+            name = _original_function_name(node.target)
+            if name is not None:
+                found[name] = node.target
+    return found
 
 
 def _check_functions(original: nn.Module, wanted) -> dict[str, Callable]:
