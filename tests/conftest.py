@@ -18,6 +18,16 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops: on a shared 2-core machine a 2-thread OpenMP
+    region waits for a time slice whenever another process holds a core (~10× slower tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def torchvision_models():
     """``torchvision.models``, or skip when torchvision is not installed.

@@ -21,14 +21,7 @@ from nepenthe.latency import CudaEventTimer, _timer
 EXACT = {"planner": "all"}  # dropped by fold_arguments when fold has no planner
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # one thread: these are tiny batches, and on a shared 2-core machine a 2-thread OpenMP region
-    # waits for a time slice whenever another process holds one core (10x slower tests)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches (tests/conftest.py)
 
 
 @pytest.mark.parametrize("name", list(nb.SCENARIOS))

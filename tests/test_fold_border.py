@@ -31,13 +31,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These convs are tiny: intra-op threads only add synchronisation (seconds on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs (tests/conftest.py)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -43,7 +43,8 @@ import nepenthe
 from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.graph import find_sites
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on even 'same' kernels
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same'"),  # torch's note on even 'same' kernels
+              pytest.mark.usefixtures("one_thread")]  # tiny ops (tests/conftest.py)
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-10
@@ -61,15 +62,6 @@ PROPERTY = dict(deadline=None, derandomize=True, database=None, print_blob=False
                 report_multiple_bugs=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is ~10× faster than two contending OpenMP threads on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bool(node.kwargs.get("inplace")) or target in ("relu_",) or getattr(target, "__name__", "").endswith("_")
 
 
-def _region_affine(rect: Rectifier, off: torch.Tensor, sat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def region_affine(rect: Rectifier, off: torch.Tensor, sat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (slope, offset) of a linearized rectifier."""
     regions = rect.region_affine()
     slope = torch.ones(off.shape[0], dtype=torch.float64)
@@ -244,7 +244,7 @@ def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
         if _is_inplace(gm, node) and len(node.args[0].users) > 1:
             _skip(report, strict, name, "an inplace activation whose input is also used elsewhere")
             continue
-        slope, offset = _region_affine(rect, off, stats.always_saturated[name].cpu())
+        slope, offset = region_affine(rect, off, stats.always_saturated[name].cpu())
         channel_dim = stats.sites[name].channel_dim
         producer = node.args[0]
         prod_module = _module(gm, producer)
@@ -684,7 +684,7 @@ def _approximation_errors(gm: fx.GraphModule, sites: list[Site], stats: EntropyS
         z = captured.get(site.node.args[0])
         if z is None or z.numel() == 0:
             continue
-        slope, offset = _region_affine(site.rectifier, stats.always_off[site.name].cpu(),
+        slope, offset = region_affine(site.rectifier, stats.always_off[site.name].cpu(),
                                        stats.always_saturated[site.name].cpu())
         dim = stats.sites[site.name].channel_dim % z.dim()
         shape = [1] * z.dim()

@@ -27,7 +27,7 @@ from ..activations import Rectifier
 from ..entropy import EntropyStats, measure
 from ..graph import find_sites, trace
 from ..masks import remove_masks
-from .core import dead_neuron_producer
+from .core import dead_neuron_producer, region_affine
 
 # per-neuron state codes of forced_stats
 ON, OFF, SAT, MIXED = 0, 1, 2, 3
@@ -112,18 +112,11 @@ class StateRectifier(nn.Module):
         return torch.where(self.keep.view(shape), self.rect.apply(z), affine)
 
 
-def _state_maps(rect: Rectifier, hist: torch.Tensor, stats: EntropyStats, name: str, approximate: bool,
-                zeroable: bool):
+def _state_maps(rect: Rectifier, stats: EntropyStats, name: str, approximate: bool, zeroable: bool):
     """(keep φ, slope, offset) per neuron: what folding makes of this call site (``zeroable``: its
     dead neurons can be zeroed in the op that produces them, so folding does)."""
     off, sat = stats.always_off[name].cpu(), stats.always_saturated[name].cpu()
-    regions = rect.region_affine()
-    slope = torch.ones(hist.shape[0], dtype=torch.float64)
-    offset = torch.zeros(hist.shape[0], dtype=torch.float64)
-    slope[off] = regions["off"][0]
-    if "sat" in regions:
-        slope[sat] = regions["sat"][0]
-        offset[sat] = regions["sat"][1]
+    slope, offset = region_affine(rect, off, sat)
     if stats.linearizable(name) and (rect.exact or approximate):
         return torch.zeros_like(off), slope, offset
     if rect.exact and rect.off_slope == 0.0 and zeroable:  # folding zeroes the dead neurons of a ReLU that stays
@@ -148,7 +141,7 @@ def linearized(model: nn.Module, stats: EntropyStats, *, approximate: bool = Fal
         info = stats.sites[site.name]
         hist = stats.histogram[site.name]
         zeroable = dead_neuron_producer(gm, site.node, hist.shape[0], info.channel_dim) is not None
-        keep, slope, offset = _state_maps(site.rectifier, hist, stats, site.name, approximate, zeroable)
+        keep, slope, offset = _state_maps(site.rectifier, stats, site.name, approximate, zeroable)
         if bool(keep.all()):
             continue
         target = f"_state_{len(list(gm.named_children()))}"
