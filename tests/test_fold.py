@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from nepenthe import FoldError, TraceError, fold, measure
 from nepenthe.fold import FoldReport, critical_path
 from nepenthe.fold.border import BorderCorrectedConv
+from nepenthe.fold.scenario import empty_layers
 from nepenthe.masks import get_mask, set_mask
 from nepenthe.models import MLP, ResidualMLP, SmallCNN
 
@@ -264,11 +265,33 @@ def test_residual_mlp_emptied_blocks_fold_with_their_skip(all_linear):
         assert report.removed == ["blocks.0.relu", "blocks.2.relu"]
         assert report.rectifier_layers_removed == 2 and report.rectifier_layers_total == 4
         assert report.linear_ops_before == 8 and report.linear_ops_after == 4 and report.ops_merged == 0
-        # block 0 and block 2 became "x + constant" (x is a ReLU output: the constant stays an addition)
+        # block 0 and block 2 became "x + constant": block 0's stays one per-channel offset after the
+        # stem's ReLU (x is a ReLU output, read by block 1 and its skip); block 2's went into the head's bias
         adds = [n for n in gm.graph.nodes if n.op == "call_function"]
-        assert len(adds) == 3
-        constants = [m for m in gm.modules() if type(m).__name__ == "ConstantChannels"]
-        assert len(constants) == 2
+        assert len(adds) == 1  # block 1's residual addition
+        assert [type(m).__name__ for m in gm.modules() if type(m).__name__ in ("ConstantChannels", "ChannelOffset")
+                ] == ["ChannelOffset"]
+
+
+@pytest.mark.parametrize("emptied", [("fc1",), ("fc2",), ("fc1", "fc2")])
+def test_emptied_residual_branches_collapse_into_the_head_bias(emptied):
+    """The digits MLP with every residual branch emptied by pruning computes head(x + c1 + ... + c8)
+    after relu(stem(x)): the constants are summed and go into the head's bias (critical path 3)."""
+    model = ResidualMLP(64, 10, width=16, hidden=32, depth=8).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.fc1.bias.normal_()
+            block.fc2.bias.normal_()
+    empty_layers(model, [f"blocks.{k}.{name}" for k in range(8) for name in emptied])
+    calib = torch.randn(512, 1, 8, 8)
+    folded = fold(model, measure(model, [calib]), calib, planner="all")
+    report = folded.fold_report
+    assert report.critical_path_before == 35 and report.critical_path_after == 3
+    assert [n.target for n in folded.graph.nodes if n.op == "call_module"] == ["flatten", "stem", "stem_relu", "head"]
+    assert report.max_rel_error <= FP32_TOL
+    fresh = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        assert rel_err(folded(fresh), model(fresh)) <= FP32_TOL  # the constants do not depend on the input
 
 
 def test_conv_bn_chain_merges_1x1_and_padded_second_conv_with_border_correction():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from nepenthe import FoldError, fold, load, save
-from nepenthe.fold.algebra import ConstantChannels
+from nepenthe.fold.algebra import ChannelOffset, ConstantChannels
 from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 
@@ -247,7 +247,9 @@ def test_resnet18_emptied_blocks_are_deleted_exactly():
     report = folded.fold_report
     assert sorted(report.ops_deleted) == sorted(f"{b}.conv{i}" for b in EMPTIED_BLOCKS for i in (1, 2))
     assert not any(isinstance(m, nn.Conv2d) and not bool(m.weight.any()) for m in folded.modules())
-    assert sum(isinstance(m, ConstantChannels) for m in folded.modules()) == len(EMPTIED_BLOCKS)
+    # each emptied block leaves relu(x + c): one per-channel offset added to its input (no expanded constant)
+    assert sum(isinstance(m, (ConstantChannels, ChannelOffset)) for m in folded.modules()) == len(EMPTIED_BLOCKS)
+    assert sum(isinstance(m, ChannelOffset) for m in folded.modules()) == len(EMPTIED_BLOCKS)
     # half of the blocks' convs gone: the FLOPs of those convs are gone too
     assert report.flops_after < 0.6 * report.flops_before
     exported = torch.export.export(folded, (x,))

@@ -840,6 +840,28 @@ KNOWN_CASES = {
         {"kind": "linact", "din": 2, "dout": 2, "bias": True, "bn": False, "act": _RELU},
         {"kind": "act", "act": _RELU}]}, seed=0, states={"0.act": "on", "1.act": "off"}, emptied=["0.fc"],
         approximate=False), torch.float32),
+    # residual branches emptied by pruning: x + c1 + c2 + c3 collapses to one offset, absorbed by the next
+    # Linear's bias (mlp), by an unpadded 1x1 conv's (conv2d); a padded conv keeps it as an offset op
+    **{f"constant-chain-{name}": (dict(spec=spec, seed=3, states=states, emptied=emptied, approximate=False), dtype)
+       for name, spec, states, emptied, dtype in (
+           ("mlp", {"family": "mlp", "input": (4,), "blocks": [
+               {"kind": "linact", "din": 4, "dout": 4, "bias": True, "bn": False, "act": _RELU},
+               *[{"kind": "reslin", "d": 4, "hidden": 3, "bias": True, "act": _RELU}] * 3,
+               {"kind": "linact", "din": 4, "dout": 2, "bias": True, "bn": False, "act": None}]},
+            {"0.act": "mixed"}, ["1.fc1", "2.fc1", "3.fc1"], torch.float32),
+           ("mlp-fp64-fc2", {"family": "mlp", "input": (3, 4), "blocks": [
+               {"kind": "linact", "din": 4, "dout": 4, "bias": True, "bn": False, "act": _RELU},
+               *[{"kind": "reslin", "d": 4, "hidden": 3, "bias": True, "act": _RELU}] * 3,
+               {"kind": "linact", "din": 4, "dout": 2, "bias": True, "bn": False, "act": None}]},
+            {"0.act": "mixed", "2.act": "mixed"}, ["1.fc2", "2.fc2", "3.fc1"], torch.float64),
+           *[(f"conv2d-{head}", {"family": "conv2d", "input": (2, 5, 5), "blocks": [
+               {"kind": "convact", "conv": _CONV_2_2, "bn": True, "act": _RELU},
+               *[dict(_SKIP_BLOCK, post=None, skip_first=bool(i % 2), add=add) for i, add in
+                 enumerate(("+", "torch", "method"))],
+               {"kind": "convact", "conv": dict(_CONV_2_2, k=(k, k), p=(p, p)), "bn": False, "act": None}]},
+              {"0.act": "mixed"}, ["1.body.0.conv", "2.body.0.conv", "3.body.0.conv"], torch.float32)
+             for head, k, p in (("1x1", 1, 0), ("padded", 3, 1))],
+       )},
 }
 
 

@@ -342,3 +342,40 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.slope.numel()}, channel_dim={self.channel_dim}"
+
+
+class ChannelOffset(nn.Module):
+    """y = x + offset per channel: constant additions collapsed into one op (``x + c1 + c2 + …``
+    with per-channel constants c_k, e.g. residual branches emptied by pruning)."""
+
+    def __init__(self, offset: torch.Tensor, channel_dim: int = 1):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.register_buffer("offset", offset.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim % x.dim()] = -1
+        return x + self.offset.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.offset.numel()}, channel_dim={self.channel_dim}"
+
+
+def absorbs_input_offset(m: nn.Module, channels: int, channel_dim: int) -> bool:
+    """Whether ``m(x + c)`` (c one constant per input channel) equals ``m(x)`` with a new bias: a
+    Linear (channels on the last dim), or a plain conv without padding (channels on dim 1: every
+    output position sees the constant through the whole kernel)."""
+    if isinstance(m, nn.Linear):
+        return channel_dim == -1 and m.in_features == channels
+    return (is_plain_conv(m) and channel_dim == 1 and m.in_channels == channels
+            and all(p == 0 for p in m.padding))
+
+
+@torch.no_grad()
+def absorb_input_offset_(m: LinearLike, offset: torch.Tensor) -> LinearLike:
+    """``m(x + c)`` -> ``m(x)`` with b += Σ_kernel W · c (in place; check :func:`absorbs_input_offset`)."""
+    w = dense_weight64(m)
+    c = offset.to(torch.float64).to(w.device)
+    contribution = (w.flatten(2).sum(2) if w.dim() > 2 else w) @ c
+    return _set(m, m.weight.detach().to(torch.float64), _bias64(m) + contribution)

@@ -324,7 +324,8 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops that keep the shape of their only tensor input (the chain walk passes through them)."""
     m = _module(gm, node)
     if m is not None:
-        return isinstance(m, BATCHNORM_MODULES + (algebra.ChannelAffine,)) or rectifier_of_module(m) is not None
+        return (isinstance(m, BATCHNORM_MODULES + (algebra.ChannelAffine, algebra.ChannelOffset))
+                or rectifier_of_module(m) is not None)
     return rectifier_of_call(node.op, node.target, node.args, node.kwargs) is not None
 
 
@@ -361,7 +362,7 @@ def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: a
     value = const.value.clone().view(shape)  # a clone: inplace rectifiers must not touch the buffer
     geometry = const.geometry
     if _elementwise(gm, user):
-        if isinstance(m, algebra.ChannelAffine) and m.channel_dim != const.channel_dim:
+        if isinstance(m, (algebra.ChannelAffine, algebra.ChannelOffset)) and m.channel_dim != const.channel_dim:
             return None  # per-channel along another dim (e.g. tokens vs features)
         if isinstance(m, BATCHNORM_MODULES) and const.channel_dim != 1:
             return None  # BatchNorm1d on (N, T, D) normalises dim 1, not the constant's features
@@ -431,6 +432,104 @@ def absorb_constant_addends(gm: fx.GraphModule) -> bool:
                 user.args = (user.args[1], node)
     _eliminate_dead_code(gm)
     return changed
+
+
+def _size_preserving(geometry: list) -> bool:
+    """Whether convs / pools of this geometry keep every spatial size (stride 1, padding (k-1)/2)."""
+    return all(s == 1 and 2 * p == k - 1 for step in geometry for k, s, p in step)
+
+
+def _offset_of_addition(gm: fx.GraphModule, node: fx.Node):
+    """``(x, const node, constant)`` when ``node`` is ``x + c`` (or ``c + x``) with c a per-channel
+    constant shaped like x for every input (its shape source is x itself, through size-preserving
+    geometry): then ``x + c`` is ``x + offset`` broadcast along c's channel dim. Else None."""
+    adds = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (node.op == "call_method"
+                                                                            and node.target == "add")
+    if not (adds and len(node.args) == 2 and not node.kwargs):
+        return None
+    for x, c in (node.args, node.args[::-1]):
+        const = _module(gm, c)
+        if not (isinstance(const, algebra.ConstantChannels) and isinstance(x, fx.Node) and c.args
+                and c.args[0] is x and c is not x):
+            continue
+        if const.channel_dim == 1 and not _size_preserving(const.geometry):
+            continue
+        if node.target is operator.iadd and (x is not node.args[0] or not set(x.users) <= {node, c}):
+            continue  # `x += c` writes into x: only rewritten when nothing else reads x
+        return x, c, const
+    return None
+
+
+def collapse_constant_additions(gm: fx.GraphModule) -> bool:
+    """Constant additions collapse into as few ops as possible (never adds work):
+
+    * ``x + c`` with c a per-channel constant shaped like x becomes ``ChannelOffset(c)(x)``;
+    * ``(x + c1) + c2`` -> ``x + (c1 + c2)``, and an offset after a ``ChannelAffine`` joins its offset;
+    * ``m(y) + c`` with m a Conv/Linear feeding only the addition: c goes into m's bias;
+    * ``m(x + c)`` with m a Linear or an unpadded conv: ``m(x)`` with b += Σ W·c.
+
+    True if the graph changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        found = _offset_of_addition(gm, node)
+        if found is None:
+            continue
+        x, c, const = found
+        target = f"{node.name}_offset"
+        gm.add_submodule(target, algebra.ChannelOffset(const.value.clone(), const.channel_dim))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(target, (x,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not c.users:
+            gm.graph.erase_node(c)
+        changed = True
+    while _absorb_offsets(gm):
+        changed = True
+    return changed
+
+
+def _absorb_offsets(gm: fx.GraphModule) -> bool:
+    for node in list(gm.graph.nodes):
+        off = _module(gm, node)
+        if not isinstance(off, algebra.ChannelOffset) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        prev = _module(gm, x)
+        channels, dim = off.offset.numel(), off.channel_dim
+        if _only_user(x) is node and (prev is None or _called_once(gm, x)):
+            if isinstance(prev, algebra.ChannelOffset) and prev.channel_dim == dim and prev.offset.numel() == channels:
+                total = prev.offset.double() + off.offset.double()
+                prev.offset = total.to(prev.offset.dtype)
+                node.replace_all_uses_with(x)
+                gm.graph.erase_node(node)
+                return True
+            if isinstance(prev, algebra.ChannelAffine) and prev.channel_dim == dim and prev.offset.numel() == channels:
+                prev.offset = (prev.offset.double() + off.offset.double()).to(prev.offset.dtype)
+                node.replace_all_uses_with(x)
+                gm.graph.erase_node(node)
+                return True
+            if (_linear_op(prev) and prev.weight.shape[0] == channels
+                    and dim == (-1 if isinstance(prev, nn.Linear) else 1)):
+                algebra.add_to_bias_(prev, off.offset)
+                node.replace_all_uses_with(x)
+                gm.graph.erase_node(node)
+                return True
+        user = _only_user(node)
+        m = _module(gm, user) if user is not None else None
+        if (m is not None and user.args and user.args[0] is node and len(user.all_input_nodes) == 1
+                and algebra.absorbs_input_offset(m, channels, dim) and _called_once(gm, user)):
+            algebra.absorb_input_offset_(m, off.offset)
+            user.args = (x,) + tuple(user.args[1:])
+            gm.graph.erase_node(node)
+            return True
+    return False
+
+
+def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the module ``node`` calls is called nowhere else in the graph (editing it is local)."""
+    return node.op == "call_module" and sum(
+        1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
 
 
 def delete_empty_ops(gm: fx.GraphModule, report: FoldReport) -> None:
@@ -769,11 +868,12 @@ def fold(
     linearize_rectifiers(gm, sites, stats, report, approximate, strict)
     delete_empty_ops(gm, report)
     remove_constant_channels(gm, report)
+    collapse_constant_additions(gm)
     if plan.merges:
         _recompile(gm)
         ShapeProp(gm).propagate(*timing_args)  # the shapes each merge candidate is timed at
         merge_linear_ops(gm, report, plan)
-        while absorb_constant_addends(gm):  # a merge can make a constant's addend a single op
+        while absorb_constant_addends(gm) | collapse_constant_additions(gm):  # a merge can expose more
             merge_linear_ops(gm, report, plan)
         remove_constant_channels(gm, report)
     _recompile(gm)

@@ -206,6 +206,8 @@ def _register_builtin_modules() -> None:
                                                  sparse=m.sparse))
     register_module(ChannelAffine, lambda m: dict(channels=m.slope.numel(), channel_dim=m.channel_dim),
                     build=_channel_affine)
+    register_module(algebra.ChannelOffset, lambda m: dict(channels=m.offset.numel(), channel_dim=m.channel_dim),
+                    build=lambda kw: algebra.ChannelOffset(torch.zeros(int(kw["channels"])), int(kw["channel_dim"])))
     register_module(algebra.ConstantChannels,
                     lambda m: dict(channels=m.value.numel(), channel_dim=m.channel_dim, geometry=m.geometry),
                     build=lambda kw: algebra.ConstantChannels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
