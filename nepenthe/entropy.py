@@ -45,6 +45,20 @@ class EntropyOptions:
     zero_as: str = "exclude"
     aggregate: str = "mean"
     estimator: str = "pooled"
+    # ReLU6's upper kink as a state of its own (three regions: OFF, linear, saturated), so that zero
+    # entropy means "affine on the data". False: the two-state ON/OFF entropy of the EGP and EASIER
+    # code, where a saturated neuron counts as ON. Only the entropies change: the histograms keep
+    # the SAT counts, so folding still sees which neurons saturate.
+    saturation: bool = True
+
+    def entropy_view(self, hist: torch.Tensor) -> torch.Tensor:
+        """The histogram the entropies are computed from: ``hist`` itself, or with the SAT counts
+        folded back into ON (SAT is a subset of ON) for the two-state convention."""
+        if self.saturation or hist.shape[1] <= ops.SAT:
+            return hist
+        hist = hist.clone()
+        hist[:, ops.SAT] = 0
+        return hist
 
     def __post_init__(self):
         if self.zero_as not in ops.ZERO_AS:
@@ -53,6 +67,8 @@ class EntropyOptions:
             raise ValueError(f"aggregate must be one of {ops.AGGREGATES}, got {self.aggregate!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not isinstance(self.saturation, bool):
+            raise ValueError(f"saturation must be True or False, got {self.saturation!r}")
 
 
 @dataclass
@@ -115,7 +131,8 @@ class _Accumulator:
             )
         self.hist += batch_hist
         if self.options.estimator == "batch_mean":
-            neuron, layer = ops.entropy_from_histogram(batch_hist, self.options.zero_as, self.options.aggregate)
+            neuron, layer = ops.entropy_from_histogram(self.options.entropy_view(batch_hist), self.options.zero_as,
+                                                       self.options.aggregate)
             self.batch_neuron_sum = neuron if self.batch_neuron_sum is None else self.batch_neuron_sum + neuron
             self.batch_layer_sum += float(layer)
         self.batches += 1
@@ -304,7 +321,8 @@ class EntropyStats:
         """Per-neuron entropy in bits, float64[C] per call site."""
         if self.options.estimator == "batch_mean":
             return {k: self.batch_neuron_sum[k] / max(self.batches, 1) for k in self.histogram}
-        return {k: ops.neuron_entropy_from_histogram(h, self.options.zero_as) for k, h in self.histogram.items()}
+        return {k: ops.neuron_entropy_from_histogram(self.options.entropy_view(h), self.options.zero_as)
+                for k, h in self.histogram.items()}
 
     @property
     def layer_entropy(self) -> dict[str, float]:
@@ -490,6 +508,7 @@ def measure(
     zero_as: str = "exclude",
     aggregate: str = "mean",
     estimator: str = "pooled",
+    saturation: bool = True,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     input_fn: Callable | None = None,
@@ -503,10 +522,12 @@ def measure(
     ignored), a dict passed as keyword arguments, or anything ``input_fn(batch)`` turns into the
     model's positional input(s). The model runs in eval mode without gradients; its mode is
     restored afterwards. ``channel_dims`` overrides the neuron dimension of given call sites.
+    ``saturation=False`` gives ReLU6 the two-state (ON/OFF) entropy of the EGP/EASIER code instead
+    of the three-region one (the histograms are the same either way).
     With ``distributed="auto"`` the counts are summed over all ranks when torch.distributed is
     initialised.
     """
-    options = EntropyOptions(zero_as, aggregate, estimator)
+    options = EntropyOptions(zero_as, aggregate, estimator, saturation)
     channel_dims = dict(channel_dims or {})
     device = torch.device(device) if device is not None else _model_device(model)
     accs: dict[str, _Accumulator] = {}
@@ -620,9 +641,9 @@ class StatsRecorder:
     """
 
     def __init__(self, model: nn.Module, *, zero_as: str = "exclude", aggregate: str = "mean",
-                 estimator: str = "pooled", channel_dims: Mapping[str, int] | None = None):
+                 estimator: str = "pooled", saturation: bool = True, channel_dims: Mapping[str, int] | None = None):
         self.model = model
-        self.options = EntropyOptions(zero_as, aggregate, estimator)
+        self.options = EntropyOptions(zero_as, aggregate, estimator, saturation)
         self.accs: dict[str, _Accumulator] = {}
         try:
             self.infos = describe_sites(model)

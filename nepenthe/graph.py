@@ -170,3 +170,74 @@ def producer_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
             continue
         return None
     return None
+
+
+# ----- data flow: which linear ops carry the input to the output ----------------------------------
+
+# Ops whose result says something about a tensor's shape, not its values: an input that reaches
+# the output only through them (x.size(0) in a flatten) carries no information.
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "shape"})
+
+
+def _carries_values(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return False
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr" and len(node.args) > 1:
+        return node.args[1] not in ("shape", "dtype", "device")
+    return True
+
+
+def input_reaches_output(gm: fx.GraphModule, constant_modules: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Whether the model's output still depends on its input when every module in
+    ``constant_modules`` outputs a constant (an emptied Conv/Linear: all weights zero, bias only).
+
+    Pure graph reachability: a value path from a placeholder to the output that avoids those
+    modules. False means the network is cut: whatever the weights, it computes a constant.
+    """
+    reached = set()
+    for node in gm.graph.nodes:  # topological order
+        if node.op == "placeholder":
+            reached.add(node)
+        elif node.op == "call_module" and node.target in constant_modules:
+            continue
+        elif _carries_values(node) and any(a in reached for a in node.all_input_nodes):
+            if node.op == "output":
+                return True
+            reached.add(node)
+    return False
+
+
+def cut_layers(gm: fx.GraphModule, candidates, emptied: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The ``candidates`` (module names) whose emptying, on top of the already ``emptied`` ones,
+    would disconnect the model's output from its input (a stem, any conv of a plain chain; not the
+    body of a residual block, whose skip path carries the input on)."""
+    return {c for c in candidates if not input_reaches_output(gm, set(emptied) | {c})}
+
+
+def _linear_boundary(gm: fx.GraphModule, forward: bool) -> list[str]:
+    """Linear-op modules met first when walking from the inputs (forward) or the output (backward)."""
+    nodes = list(gm.graph.nodes)
+    start = [n for n in nodes if (n.op == "placeholder" if forward else n.op == "output")]
+    seen, found, frontier = set(start), [], list(start)
+    while frontier:
+        node = frontier.pop()
+        nxt = list(node.users) if forward else node.all_input_nodes
+        for n in nxt:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LINEAR_MODULES):
+                found.append(n.target)
+            else:
+                frontier.append(n)
+    return sorted(set(found))
+
+
+def first_linear_ops(gm: fx.GraphModule) -> list[str]:
+    """Conv/Linear modules that read the model's input with no other Conv/Linear before them."""
+    return _linear_boundary(gm, forward=True)
+
+
+def last_linear_ops(gm: fx.GraphModule) -> list[str]:
+    """Conv/Linear modules whose output reaches the model's output with no other Conv/Linear after them."""
+    return _linear_boundary(gm, forward=False)

@@ -1,4 +1,4 @@
-"""The iterative NEPENTHE loop (SPEC §3) and its baselines, with checkpoints and resume.
+"""The iterative NEPENTHE loop (SPEC §3) and its baselines, with back-off, checkpoints and resume.
 
 ::
 
@@ -10,24 +10,43 @@
 The loop knows nothing of kernels or data formats: it calls ``measure``, the budget, the mask
 helpers and the two user functions. ``retrain`` must keep the masks enforced after every
 optimizer step (``nepenthe.masks.keep_masks_after_steps`` or the built-in trainer do it).
+
+A step cannot destroy the model:
+
+* **back-off** — when an iteration's validation accuracy falls below dense − δ, or retraining
+  diverges (``retrain`` raises ``FloatingPointError``, as the built-in trainer does on a NaN/Inf
+  loss, or leaves non-finite weights), the iteration's start is restored and the step retried
+  with its pruning amount multiplied by ``backoff_factor`` (EASIER, which removes one activation
+  per step, tries the next-lowest-entropy one instead), at most ``max_backoffs`` times. The
+  smaller step carries over to later iterations. Every failed attempt is in the record.
+* **no cut** — a layer whose emptying would disconnect the output from the input (a stem, any
+  conv of a plain chain: every later neuron would be constant) is capped at ``cut_max_sparsity``.
+  A residual branch is not capped: emptied, it becomes a constant that folding removes exactly.
+* **per-layer caps and protected layers** — ``layer_caps`` (glob → max sparsity), ``protect``
+  (globs, plus ``"first"`` / ``"last"`` for the linear ops next to the input / output) and
+  ``filter_fn(module, fqn)``.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from . import budget
 from .checkpoint import atomic_torch_save, atomic_write_json
 from .entropy import EntropyOptions, EntropyStats, describe_sites, measure
-from .graph import TraceError
+from .graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
 from .masks import (
+    MASK_SUFFIX,
     get_mask,
     prunable_modules,
     remaining_weights,
@@ -39,12 +58,14 @@ from .masks import (
 
 METHODS = ("nepenthe", "imp", "egp", "easier")
 
-# Entropy options each method uses unless the config overrides them (SPEC §3 baselines).
+# Entropy options each method uses unless the config overrides them (SPEC §3 baselines). EGP and
+# EASIER follow their released code: per-batch entropies averaged over batches, z = 0 counted as
+# OFF (EGP) or ON (EASIER), and ReLU6 as a two-state ON/OFF unit.
 _METHOD_ENTROPY = {
-    "nepenthe": dict(zero_as="exclude", aggregate="mean", estimator="pooled"),
-    "imp": dict(zero_as="exclude", aggregate="mean", estimator="pooled"),
-    "egp": dict(zero_as="off", aggregate="mixed_mean", estimator="batch_mean"),
-    "easier": dict(zero_as="on", aggregate="mean", estimator="pooled"),
+    "nepenthe": dict(zero_as="exclude", aggregate="mean", estimator="pooled", saturation=True),
+    "imp": dict(zero_as="exclude", aggregate="mean", estimator="pooled", saturation=True),
+    "egp": dict(zero_as="off", aggregate="mixed_mean", estimator="batch_mean", saturation=False),
+    "easier": dict(zero_as="on", aggregate="mean", estimator="batch_mean", saturation=False),
 }
 
 
@@ -54,16 +75,28 @@ class PruneError(RuntimeError):
 
 @dataclass
 class PruneConfig:
-    """Options of the iterative loop. ``filter_fn(module, fqn)`` restricts the prunable layers."""
+    """Options of the iterative loop (see the module docstring for the safety rules).
+
+    ``normalize="fan_in"`` scales the budget's magnitude term by √fan-in (see
+    :func:`nepenthe.budget.irrelevance`). ``protect`` and ``layer_caps`` name modules by glob
+    patterns over their qualified names; ``protect`` also takes ``"first"`` and ``"last"``.
+    """
 
     method: str = "nepenthe"
     zeta: float = 0.5
     max_iters: int = 9
-    delta: float | None = 1.0  # stop when accuracy < dense - delta (points); None: never
+    delta: float | None = 1.0  # back off / stop when accuracy < dense - delta (points); None: never
     temperature: float = 1.0
     zero_as: str | None = None  # None: the method's default
     aggregate: str | None = None
     estimator: str | None = None
+    saturation: bool | None = None  # ReLU6 three-state (True) or two-state (False) entropy
+    normalize: str = "none"
+    protect: tuple[str, ...] = ()
+    layer_caps: dict[str, float] = field(default_factory=dict)
+    cut_max_sparsity: float | None = 0.99
+    max_backoffs: int = 3
+    backoff_factor: float = 0.5
     checkpoint_dir: str | None = None
     resume: bool = True
     max_calib_batches: int | None = None
@@ -76,6 +109,20 @@ class PruneConfig:
             raise ValueError(f"zeta must be in (0, 1], got {self.zeta}")
         if self.max_iters < 0:
             raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
+        if self.normalize not in budget.NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {budget.NORMALIZATIONS}, got {self.normalize!r}")
+        if self.max_backoffs < 0:
+            raise ValueError(f"max_backoffs must be >= 0, got {self.max_backoffs}")
+        if not 0.0 < self.backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {self.backoff_factor}")
+        if self.cut_max_sparsity is not None and not 0.0 <= self.cut_max_sparsity < 1.0:
+            raise ValueError(f"cut_max_sparsity must be in [0, 1) or None, got {self.cut_max_sparsity}")
+        if isinstance(self.protect, str):
+            self.protect = (self.protect,)
+        self.protect = tuple(self.protect)
+        for pattern, cap in self.layer_caps.items():
+            if not 0.0 <= float(cap) <= 1.0:
+                raise ValueError(f"layer_caps[{pattern!r}] must be a sparsity in [0, 1], got {cap}")
 
     def entropy_options(self) -> dict:
         opts = dict(_METHOD_ENTROPY[self.method])
@@ -86,15 +133,23 @@ class PruneConfig:
 
     def identity(self) -> dict:
         """The settings a checkpoint must match to be resumed."""
-        return {"method": self.method, "zeta": self.zeta, "temperature": self.temperature, **self.entropy_options()}
+        return {"method": self.method, "zeta": self.zeta, "temperature": self.temperature, **self.entropy_options(),
+                "normalize": self.normalize, "protect": list(self.protect), "layer_caps": dict(self.layer_caps),
+                "cut_max_sparsity": self.cut_max_sparsity, "max_backoffs": self.max_backoffs,
+                "backoff_factor": self.backoff_factor}
 
 
 @dataclass
 class IterationRecord:
-    """What one iteration did and reached (iteration 0 is the dense model)."""
+    """What one iteration did and reached (iteration 0 is the dense model).
+
+    ``zeta`` is the pruning fraction the kept step used (ζ times the back-off scale); ``backoffs``
+    lists the failed attempts before it (their ζ, accuracy and why they failed); ``capped`` maps
+    each layer whose share was limited by a cap to the weights the cap kept.
+    """
 
     iteration: int
-    accuracy: float
+    accuracy: float | None  # None when the step diverged and nothing could be evaluated
     sparsity: float
     layer_sparsity: dict[str, float]
     layer_entropy: dict[str, float]
@@ -103,6 +158,10 @@ class IterationRecord:
     linearized: list[str]
     within_tolerance: bool
     seconds: float
+    zeta: float = 0.0
+    backoffs: list[dict] = field(default_factory=list)
+    capped: dict[str, int] = field(default_factory=dict)
+    failure: str | None = None  # why this iteration's last attempt failed (then within_tolerance is False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +182,30 @@ class PruneResult:
     def selected_record(self) -> IterationRecord:
         return self.iterations[self.selected]
 
+    @property
+    def backoffs(self) -> int:
+        """Failed attempts over the whole run (each cost one retraining)."""
+        return sum(len(r.backoffs) for r in self.iterations)
+
+
+@dataclass
+class _Step:
+    """What one pruning step changed."""
+
+    pruned: dict[str, int]
+    linearized: list[str]
+    capped: dict[str, int]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.pruned.values()) and not self.linearized
+
+
+@dataclass
+class _Snapshot:
+    state: dict
+    replaced: list[str]
+
 
 class _Pruner:
     """State of one run of the loop."""
@@ -131,8 +214,9 @@ class _Pruner:
         self.model, self.calib, self.config = model, calib, config
         self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
+        self.graph = self._trace()
         if config.method == "imp":
-            self.layers = prunable_modules(model, config.filter_fn)
+            self.layers = {n: m for n, m in prunable_modules(model, config.filter_fn).items() if not self._protected(n)}
             self.site_layers: dict[str, str] = {}
         else:
             self.site_layers = self._site_layers()
@@ -141,7 +225,25 @@ class _Pruner:
         if not self.layers and config.method != "easier":
             raise PruneError(
                 f"{type(model).__name__} has no prunable layer: no Conv/Linear feeds a rectifier"
-                + (" that filter_fn accepts" if config.filter_fn else "") + ".")
+                + (" that filter_fn and protect leave prunable" if config.filter_fn or config.protect else "") + ".")
+
+    def _trace(self) -> fx.GraphModule | None:
+        try:
+            return trace(self.model, "finding the layers that feed each rectifier")
+        except TraceError as exc:
+            if self.config.method != "imp":
+                raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
+            return None  # IMP prunes every Conv/Linear; it only loses the cut check (warned at first use)
+
+    def _protected(self, name: str) -> bool:
+        special = {"first": first_linear_ops, "last": last_linear_ops}
+        for pattern in self.config.protect:
+            if pattern in special:
+                if self.graph is not None and name in special[pattern](self.graph):
+                    return True
+            elif fnmatch.fnmatchcase(name, pattern):
+                return True
+        return False
 
     def _site_layers(self) -> dict[str, str]:
         """Call site -> the Conv/Linear feeding it (the prunable set L of SPEC §2)."""
@@ -151,10 +253,49 @@ class _Pruner:
             raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
         modules = dict(self.model.named_modules())
         return {name: info.producer for name, info in infos.items()
-                if info.producer is not None
+                if info.producer is not None and not self._protected(info.producer)
                 and (self.config.filter_fn is None or self.config.filter_fn(modules[info.producer], info.producer))}
 
-    # ----- one round of pruning -------------------------------------------------------------
+    # ----- caps -------------------------------------------------------------------------------
+    def _kept_by_caps(self, name: str, cut: bool) -> int:
+        """Weights of layer ``name`` that its caps keep (0: it may be emptied)."""
+        numel = self.layers[name].weight.numel()
+        keep = 0
+        for pattern, cap in self.config.layer_caps.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                keep = max(keep, math.ceil((1.0 - float(cap)) * numel - 1e-9))
+        if cut and self.config.cut_max_sparsity is not None:
+            keep = max(keep, 1, math.ceil((1.0 - self.config.cut_max_sparsity) * numel - 1e-9))
+        return keep
+
+    def _limits(self, cut: set[str]) -> dict[str, int]:
+        return {n: max(remaining_weights(m) - self._kept_by_caps(n, n in cut), 0) for n, m in self.layers.items()}
+
+    def _allocate(self, allocate: Callable[[dict[str, int]], dict[str, int]]) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts from ``allocate(limits)``, re-run with tighter limits until the layers it would
+        empty leave the output connected to the input (a cut layer is capped, never emptied)."""
+        remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
+        check = self.graph is not None and self.config.cut_max_sparsity is not None
+        emptied = {n for n, r in remaining.items() if r == 0}
+        cut: set[str] = set()
+        while True:
+            limits = self._limits(cut)
+            counts = allocate(limits)
+            planned = {n for n, k in counts.items() if k > 0 and k >= remaining[n]}
+            if not check or not planned or input_reaches_output(self.graph, emptied | planned):
+                break
+            # cap the planned layers that cut the network on their own (a stem, a classifier); when
+            # only several together do (parallel branches), cap one of them and allocate again
+            newly = ({n for n in planned if not input_reaches_output(self.graph, emptied | {n})}
+                     or {next(n for n in self.layers if n in planned)})
+            if newly <= cut:
+                break
+            cut |= newly
+        capped = {n: remaining[n] - counts.get(n, 0) for n in self.layers
+                  if limits[n] < remaining[n] and counts.get(n, 0) == limits[n] and remaining[n] > 0}
+        return counts, capped
+
+    # ----- one round of pruning ---------------------------------------------------------------
     def layer_entropy(self, stats: EntropyStats) -> dict[str, float]:
         """H of each prunable layer: its rectifier's, the largest when it feeds several."""
         out: dict[str, float] = {}
@@ -164,34 +305,36 @@ class _Pruner:
                 out[layer] = max(out.get(layer, 0.0), entropy[site])
         return out
 
-    def prune_step(self, stats: EntropyStats) -> tuple[dict[str, int], list[str]]:
+    def prune_step(self, stats: EntropyStats, scale: float, avoid: Sequence[str] = ()) -> _Step:
         cfg = self.config
         if cfg.method == "easier":
-            return {}, self._easier_step(stats)
+            return _Step({}, self._easier_step(stats, avoid), {})
+        zeta = cfg.zeta * scale
         weights = {n: m.weight for n, m in self.layers.items()}
         masks = {n: get_mask(m) for n, m in self.layers.items()}
         if cfg.method == "imp":
-            new_masks = budget.global_magnitude_masks(weights, masks, cfg.zeta)
-            before = {n: remaining_weights(m) for n, m in self.layers.items()}
-            for n, mask in new_masks.items():
-                set_mask(self.layers[n], mask)
-            return {n: before[n] - remaining_weights(m) for n, m in self.layers.items()}, []
-        entropy = self.layer_entropy(stats)
-        remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
-        irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), weights[n], masks[n]) for n in self.layers}
-        counts = budget.weights_to_prune(entropy, remaining, irrelevance, cfg.zeta, cfg.temperature)
+            counts, capped = self._allocate(lambda limits: budget.global_magnitude_counts(weights, masks, zeta, limits))
+        else:
+            entropy = self.layer_entropy(stats)
+            remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
+            irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), weights[n], masks[n], cfg.normalize)
+                           for n in self.layers}
+            counts, capped = self._allocate(lambda limits: budget.weights_to_prune(
+                entropy, remaining, irrelevance, zeta, cfg.temperature, limits))
         for n, k in counts.items():
             if k > 0:
                 set_mask(self.layers[n], budget.magnitude_mask(weights[n], masks[n], k))
-        return counts, []
+        return _Step({n: counts.get(n, 0) for n in self.layers}, [], capped)
 
-    def _easier_step(self, stats: EntropyStats) -> list[str]:
-        """Replace the lowest-entropy remaining activation (and every zero-entropy one) by identity."""
+    def _easier_step(self, stats: EntropyStats, avoid: Sequence[str]) -> list[str]:
+        """Replace the lowest-entropy remaining activation not in ``avoid`` (and every zero-entropy
+        one: they are linear on the data already) by identity."""
         entropy = {k: v for k, v in stats.layer_entropy.items() if k not in self.replaced}
-        if not entropy:
+        candidates = {k: v for k, v in entropy.items() if k not in avoid}
+        if not candidates:
             return []
-        lowest = min(entropy, key=lambda k: (entropy[k], k))
-        chosen = [lowest] + [k for k, v in entropy.items() if v == 0.0 and k != lowest]
+        lowest = min(candidates, key=lambda k: (candidates[k], k))
+        chosen = [lowest] + [k for k, v in entropy.items() if v == 0.0 and k != lowest and k not in avoid]
         for site in chosen:
             self._replace_with_identity(site, stats)
         return chosen
@@ -214,23 +357,39 @@ class _Pruner:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, original)
 
+    # ----- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> _Snapshot:
+        return _Snapshot(copy.deepcopy(self.model.state_dict()), sorted(self.replaced))
+
+    def restore(self, snap: _Snapshot) -> None:
+        """Put the model back as it was at ``snap``: activations, masks (which only grow, so the
+        later ones are dropped first) and weights."""
+        self.restore_linearized(snap.replaced)
+        remove_masks(self.model)
+        # copies: a mask buffer must not alias the snapshot, which may be restored again later
+        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if k.endswith(MASK_SUFFIX)})
+        self.model.load_state_dict(snap.state)
+
+    def nonfinite_parameters(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+
     # ----- bookkeeping ------------------------------------------------------------------------
-    def record(self, iteration: int, accuracy: float, stats: EntropyStats, pruned: dict[str, int],
-               linearized: list[str], tolerance: float | None, started: float) -> IterationRecord:
+    def record(self, iteration: int, accuracy: float | None, stats: EntropyStats | None, step: _Step,
+               within: bool, started: float, zeta: float, backoffs: list[dict],
+               failure: str | None = None) -> IterationRecord:
         overall, per_layer = sparsity(self.layers)
-        entropy = stats.layer_entropy
+        entropy = stats.layer_entropy if stats is not None else {}
         return IterationRecord(
             iteration=iteration, accuracy=accuracy, sparsity=overall, layer_sparsity=per_layer,
             layer_entropy=entropy, zero_entropy_layers=[k for k, v in entropy.items() if v == 0.0],
-            pruned=pruned, linearized=linearized,
-            within_tolerance=tolerance is None or accuracy >= tolerance, seconds=time.perf_counter() - started)
+            pruned=step.pruned, linearized=step.linearized, within_tolerance=within,
+            seconds=time.perf_counter() - started, zeta=zeta, backoffs=backoffs, capped=step.capped, failure=failure)
 
     def measure(self) -> EntropyStats:
         if self.config.method == "easier" and self.replaced and not describe_sites(self.model):
             # EASIER replaced every activation: nothing is left to measure, and the next step stops the loop
             return EntropyStats({}, {}, EntropyOptions(**self.config.entropy_options()))
-        stats = measure(self.model, self.calib, **self.measure_kwargs)
-        return stats
+        return measure(self.model, self.calib, **self.measure_kwargs)
 
 
 def _checkpoint_path(directory: Path, iteration: int) -> Path:
@@ -240,7 +399,7 @@ def _checkpoint_path(directory: Path, iteration: int) -> Path:
 def _save_checkpoint(directory: Path, pruner: _Pruner, record: IterationRecord, stats: EntropyStats,
                      config: PruneConfig) -> None:
     atomic_torch_save({
-        "format": "nepenthe.checkpoint/1",
+        "format": "nepenthe.checkpoint/2",
         "identity": config.identity(),
         "record": record.to_dict(),
         "linearized": sorted(pruner.replaced),
@@ -268,6 +427,14 @@ def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
     return checkpoints
 
 
+def _failure(accuracy: float, tolerance: float | None, dense: float, delta: float | None) -> str | None:
+    if not math.isfinite(accuracy):
+        return f"evaluate returned {accuracy}"
+    if tolerance is not None and accuracy < tolerance:
+        return f"accuracy {accuracy:.2f} fell below dense {dense:.2f} - delta {delta}"
+    return None
+
+
 def prune(
     model: nn.Module,
     calib_data: Iterable,
@@ -281,9 +448,10 @@ def prune(
     """Run the iterative loop of SPEC §3 on ``model`` in place and return what happened.
 
     Each iteration measures the rectifiers on ``calib_data``, prunes by the method's rule,
-    calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent). The loop
-    stops when the accuracy falls below dense − ``delta``, nothing is left to prune, or after
-    ``max_iters``; the model is left as the last iteration within tolerance. With
+    calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent). A step
+    that ends below dense − ``delta`` or diverges is retried with a smaller amount (see the
+    module docstring); the loop stops when that fails ``max_backoffs`` times, nothing is left to
+    prune, or after ``max_iters``. The model is left as the last iteration within tolerance. With
     ``checkpoint_dir`` every iteration is saved atomically and a rerun resumes after the last one.
     Extra keyword arguments go to :func:`nepenthe.measure` (e.g. ``input_fn``, ``device``).
     """
@@ -291,9 +459,6 @@ def prune(
     pruner = _Pruner(model, calib_data, config, measure_kwargs)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     records: list[IterationRecord] = []
-    best_state: dict | None = None
-    best_linearized: list[str] = []
-    best_stats: EntropyStats | None = None
     selected, stop_reason = 0, f"reached max_iters={config.max_iters}"
 
     if directory and not config.resume and directory.exists():
@@ -306,62 +471,85 @@ def prune(
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
         for site in last["linearized"]:
             pruner._replace_with_identity(site, stats)
-        remove_masks(model)  # the model may carry masks of the interrupted iteration that the checkpoint lacks
-        restore_masks(model, last["model"])
-        model.load_state_dict(last["model"])
+        pruner.restore(_Snapshot(last["model"], list(last["linearized"])))
         records = [IterationRecord(**c["record"]) for c in checkpoints]
         stats = EntropyStats.from_state_dict(last["stats"])
         within = [r.iteration for r in records if r.within_tolerance]
         selected = within[-1] if within else 0
         keep = checkpoints[selected]
-        best_state, best_linearized = copy.deepcopy(keep["model"]), list(keep["linearized"])
+        best = _Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"]))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
         if not records[-1].within_tolerance:
-            return _finish(pruner, records, selected, "accuracy fell below tolerance (resumed)", best_state,
-                           best_linearized, best_stats)
+            reason = records[-1].failure or "accuracy fell below tolerance"
+            return _finish(pruner, records, selected, f"{reason} (resumed)", best, best_stats)
     else:
         started = time.perf_counter()
         stats = pruner.measure()
         dense = float(evaluate(model))
-        tolerance = None if config.delta is None else dense - config.delta
-        records.append(pruner.record(0, dense, stats, {}, [], tolerance, started))
-        best_state, best_stats = copy.deepcopy(model.state_dict()), stats
+        records.append(pruner.record(0, dense, stats, _Step({}, [], {}), True, started, 0.0, []))
+        best, best_stats = pruner.snapshot(), stats
         if directory:
             _save_checkpoint(directory, pruner, records[0], stats, config)
         for cb in callbacks:
             cb(records[0], model)
     dense = records[0].accuracy
     tolerance = None if config.delta is None else dense - config.delta
+    # the back-off scale carries over: a step that had to shrink stays small
+    scale = records[-1].zeta / config.zeta if len(records) > 1 and records[-1].zeta > 0 else 1.0
 
     for iteration in range(len(records), config.max_iters + 1):
         started = time.perf_counter()
-        pruned, linearized = pruner.prune_step(stats)
-        if not any(pruned.values()) and not linearized:
-            stop_reason = "nothing left to prune (every prunable layer has zero entropy or no weights)"
+        start = best  # the model as it is now: the last iteration within tolerance
+        attempts: list[dict] = []
+        avoid: list[str] = []
+        while True:
+            attempt_started = time.perf_counter()
+            step = pruner.prune_step(stats, scale, avoid)
+            if step.empty:
+                break
+            failure, accuracy = None, None
+            try:
+                retrain(model, iteration)
+            except FloatingPointError as exc:  # the built-in trainer's NaN/Inf loss, or the user's
+                failure = f"retraining diverged: {exc}"
+            if failure is None and (bad := pruner.nonfinite_parameters()):
+                failure = f"retraining left NaN/Inf in {', '.join(bad[:3])}"
+            if failure is None:
+                accuracy = float(evaluate(model))
+                failure = _failure(accuracy, tolerance, dense, config.delta)
+            if failure is None or len(attempts) >= config.max_backoffs:
+                break
+            attempts.append({"zeta": config.zeta * scale if config.method != "easier" else None,
+                             "linearized": step.linearized, "accuracy": accuracy, "failure": failure,
+                             "seconds": time.perf_counter() - attempt_started})
+            pruner.restore(start)
+            scale *= config.backoff_factor
+            avoid += step.linearized[:1]  # EASIER: the next-lowest-entropy activation is tried instead
+        if step.empty:
+            stop_reason = ("nothing left to prune (every prunable layer has zero entropy, no weights, or is capped)"
+                           if not attempts else
+                           f"{attempts[-1]['failure']}; no smaller step left after {len(attempts)} back-off(s)")
             break
-        retrain(model, iteration)
-        accuracy = float(evaluate(model))
-        stats = pruner.measure()
-        record = pruner.record(iteration, accuracy, stats, pruned, linearized, tolerance, started)
+        zeta = config.zeta * scale if config.method != "easier" else 0.0
+        stats_now = None if failure is not None and failure.startswith("retraining") else pruner.measure()
+        record = pruner.record(iteration, accuracy, stats_now, step, failure is None, started, zeta, attempts, failure)
         records.append(record)
         if directory:
-            _save_checkpoint(directory, pruner, record, stats, config)
+            _save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config)
         for cb in callbacks:
             cb(record, model)
-        if not record.within_tolerance:
-            stop_reason = f"accuracy {accuracy:.2f} fell below dense {dense:.2f} - delta {config.delta}"
+        if failure is not None:
+            stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
             break
+        stats = stats_now
         selected = iteration
-        best_state, best_linearized, best_stats = copy.deepcopy(model.state_dict()), sorted(pruner.replaced), stats
-    return _finish(pruner, records, selected, stop_reason, best_state, best_linearized, best_stats)
+        best, best_stats = pruner.snapshot(), stats
+    return _finish(pruner, records, selected, stop_reason, best, best_stats)
 
 
-def _finish(pruner: _Pruner, records, selected, stop_reason, best_state, best_linearized, best_stats) -> PruneResult:
+def _finish(pruner: _Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:
     """Leave the model as the selected iteration and package the result."""
-    pruner.restore_linearized(best_linearized)
-    remove_masks(pruner.model)  # masks only grow: drop the later ones before loading the earlier state
-    restore_masks(pruner.model, best_state)
-    pruner.model.load_state_dict(best_state)
+    pruner.restore(best)
     if pruner.config.checkpoint_dir:
         atomic_write_json({"selected": selected, "stop_reason": stop_reason,
                            "iterations": [r.to_dict() for r in records]},

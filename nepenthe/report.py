@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,40 +42,57 @@ def iteration_table(records: Sequence[dict], max_layers: int = 12) -> str:
     layers = list(records[0]["layer_entropy"])
     shown = layers[:max_layers]
     columns = " ".join(f"{'L' + str(i):>6}" for i in range(len(shown)))
-    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'H=0':>5} | {columns}"
+    head = f"{'it':>3} {'acc%':>6} {'sparsity':>8} {'zeta':>6} {'back':>4} {'cap':>3} {'H=0':>5} | {columns}"
     lines = [head, "-" * len(head)]
     for r in records:
         ent = r["layer_entropy"]
         cells = " ".join(f"{ent[n]:6.3f}" if n in ent else f"{'-':>6}" for n in shown)
-        lines.append(f"{r['iteration']:>3} {r['accuracy']:6.2f} {r['sparsity']:8.3f} "
-                     f"{len(r['zero_entropy_layers']):>2}/{len(ent):<2} | {cells}")
+        acc = f"{r['accuracy']:6.2f}" if r.get("accuracy") is not None else f"{'nan':>6}"
+        zeta = f"{r['zeta']:6.3f}" if r.get("zeta") else f"{'-':>6}"
+        mark = "" if r.get("within_tolerance", True) else "  x " + (r.get("failure") or "below tolerance")
+        lines.append(f"{r['iteration']:>3} {acc} {r['sparsity']:8.3f} {zeta} {len(r.get('backoffs', [])):>4} "
+                     f"{len(r.get('capped', {})):>3} {len(r['zero_entropy_layers']):>2}/{len(ent):<2} | {cells}{mark}")
     legend = ", ".join(f"L{i} {n}" for i, n in enumerate(shown))
+    lines.append("zeta: pruning fraction of the kept step; back: failed attempts retried with a smaller step; "
+                 "cap: layers held back by a cap")
     lines.append(f"layer entropy in bits; {legend}" + (f" (+{len(layers) - max_layers} more in report.json)"
                                                         if len(layers) > max_layers else ""))
     return "\n".join(lines)
 
 
-def plot_entropy(records: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
-    """Entropy of every rectifier layer per iteration as a heat map; None when matplotlib is missing."""
+def new_figure(**kwargs):
+    """A matplotlib Figure drawn off-screen (Agg) without pyplot, so the user's backend and open
+    figures are left alone; None when matplotlib is missing (the ``plot`` extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_entropy(records: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
+    """Entropy of every rectifier layer per iteration as a heat map, beside accuracy and collapsed
+    layers; None when matplotlib is missing."""
     layers = list(records[0]["layer_entropy"])
-    grid = [[r["layer_entropy"].get(n, float("nan")) for r in records] for n in layers]
-    fig_h = max(3.0, 0.28 * len(layers) + 1.5)
-    fig, (ax_map, ax_acc) = plt.subplots(1, 2, figsize=(11, fig_h), gridspec_kw={"width_ratios": [3, 2]})
-    image = ax_map.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
-    ax_map.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax_map.set_xticks(range(len(records)), [str(r["iteration"]) for r in records])
-    ax_map.set_xlabel("iteration")
-    ax_map.set_title("layer entropy (bits); 0 = linearizable")
-    fig.colorbar(image, ax=ax_map, fraction=0.04)
+    fig = new_figure(figsize=(11, max(3.0, 0.28 * len(layers) + 1.5)))
+    if fig is None:
+        return None
+    ax_map, ax_acc = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    entropy_heatmap(ax_map, records)
     its = [r["iteration"] for r in records]
-    ax_acc.plot(its, [r["accuracy"] for r in records], "o-", label="accuracy %")
+    ax_acc.plot(its, [math.nan if r["accuracy"] is None else r["accuracy"] for r in records], "o-",
+                label="accuracy %")
     ax_acc.set_xlabel("iteration")
     ax_acc.set_ylabel("validation accuracy %")
     twin = ax_acc.twinx()
@@ -83,9 +101,16 @@ def plot_entropy(records: Sequence[dict], path: str | Path, title: str = "") -> 
     ax_acc.set_title("accuracy and collapsed layers")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def entropy_heatmap(ax, records: Sequence[dict], title: str = "layer entropy (bits); 0 = linearizable") -> None:
+    """Layers × iterations heat map of the layer entropies of ``records`` on a matplotlib axis."""
+    layers = list(records[0]["layer_entropy"])
+    grid = [[r["layer_entropy"].get(n, math.nan) for r in records] for n in layers]
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xticks(range(len(records)), [str(r["iteration"]) for r in records])
+    ax.set_xlabel("iteration")
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(image, ax=ax, fraction=0.04)

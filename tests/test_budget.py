@@ -399,3 +399,107 @@ def test_global_magnitude_masks_channels_last_weights():
     for k in w:
         assert torch.equal(got[k], ref[k])
     assert sum(int((~m).sum()) for m in got.values()) == math.floor(0.4 * (108 + 216))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer limits (caps), global IMP counts under caps, fan-in normalisation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_limit_caps_a_layer_and_its_share_goes_to_the_others():
+    # The same case as test_water_filling_one_layer_emptied_and_rest_resplit, but a may lose at most
+    # 60 of its 100 weights: a takes 60 and leaves the pool with its irrelevance; the remaining
+    # B' = 1050 - 60 = 990 over (b, c): shares (0.817574, 0.182426) -> 809.4, 180.6 -> 809 + 181
+    result = weights_to_prune(ones("a", "b", "c"), {"a": 100, "b": 1000, "c": 1000}, {"a": 1.0, "b": 2.0, "c": 4.0},
+                              limits={"a": 60})
+    assert result == {"a": 60, "b": 809, "c": 181}
+
+
+def test_limit_zero_freezes_a_layer_and_takes_it_out_of_the_budget():
+    # a cannot lose anything: it leaves the pool and its weights leave the budget (as a frozen layer)
+    # B = floor(0.5 * 2000) = 1000 over (b, c) with R = (3, 1.5): 817.57, 182.43 -> 818 + 182
+    result = weights_to_prune(ones("a", "b", "c"), {"a": 100, "b": 1000, "c": 1000}, {"a": 1.0, "b": 2.0, "c": 4.0},
+                              limits={"a": 0})
+    assert result == {"a": 0, "b": 818, "c": 182}
+
+
+def test_limits_larger_than_remaining_change_nothing():
+    args = (ones("a", "b"), {"a": 100, "b": 300}, {"a": 1.0, "b": 3.0})
+    assert weights_to_prune(*args, limits={"a": 10**9, "b": 301}) == weights_to_prune(*args)
+
+
+def test_budget_no_layer_can_take_is_left_unspent():
+    # every layer capped below its share: each takes its cap, the rest of B = 500 stays unpruned
+    result = weights_to_prune(ones("a", "b"), {"a": 500, "b": 500}, {"a": 1.0, "b": 1.0}, limits={"a": 10, "b": 20})
+    assert result == {"a": 10, "b": 20}
+
+
+def test_limit_applies_to_zero_irrelevance_layers():
+    result = weights_to_prune(ones("a", "b"), {"a": 10, "b": 100}, {"a": 0.0, "b": 1.0}, limits={"a": 4})
+    assert result["a"] == 4 and result["b"] == 55 - 4  # B = floor(0.5 * 110) = 55
+
+
+def test_global_counts_under_caps_move_to_the_next_smallest_weights():
+    from nepenthe.budget import global_magnitude_counts
+
+    weights = {"small": torch.tensor([0.1, 0.2, 0.3, 0.4]), "big": torch.tensor([5.0, 6.0, 7.0, 0.25])}
+    # uncapped: the 4 smallest are 0.1, 0.2, 0.25 (big), 0.3 -> small 3, big 1
+    assert global_magnitude_counts(weights, {}, 0.5) == {"small": 3, "big": 1}
+    # small may lose only 1: 0.1, then 0.25 (big), then 5.0 and 6.0 (big) -> 4 in all
+    assert global_magnitude_counts(weights, {}, 0.5, limits={"small": 1}) == {"small": 1, "big": 3}
+    masks = global_magnitude_masks(weights, {}, 0.5, limits={"small": 1})
+    assert masks["small"].tolist() == [False, True, True, True]
+    assert masks["big"].tolist() == [False, False, True, False]
+    # both capped: fewer than asked
+    assert global_magnitude_counts(weights, {}, 0.5, limits={"small": 1, "big": 1}) == {"small": 1, "big": 1}
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=1, max_value=20), min_size=1, max_size=4),
+       fraction=st.floats(min_value=0.0, max_value=1.0), seed=st.integers(min_value=0, max_value=2**31 - 1))
+def test_global_counts_under_caps_property(sizes, fraction, seed):
+    """Against a greedy reference: walk the global order, take a weight when its layer has room."""
+    from nepenthe.budget import global_magnitude_counts
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {f"l{i}": (torch.randn(s, generator=g) * 3).round() for i, s in enumerate(sizes)}
+    masks = {n: torch.rand(w.shape, generator=g) > 0.2 for n, w in weights.items()}
+    limits = {n: int(torch.randint(0, w.numel() + 1, (1,), generator=g)) for n, w in weights.items()}
+    entries = sorted((float(abs(w[i])), li, i) for li, (n, w) in enumerate(weights.items())
+                     for i in range(w.numel()) if masks[n][i])
+    want = math.floor(fraction * len(entries))
+    names = list(weights)
+    expected = {n: 0 for n in names}
+    for _, li, _ in entries:
+        if sum(expected.values()) == want:
+            break
+        if expected[names[li]] < limits[names[li]]:
+            expected[names[li]] += 1
+    assert global_magnitude_counts(weights, masks, fraction, limits) == expected
+
+
+def test_irrelevance_fan_in_normalisation():
+    w = torch.full((4, 9), 0.5)  # fan-in 9
+    assert irrelevance(2.0, w, None, normalize="fan_in") == pytest.approx(2.0 * 0.5 * 3.0)
+    conv = torch.full((2, 3, 2, 2), 0.25)  # fan-in 3 * 2 * 2 = 12
+    assert irrelevance(1.0, conv, None, normalize="fan_in") == pytest.approx(0.25 * math.sqrt(12))
+    assert irrelevance(1.0, conv, None) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="normalize"):
+        irrelevance(1.0, conv, None, normalize="fan_out")
+
+
+def test_fan_in_normalisation_keeps_a_wide_stem_from_taking_the_budget():
+    # He-like scales: a 784-input stem has mean |w| ~ 1/28, a 128-input layer ~ 1/11.3. Without
+    # normalisation the stem is by far the least relevant and is emptied; with it they are even.
+    # (the residual MLP of the Fashion-MNIST study: a stem and 8 blocks of 128 -> 256)
+    g = torch.Generator().manual_seed(0)
+    weights = {"stem": torch.randn(128, 784, generator=g) / 28}
+    weights.update({f"block{i}": torch.randn(256, 128, generator=g) / math.sqrt(128) for i in range(8)})
+    remaining = {n: w.numel() for n, w in weights.items()}
+    plain = {n: irrelevance(1.0, w, None) for n, w in weights.items()}
+    fair = {n: irrelevance(1.0, w, None, "fan_in") for n, w in weights.items()}
+    assert weights_to_prune(ones(*weights), remaining, plain)["stem"] == remaining["stem"]
+    counts = weights_to_prune(ones(*weights), remaining, fair)
+    assert max(counts.values()) < remaining["block0"]  # nobody emptied
+    # even irrelevances split the budget evenly by count (not by fraction): the stem loses a fifth
+    assert all(abs(counts["stem"] - c) < 0.1 * c for c in counts.values())

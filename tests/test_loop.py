@@ -151,7 +151,7 @@ def test_stop_by_delta_restores_last_iteration_within_tolerance(data):
     model = make_model()
     snaps = Snapshots()
     scripted = Scripted(90.0, 89.5, 89.0, 88.9, 95.0)  # tolerance 90 - 1 = 89: iteration 3 falls below
-    result = run(data, model, evaluate_fn=scripted, callbacks=[snaps], max_iters=9, delta=1.0)
+    result = run(data, model, evaluate_fn=scripted, callbacks=[snaps], max_iters=9, delta=1.0, max_backoffs=0)
     assert scripted.calls == 4
     assert [r.within_tolerance for r in result.iterations] == [True, True, True, False]
     assert result.selected == 2 and result.selected_record.accuracy == 89.0
@@ -164,16 +164,17 @@ def test_stop_by_delta_restores_last_iteration_within_tolerance(data):
 def test_stop_when_first_iteration_fails_restores_dense(data):
     model = make_model()
     dense = copy.deepcopy(model.state_dict())
-    result = run(data, model, evaluate_fn=Scripted(90.0, 10.0), max_iters=5, delta=1.0)
+    result = run(data, model, evaluate_fn=Scripted(90.0, 10.0), max_iters=5, delta=1.0, max_backoffs=0)
     assert result.selected == 0 and len(result.iterations) == 2
     assert_same_state(model.state_dict(), dense)  # no mask buffers left behind either
     assert get_masks(model) == {}
 
 
 def test_stop_when_every_layer_is_emptied(data):
-    # ζ = 1: the first round empties every prunable layer; the second finds nothing to prune
+    # ζ = 1 and no cap on the stem: the first round empties every prunable layer; the second finds
+    # nothing to prune
     calls: list[int] = []
-    result = run(data, calls=calls, zeta=1.0, max_iters=5, delta=None)
+    result = run(data, calls=calls, zeta=1.0, max_iters=5, delta=None, cut_max_sparsity=None)
     assert calls == [1] and [r.sparsity for r in result.iterations] == [0.0, 1.0]
     assert result.stop_reason.startswith("nothing left to prune") and result.selected == 1
 
@@ -238,11 +239,12 @@ def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, uninterrupt
 def test_resume_after_stop_by_delta_returns_the_selected_iteration(data, tmp_path):
     snaps = Snapshots()
     first = run(data, evaluate_fn=Scripted(90.0, 89.5, 50.0), callbacks=[snaps], max_iters=5, delta=1.0,
-                checkpoint_dir=str(tmp_path))
+                checkpoint_dir=str(tmp_path), max_backoffs=0)
     assert first.selected == 1
     model = make_model(seed=7)
     calls: list[int] = []
-    again = run(data, model, evaluate_fn=Scripted(), calls=calls, max_iters=5, delta=1.0, checkpoint_dir=str(tmp_path))
+    again = run(data, model, evaluate_fn=Scripted(), calls=calls, max_iters=5, delta=1.0, checkpoint_dir=str(tmp_path),
+                max_backoffs=0)
     assert calls == [] and again.selected == 1 and "resumed" in again.stop_reason
     assert_same_state(model.state_dict(), snaps.states[1])
 
@@ -291,8 +293,10 @@ def test_egp_measures_with_its_own_entropy_options(data):
     model = make_model()
     dense = copy.deepcopy(model)
     result = run(data, model, method="egp", max_iters=1, delta=None)
-    assert result.stats.options == EntropyOptions(zero_as="off", aggregate="mixed_mean", estimator="batch_mean")
-    expected = measure(dense, data["calib"], zero_as="off", aggregate="mixed_mean", estimator="batch_mean")
+    assert result.stats.options == EntropyOptions(zero_as="off", aggregate="mixed_mean", estimator="batch_mean",
+                                                  saturation=False)
+    expected = measure(dense, data["calib"], zero_as="off", aggregate="mixed_mean", estimator="batch_mean",
+                       saturation=False)
     assert result.iterations[0].layer_entropy == expected.layer_entropy
     assert result.iterations[1].sparsity > 0.0
 
@@ -324,7 +328,7 @@ def test_easier_rollback_puts_the_activation_back(data):
     model = make_model()
     snaps = Snapshots()
     result = run(data, model, method="easier", evaluate_fn=Scripted(90.0, 90.0, 50.0), callbacks=[snaps],
-                 max_iters=5, delta=1.0)
+                 max_iters=5, delta=1.0, max_backoffs=0)
     assert result.selected == 1
     assert [type(m) for m in model.modules()] == snaps.modules[1]
     assert sum(isinstance(m, nn.Identity) for m in model.modules()) == 1

@@ -55,23 +55,27 @@ class ResNet(nn.Module):
     """ResNet for small images: 3x3/1 stem + BN + ReLU + 3x3/2 max pool, 4 stages, avg pool, ``fc``.
 
     ``layers`` gives the number of BasicBlocks per stage (``[2, 2, 2, 2]`` for ResNet-18). Stages
-    have 64, 128, 256, 512 channels; stages 2-4 halve the resolution in their first block.
+    have ``width`` × (1, 2, 4, 8) channels (64 … 512 in the paper); stages 2-4 halve the resolution
+    in their first block. A smaller ``width`` keeps the depth and every pattern of the paper's model
+    at a fraction of the cost (``width=16``: 1/16 of the multiply-adds).
     """
 
-    def __init__(self, layers: list[int], num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, layers: list[int], num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=False)
         # Kept on purpose: the EGP/EASIER CIFAR ResNet-18 keeps the ImageNet max pool (see module doc).
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_stage(64, layers[0], stride=1)
-        self.layer2 = self._make_stage(128, layers[1], stride=2)
-        self.layer3 = self._make_stage(256, layers[2], stride=2)
-        self.layer4 = self._make_stage(512, layers[3], stride=2)
+        self.layer1 = self._make_stage(width, layers[0], stride=1)
+        self.layer2 = self._make_stage(2 * width, layers[1], stride=2)
+        self.layer3 = self._make_stage(4 * width, layers[2], stride=2)
+        self.layer4 = self._make_stage(8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
         _init_weights(self)
 
     def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -88,9 +92,9 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
-    """CIFAR ResNet-18 (about 11.17M parameters for 10 classes, 17 ReLU call sites)."""
-    return ResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels)
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    """CIFAR ResNet-18 (about 11.17M parameters for 10 classes at ``width=64``, 17 ReLU call sites)."""
+    return ResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 def _init_weights(model: nn.Module) -> None:
