@@ -68,16 +68,31 @@ def digits() -> DataSplits:
 
 
 def test_available_datasets() -> None:
-    assert set(available_datasets()) == {"digits", "fashion_mnist"}
+    assert set(available_datasets()) == {
+        "digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "pacs", "vlcs", "image_folder"
+    }
 
 
 def test_unknown_dataset_lists_available_names() -> None:
-    with pytest.raises(ValueError, match="digits.*fashion_mnist") as info:
-        load_dataset("cifar10")
+    with pytest.raises(ValueError, match="digits.*fashion_mnist.*cifar10.*image_folder") as info:
+        load_dataset("imagenet")
     assert not isinstance(info.value, DatasetError)
 
 
-@pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"limit": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"val_fraction": 1.0},
+        {"val_fraction": -0.1},
+        {"limit": 0},
+        {"image_size": 0},
+        # options of the image datasets that digits does not take
+        {"augment": True},
+        {"image_size": 32},
+        {"test_domain": "photo"},
+        {"coarse_labels": True},
+    ],
+)
 def test_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         load_dataset("digits", **kwargs)
