@@ -17,8 +17,9 @@ A step cannot destroy the model:
   diverges (``retrain`` raises ``FloatingPointError``, as the built-in trainer does on a NaN/Inf
   loss, or leaves non-finite weights), the iteration's start is restored and the step retried
   with its pruning amount multiplied by ``backoff_factor`` (EASIER, which removes one activation
-  per step, tries the next-lowest-entropy one instead), at most ``max_backoffs`` times. The
-  smaller step carries over to later iterations. Every failed attempt is in the record.
+  per step, tries the next-lowest-entropy one instead), at most ``max_backoffs`` times. The next
+  iteration keeps the smaller step; an iteration that passes at once lets it grow one notch
+  back towards ζ. Every failed attempt is in the record.
 * **no cut** — a layer whose emptying would disconnect the output from the input (a stem, any
   conv of a plain chain: every later neuron would be constant) is capped at ``cut_max_sparsity``.
   A residual branch is not capped: emptied, it becomes a constant that folding removes exactly.
@@ -57,6 +58,7 @@ from .masks import (
 )
 
 METHODS = ("nepenthe", "imp", "egp", "easier")
+SELECT_RULES = ("depth", "last")
 
 # Entropy options each method uses unless the config overrides them (SPEC §3 baselines). EGP and
 # EASIER follow their released code: per-batch entropies averaged over batches, z = 0 counted as
@@ -78,7 +80,8 @@ class PruneConfig:
     """Options of the iterative loop (see the module docstring for the safety rules).
 
     ``normalize="fan_in"`` scales the budget's magnitude term by √fan-in (see
-    :func:`nepenthe.budget.irrelevance`). ``protect`` and ``layer_caps`` name modules by glob
+    :func:`nepenthe.budget.irrelevance`). ``select`` says which iteration within tolerance is
+    returned (see :func:`select_iteration`). ``protect`` and ``layer_caps`` name modules by glob
     patterns over their qualified names; ``protect`` also takes ``"first"`` and ``"last"``.
     """
 
@@ -97,6 +100,7 @@ class PruneConfig:
     cut_max_sparsity: float | None = 0.99
     max_backoffs: int = 3
     backoff_factor: float = 0.5
+    select: str = "depth"
     checkpoint_dir: str | None = None
     resume: bool = True
     max_calib_batches: int | None = None
@@ -115,6 +119,8 @@ class PruneConfig:
             raise ValueError(f"max_backoffs must be >= 0, got {self.max_backoffs}")
         if not 0.0 < self.backoff_factor < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {self.backoff_factor}")
+        if self.select not in SELECT_RULES:
+            raise ValueError(f"select must be one of {SELECT_RULES}, got {self.select!r}")
         if self.cut_max_sparsity is not None and not 0.0 <= self.cut_max_sparsity < 1.0:
             raise ValueError(f"cut_max_sparsity must be in [0, 1) or None, got {self.cut_max_sparsity}")
         if isinstance(self.protect, str):
@@ -162,6 +168,7 @@ class IterationRecord:
     backoffs: list[dict] = field(default_factory=list)
     capped: dict[str, int] = field(default_factory=dict)
     failure: str | None = None  # why this iteration's last attempt failed (then within_tolerance is False)
+    collapsed: int = 0  # rectifier layers linear on the data (zero entropy) or replaced by the identity (EASIER)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,7 +390,8 @@ class _Pruner:
             iteration=iteration, accuracy=accuracy, sparsity=overall, layer_sparsity=per_layer,
             layer_entropy=entropy, zero_entropy_layers=[k for k, v in entropy.items() if v == 0.0],
             pruned=step.pruned, linearized=step.linearized, within_tolerance=within,
-            seconds=time.perf_counter() - started, zeta=zeta, backoffs=backoffs, capped=step.capped, failure=failure)
+            seconds=time.perf_counter() - started, zeta=zeta, backoffs=backoffs, capped=step.capped, failure=failure,
+            collapsed=sum(v == 0.0 for v in entropy.values()) + len(self.replaced))
 
     def measure(self) -> EntropyStats:
         if self.config.method == "easier" and self.replaced and not describe_sites(self.model):
@@ -427,6 +435,31 @@ def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
     return checkpoints
 
 
+def select_iteration(records: Sequence[IterationRecord], rule: str = "depth") -> int:
+    """The iteration the loop returns, among those within tolerance (iteration 0 always is).
+
+    ``"depth"``: the most collapsed rectifier layers (zero entropy, or replaced by EASIER), then
+    the best validation accuracy, then the earliest: a depth reducer gains nothing from sparsity
+    that removes no further layer. When no layer collapsed at all it is ``"last"``: the last
+    iteration within tolerance (the most sparse), as classic iterative pruning reports.
+    """
+    within = [r for r in records if r.within_tolerance]
+    if rule == "last" or max(r.collapsed for r in within) == 0:
+        return within[-1].iteration
+    return max(within, key=lambda r: (r.collapsed, r.accuracy if r.accuracy is not None else -math.inf,
+                                      -r.iteration)).iteration
+
+
+def _next_scale(record: IterationRecord, config: PruneConfig) -> float:
+    """The step size after ``record``: a step that had to back off is kept for the next iteration;
+    one that passed at once grows one notch (back up to ζ), so a single hard iteration does not
+    shrink the rest of the run."""
+    if record.zeta <= 0:  # the dense record, or EASIER (one activation per step, nothing to scale)
+        return 1.0
+    scale = record.zeta / config.zeta
+    return scale if record.backoffs else min(1.0, scale / config.backoff_factor)
+
+
 def _failure(accuracy: float, tolerance: float | None, dense: float, delta: float | None) -> str | None:
     if not math.isfinite(accuracy):
         return f"evaluate returned {accuracy}"
@@ -451,7 +484,8 @@ def prune(
     calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent). A step
     that ends below dense − ``delta`` or diverges is retried with a smaller amount (see the
     module docstring); the loop stops when that fails ``max_backoffs`` times, nothing is left to
-    prune, or after ``max_iters``. The model is left as the last iteration within tolerance. With
+    prune, or after ``max_iters``. The model is left as the iteration ``config.select`` picks among
+    those within tolerance (by default the one with the most collapsed layers). With
     ``checkpoint_dir`` every iteration is saved atomically and a rerun resumes after the last one.
     Extra keyword arguments go to :func:`nepenthe.measure` (e.g. ``input_fn``, ``device``).
     """
@@ -459,7 +493,7 @@ def prune(
     pruner = _Pruner(model, calib_data, config, measure_kwargs)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     records: list[IterationRecord] = []
-    selected, stop_reason = 0, f"reached max_iters={config.max_iters}"
+    stop_reason = f"reached max_iters={config.max_iters}"
 
     if directory and not config.resume and directory.exists():
         # starting over: files of an earlier run must not be mixed into a later resume of this one
@@ -471,15 +505,17 @@ def prune(
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
         for site in last["linearized"]:
             pruner._replace_with_identity(site, stats)
-        pruner.restore(_Snapshot(last["model"], list(last["linearized"])))
+        current = _Snapshot(last["model"], list(last["linearized"]))
+        pruner.restore(current)
         records = [IterationRecord(**c["record"]) for c in checkpoints]
         stats = EntropyStats.from_state_dict(last["stats"])
-        within = [r.iteration for r in records if r.within_tolerance]
-        selected = within[-1] if within else 0
+        selected = select_iteration(records, config.select)
         keep = checkpoints[selected]
         best = _Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"]))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
-        if not records[-1].within_tolerance:
+        if records[-1].within_tolerance:  # the next iteration starts from the last good one
+            current = _Snapshot(copy.deepcopy(last["model"]), list(last["linearized"]))
+        else:
             reason = records[-1].failure or "accuracy fell below tolerance"
             return _finish(pruner, records, selected, f"{reason} (resumed)", best, best_stats)
     else:
@@ -487,19 +523,19 @@ def prune(
         stats = pruner.measure()
         dense = float(evaluate(model))
         records.append(pruner.record(0, dense, stats, _Step({}, [], {}), True, started, 0.0, []))
-        best, best_stats = pruner.snapshot(), stats
+        selected, current, best_stats = 0, pruner.snapshot(), stats
+        best = current
         if directory:
             _save_checkpoint(directory, pruner, records[0], stats, config)
         for cb in callbacks:
             cb(records[0], model)
     dense = records[0].accuracy
     tolerance = None if config.delta is None else dense - config.delta
-    # the back-off scale carries over: a step that had to shrink stays small
-    scale = records[-1].zeta / config.zeta if len(records) > 1 and records[-1].zeta > 0 else 1.0
+    scale = _next_scale(records[-1], config)
 
     for iteration in range(len(records), config.max_iters + 1):
         started = time.perf_counter()
-        start = best  # the model as it is now: the last iteration within tolerance
+        start = current  # the model as it is now: the last iteration within tolerance
         attempts: list[dict] = []
         avoid: list[str] = []
         while True:
@@ -542,8 +578,10 @@ def prune(
             stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
             break
         stats = stats_now
-        selected = iteration
-        best, best_stats = pruner.snapshot(), stats
+        current = pruner.snapshot()
+        if select_iteration(records, config.select) == iteration:
+            selected, best, best_stats = iteration, current, stats
+        scale = _next_scale(record, config)
     return _finish(pruner, records, selected, stop_reason, best, best_stats)
 
 

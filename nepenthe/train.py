@@ -4,7 +4,7 @@ user function (the pruning loop only needs ``retrain(model, iteration)`` and ``e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -18,20 +18,35 @@ from .masks import masked_optimizer
 class TrainConfig:
     """Optimisation recipe. Defaults are short CPU-friendly runs; SPEC §3 lists the paper's."""
 
-    epochs: int = 10
+    epochs: float = 10  # may be fractional: 0.5 = half the batches of one epoch
     lr: float = 0.05
     optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | multistep | constant
-    milestones: list[int] = field(default_factory=list)  # for multistep, in epochs
+    milestones: list[float] = field(default_factory=list)  # for multistep, in epochs
     gamma: float = 0.1
     label_smoothing: float = 0.0
     grad_clip: float | None = None
 
+    def __post_init__(self):
+        if not self.epochs >= 0:  # also refuses NaN
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def scaled(self, factor: float) -> TrainConfig:
+        """The same recipe with every duration (epochs, milestones) multiplied by ``factor``."""
+        return replace(self, epochs=self.epochs * factor, milestones=[m * factor for m in self.milestones])
+
+    def steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run (fractional epochs round to whole steps, at least one
+        when ``epochs > 0``)."""
+        return max(round(self.epochs * steps_per_epoch), 1) if self.epochs > 0 else 0
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -45,12 +60,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total = max(cfg.epochs * steps_per_epoch, 1)
+    total = max(cfg.steps(steps_per_epoch), 1)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[m * steps_per_epoch for m in cfg.milestones], gamma=cfg.gamma)
+            optimizer, milestones=sorted(round(m * steps_per_epoch) for m in cfg.milestones), gamma=cfg.gamma)
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'multistep' or 'constant'")
@@ -63,18 +78,24 @@ def _device_of(model: nn.Module) -> torch.device:
 def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=None) -> list[float]:
     """Train in place with a fresh optimizer and schedule; the fused masked optimizer keeps masks enforced.
 
-    Returns the mean training loss of each epoch. ``progress`` is an optional callable called
-    with (epoch, loss) after each epoch.
+    Returns the mean training loss of each epoch (a fractional last epoch counts as one).
+    ``progress`` is an optional callable called with (epoch, loss) after each epoch. A NaN/Inf
+    loss raises ``FloatingPointError`` (the pruning loop takes it as a failed step and backs off).
     """
     device = _device_of(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
+    steps_left = cfg.steps(len(loader))
     losses = []
     model.train()
     try:
-        for epoch in range(cfg.epochs):
+        epoch = 0
+        while steps_left > 0:
             total, count = 0.0, 0
             for x, y in loader:
+                if steps_left == 0:
+                    break
+                steps_left -= 1
                 x, y = x.to(device), y.to(device)
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
@@ -89,9 +110,12 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
                 scheduler.step()
                 total += loss.item() * len(y)
                 count += len(y)
-            losses.append(total / max(count, 1))
+            if count == 0:
+                raise ValueError("the training data is empty; pass a non-empty DataLoader")
+            losses.append(total / count)
             if progress is not None:
                 progress(epoch, losses[-1])
+            epoch += 1
     finally:
         model.eval()
     return losses

@@ -28,8 +28,9 @@ def constant_accuracy(model):
 
 
 def run_one(model, data, method, **config):
+    # select="last": these tests look at the step itself, whatever iteration a depth rule would keep
     return prune(model, data, retrain=no_retrain, evaluate=constant_accuracy,
-                 config=PruneConfig(method=method, max_iters=1, delta=None, **config))
+                 config=PruneConfig(method=method, max_iters=1, delta=None, select="last", **config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,8 +49,7 @@ def test_imp_prunes_the_globally_smallest_weights():
     assert get_mask(model[2]).tolist() == [[False, True], [True, True]]
     assert result.iterations[1].pruned == {"0": 3, "2": 1}
     # the second round prunes half of the 4 left: 4 (first) and 5 (second)
-    prune(model, [torch.randn(4, 2)], retrain=no_retrain, evaluate=constant_accuracy,
-          config=PruneConfig(method="imp", max_iters=1, delta=None))
+    run_one(model, [torch.randn(4, 2)], "imp")
     assert int(get_mask(model[0]).sum()) + int(get_mask(model[2]).sum()) == 2
 
 
@@ -171,7 +171,7 @@ def test_easier_picks_the_lowest_batch_mean_entropy_not_the_lowest_pooled_one():
     pooled = measure(model, [b1, b2], zero_as="on")
     assert pooled.layer_entropy == pytest.approx({"relu_a": 1.0, "relu_b": binary_entropy(0.75)})
     result = prune(model, [b1, b2], retrain=no_retrain, evaluate=constant_accuracy,
-                   config=PruneConfig(method="easier", max_iters=1, delta=None))
+                   config=PruneConfig(method="easier", max_iters=1, delta=None, select="last"))
     assert result.iterations[0].layer_entropy == pytest.approx({"relu_a": 0.0, "relu_b": binary_entropy(0.75)})
     assert result.iterations[1].linearized == ["relu_a"]
     assert isinstance(model.relu_a, nn.Identity) and isinstance(model.relu_b, nn.ReLU)
@@ -217,3 +217,28 @@ def test_method_defaults_and_overrides_of_the_entropy_options():
     assert PruneConfig(method="egp").entropy_options()["saturation"] is False
     assert PruneConfig().entropy_options()["saturation"] is True
     assert PruneConfig(method="easier", saturation=True).entropy_options()["saturation"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# Which iteration is returned
+# --------------------------------------------------------------------------------------------------
+
+
+def record(iteration, accuracy, collapsed, within=True):
+    from nepenthe import IterationRecord
+
+    return IterationRecord(iteration, accuracy, 0.0, {}, {}, [], {}, [], within, 0.0, collapsed=collapsed)
+
+
+def test_select_depth_prefers_more_collapsed_layers_then_accuracy_then_earlier():
+    from nepenthe.loop import select_iteration
+
+    records = [record(0, 90.0, 0), record(1, 89.8, 2), record(2, 89.5, 5), record(3, 89.7, 5), record(4, 89.7, 5),
+               record(5, 89.9, 6, within=False)]
+    assert select_iteration(records, "depth") == 3  # 5 layers; 89.7 beats 89.5; 3 before 4
+    assert select_iteration(records, "last") == 4
+    # nothing collapsed anywhere: the most sparse iteration within tolerance, as "last"
+    flat = [record(0, 90.0, 0), record(1, 89.9, 0), record(2, 89.95, 0), record(3, 80.0, 0, within=False)]
+    assert select_iteration(flat, "depth") == select_iteration(flat, "last") == 2
+    with pytest.raises(ValueError, match="select"):
+        PruneConfig(select="best")

@@ -33,15 +33,16 @@ def masks_of(model):
 def test_failed_step_is_retried_with_half_the_amount(data):
     model = make_model()
     snaps = Snapshots()
-    # dense 90; iteration 1: 10 (fails), then 89.5 (kept); iteration 2: 89.2
-    result = run(data, model, evaluate_fn=Scripted(90.0, 10.0, 89.5, 89.2), callbacks=[snaps], max_iters=2,
+    # dense 90; iteration 1: 10 (fails), then 89.5 (kept); iterations 2, 3: 89.2, 89.1
+    result = run(data, model, evaluate_fn=Scripted(90.0, 10.0, 89.5, 89.2, 89.1), callbacks=[snaps], max_iters=3,
                  delta=1.0, max_backoffs=3)
     first = result.iterations[1]
     assert first.within_tolerance and first.zeta == 0.25 and len(first.backoffs) == 1
     assert first.backoffs[0]["zeta"] == 0.5 and first.backoffs[0]["accuracy"] == 10.0
     assert "fell below" in first.backoffs[0]["failure"]
-    assert result.iterations[2].zeta == 0.25  # the smaller step carries over
-    assert result.backoffs == 1 and result.selected == 2
+    assert result.iterations[2].zeta == 0.25  # the smaller step carries over to the next iteration
+    assert result.iterations[3].zeta == 0.5  # which passed at once: the step grows back one notch
+    assert result.backoffs == 1 and result.selected == 3
     # the retry started from the dense model: the same masks as a run that used ζ = 0.25 from the start
     reference = make_model()
     ref_snaps = Snapshots()
