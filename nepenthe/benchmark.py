@@ -250,8 +250,9 @@ def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 def fold_scenario(built: BuiltScenario) -> tuple[nn.Module, float]:
     """``fold`` of a built scenario (its forced states are not those of ``example_input``, so fold's
-    own check against the unfolded model is skipped: compare with ``linearized`` instead)."""
-    kwargs = {"verify": False, **built.fold_kwargs}
+    own check against the unfolded model is skipped: compare with ``linearized`` instead). The
+    latency planner plans for ``example_input``'s batch (the batch the suite then times)."""
+    kwargs = {**fold_arguments({"verify": False, "latency_input": built.example_input}), **built.fold_kwargs}
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -303,14 +303,23 @@ def test_planner_times_each_candidate_and_the_whole_model():
     x = torch.randn(8, 64)
     stats = forced_stats(block, x, {"act": "on"})
     out = fold(block, stats, x, approximate=True, planner="latency", latency_input=torch.randn(64, 64))
-    plan = out.fold_report.planner
-    assert plan["mode"] == "latency"
+    report = out.fold_report
+    plan = report.planner
+    assert plan["mode"] == "latency" and plan["latency_input_shape"] == [[64, 64]]
     keys = [d["candidate"] for d in plan["decisions"]]
     assert keys[0] == "fc1 + fc2"
     for d in plan["decisions"]:
-        assert d["merged"] == (d["ratio"] < 1.0) and d["shape"][0] == 64
+        assert d["shape"][0] == 64
+        if d["by"] in ("timing", "cache"):  # merged only when the whole interval is below 1 - margin
+            assert d["merged"] == (d["verdict"] == "faster") and (not d["merged"] or d["high"] < 1.0)
+    # one 64x64 Linear instead of 64x256 + 256x64: fewer FLOPs, merged without timing
+    assert plan["decisions"][0]["merged"] and plan["decisions"][0]["by"] == "flops"
+    assert plan["decided_by_flops"] == len(plan["decisions"]) and plan["decided_by_timing"] == 0
     assert set(plan["model_ms"]) >= {"unfolded", "folded", "ratio"}
-    assert (out.fold_report.returned == "folded") == (plan["model_ms"]["ratio"] < 1.0)
+    assert plan["whole_model"][0]["model"] == "folded"
+    # 8x fewer FLOPs: clearly faster, or kept by the FLOP rule when the timing is inconclusive
+    assert report.returned == "folded" and report.ops_merged == len(plan["decisions"]) and report.discarded == {}
+    assert plan["seconds"] > 0 and report.seconds >= plan["seconds"]
 
 
 def test_planner_none_only_drops_activations():

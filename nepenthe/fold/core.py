@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -42,10 +43,9 @@ from ..activations import (
 )
 from ..entropy import EntropyStats
 from ..graph import Site, find_sites, trace
-from ..latency import compare_latency
 from ..masks import remove_masks
 from . import algebra, border
-from .planner import Candidate, Planner, paired_ratio
+from .planner import DEFAULT_BUDGET_S, Candidate, Comparison, Planner
 
 
 class FoldError(RuntimeError):
@@ -54,7 +54,10 @@ class FoldError(RuntimeError):
 
 @dataclass
 class FoldReport:
-    """What folding did. ``rectifier_layers_removed`` is the paper's "Rem." count."""
+    """What folding did. Every count and "after" field describes the model ``fold`` returned
+    (``returned``): when it handed back the original model (or the fold without merges), what the
+    discarded fold would have given is in ``discarded``, with the reason. ``rectifier_layers_removed``
+    is the paper's "Rem." count."""
 
     rectifier_layers_total: int = 0
     rectifier_layers_removed: int = 0
@@ -80,11 +83,42 @@ class FoldReport:
     # per approximated (GELU/SiLU/Hardswish) call site, on the example input: how far its linear
     # replacement is from the activation itself (max/mean |φ(z) − affine(z)|, and max relative to max|φ(z)|)
     approximation_error: dict[str, dict] = field(default_factory=dict)
-    planner: dict = field(default_factory=dict)  # mode, per-candidate decisions, whole-model check
-    returned: str = "folded"  # "folded", or "original" when the folded model was not faster
+    # mode, seconds, budget, candidates decided by FLOPs / timing / cache / budget, per-candidate
+    # decisions, whole-model checks (see nepenthe.fold.planner)
+    planner: dict = field(default_factory=dict)
+    # "folded" (the planner's merges), "folded_no_merges" (activations dropped, BN fused, dead
+    # channels / emptied ops removed, no merge) or "original" (a copy of the model, masks dropped)
+    returned: str = "folded"
+    returned_reason: str = ""
+    # model name ("folded", "folded_no_merges") -> its VARIANT_FIELDS and the "reason" it was not returned
+    discarded: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of fold
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# the fields that describe one particular folded (or the original) model
+VARIANT_FIELDS = ("rectifier_layers_removed", "removed", "approximated", "batchnorms_fused", "ops_merged", "merges",
+                  "channels_removed", "ops_deleted", "noops_removed", "linear_ops_after", "critical_path_after",
+                  "params_after", "flops_after", "max_abs_error", "max_rel_error", "approximation_error")
+
+
+def _variant(report: FoldReport) -> dict:
+    return copy.deepcopy({k: getattr(report, k) for k in VARIANT_FIELDS})
+
+
+def _set_variant(report: FoldReport, values: dict) -> None:
+    for k in VARIANT_FIELDS:
+        setattr(report, k, copy.deepcopy(values[k]))
+
+
+def _original_variant(report: FoldReport) -> dict:
+    """The variant fields of the unchanged model: nothing removed, "after" = "before", exact."""
+    return dict(rectifier_layers_removed=0, removed=[], approximated=[], batchnorms_fused=0, ops_merged=0, merges=[],
+                channels_removed={}, ops_deleted=[], noops_removed=0, linear_ops_after=report.linear_ops_before,
+                critical_path_after=report.critical_path_before, params_after=report.params_before,
+                flops_after=report.flops_before, max_abs_error=0.0, max_rel_error=0.0, approximation_error={})
 
 
 def _skip(report: FoldReport, strict: bool, node: str, reason: str) -> None:
@@ -643,7 +677,7 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
                 _erase(gm, node)
 
             yield Candidate(f"skip + {body.target}", skip, lambda x, m=m: x + m(x),
-                            lambda m=m: algebra.add_identity(m), apply)
+                            lambda m=m: algebra.add_identity(m), apply, ops=(m,), kind="skip")
     ma, mb = _module(gm, a), _module(gm, b)
     if (_linear_op(ma) and _linear_op(mb) and a is not b and _only_user(a) is node
             and _only_user(b) is node and a.args and b.args and a.args[0] is b.args[0]):
@@ -658,7 +692,8 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
             node.replace_all_uses_with(a)
             _erase(gm, node, b)
 
-        yield Candidate(key, a.args[0], lambda x: ma(x) + mb(x), lambda: algebra.merge_branches(ma, mb), apply)
+        yield Candidate(key, a.args[0], lambda x: ma(x) + mb(x), lambda: algebra.merge_branches(ma, mb), apply,
+                        ops=(ma, mb), kind="branches")
 
 
 def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
@@ -695,7 +730,65 @@ def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
         _erase(gm, prev)
 
     yield Candidate(key, prev.args[0], lambda x: second(first(x)), build, apply,
-                    corrected=not isinstance(first, nn.Linear) and corrected)
+                    corrected=not isinstance(first, nn.Linear) and corrected, ops=(first, second), kind="chain",
+                    groups=lambda: _chain_groups(gm, prev, node))
+
+
+_MAX_CHAIN = 6  # ops in a chain the planner looks ahead through
+
+
+def _merge_pair(first: nn.Module, second: nn.Module) -> nn.Module | None:
+    """``second(first(x))`` as one op, as a chain merge makes it, or None when it cannot be."""
+    if not (algebra.is_foldable(first) and algebra.is_foldable(second)):
+        return None
+    if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
+        return algebra.merge_linear_linear(first, second) if first.out_features == second.in_features else None
+    if isinstance(first, nn.Linear) or isinstance(second, nn.Linear) or border.merge_padded_blocker(first, second):
+        return None
+    return border.merge_padded(first, second)
+
+
+def _chain_groups(gm: fx.GraphModule, prev: fx.Node, node: fx.Node):
+    """Longer chains of Conv/Linear ops (each feeding only the next) around the candidate
+    ``node(prev(x))``, shortest first, as ``(key, input node, unmerged fn, build)``: a merge with more
+    FLOPs can be the first step of a chain whose full merge has fewer (MobileNetV2's expand →
+    depthwise → project, once its activations are linear)."""
+    nodes = [prev, node]
+    while len(nodes) < _MAX_CHAIN:
+        head = nodes[0]
+        inp = head.args[0] if head.args and isinstance(head.args[0], fx.Node) else None
+        if inp is None or not algebra.is_foldable(_module(gm, inp)) or _only_user(inp) is not head or not inp.args:
+            break
+        nodes.insert(0, inp)
+    while len(nodes) < _MAX_CHAIN:
+        tail = nodes[-1]
+        user = _only_user(tail)
+        if (user is None or not algebra.is_foldable(_module(gm, user)) or not user.args or user.args[0] is not tail
+                or len(user.all_input_nodes) != 1):
+            break
+        nodes.append(user)
+    a, b = nodes.index(prev), nodes.index(node)
+    windows = sorted(((i, j) for i in range(a + 1) for j in range(b, len(nodes)) if j - i >= 2),
+                     key=lambda w: (w[1] - w[0], w[0]))
+    for i, j in windows:
+        ops = [_module(gm, n) for n in nodes[i:j + 1]]
+
+        def unmerged(x, ops=ops):
+            for op in ops:
+                x = op(x)
+            return x
+
+        def build(ops=ops):
+            merged = ops[-1]
+            for op in reversed(ops[:-1]):
+                if merged is not ops[-1] and not algebra.is_foldable(merged):
+                    return None  # a border-corrected conv composes no further
+                merged = _merge_pair(op, merged)
+                if merged is None:
+                    return None
+            return merged
+
+        yield " -> ".join(str(n.target) for n in nodes[i:j + 1]), nodes[i].args[0], unmerged, build
 
 
 def _candidates(gm: fx.GraphModule, report: FoldReport):
@@ -796,10 +889,18 @@ def _approximation_errors(gm: fx.GraphModule, sites: list[Site], stats: EntropyS
     return errors
 
 
-def _planner_of(planner, merge: bool, threads: int | None) -> Planner:
+def _planner_of(planner, merge: bool, threads: int | None, budget_s: float | None) -> Planner:
     if isinstance(planner, Planner):
         return planner
-    return Planner("none" if not merge else planner, threads=threads)
+    return Planner("none" if not merge else planner, threads=threads, budget_s=budget_s)
+
+
+def _as_args(inputs) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _first_sample(args: tuple) -> tuple:
+    return tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1 else a for a in args)
 
 
 @torch.no_grad()
@@ -812,6 +913,7 @@ def fold(
     planner: str | Planner = "latency",
     latency_input=None,
     threads: int | None = None,
+    budget_s: float | None = DEFAULT_BUDGET_S,
     merge: bool = True,
     strict: bool = False,
     verify: bool = True,
@@ -828,19 +930,43 @@ def fold(
     the returned module as ``fold_report``.
 
     ``planner`` decides which exact merges to make (see :mod:`nepenthe.fold.planner`):
-    ``"latency"`` times each candidate merged vs unmerged on ``latency_input`` (default:
-    ``example_input``; pass a batch of the size you will run, on the device you will run on),
-    then times the whole folded model against ``model`` and returns a copy of ``model`` itself
-    (``fold_report.returned == "original"``) unless the folded one is faster; ``"all"`` makes
-    every exact merge; ``"none"`` (or ``merge=False``) only drops activations, BatchNorm and dead
-    channels. ``threads`` fixes the CPU threads of those timings.
+
+    * ``"latency"`` (default): a merge that adds no FLOPs is made, one that multiplies them by
+      ≥ 1.5 is not, and only those in between are timed (merged vs unmerged, on the tensor shape
+      that reaches them), identical candidates once; a candidate is merged only when clearly
+      faster (the ratio's confidence interval below 1 − 5 %), otherwise the FLOP rule decides, so
+      decisions do not flip on noise. Then the whole folded model is timed against ``model``:
+      it is returned if clearly faster, or, when the timing is inconclusive, if it has no more
+      FLOPs than ``model``. Otherwise the fold **without merges** (activations dropped, BatchNorm
+      fused, dead channels and emptied ops removed: it never adds work) is timed against ``model``
+      and returned unless clearly slower; only then a copy of ``model`` itself (masks dropped).
+      ``fold_report.returned`` says which (``"folded"``, ``"folded_no_merges"``, ``"original"``),
+      ``returned_reason`` why, and ``discarded`` what the discarded folds would have given; every
+      other field describes the returned model. All this timing (and the FLOP counts) stays
+      within ``budget_s`` seconds (default 3; ``None``: no limit): when it is spent, undecided
+      candidates take the FLOP rule and an unfinished whole-model check keeps the fold if it
+      has no more FLOPs (the no-merge fold always). ``fold_report.planner`` reports the
+      seconds, the budget used and how each candidate was decided (flops / timing / cache / budget).
+    * ``"all"``: every exact merge (the shallowest graph; no timing). ``"none"`` (or
+      ``merge=False``): no merges. Both return the fold without a whole-model check.
+
+    A :class:`~nepenthe.fold.planner.Planner` instance may be passed instead (its own budget,
+    margin, threads, timer and clock; its timing cache is kept across the folds it plans).
+
+    ``latency_input`` is the **deployment batch**: the tensor(s) the latency planner times on, on
+    the device you will run on. Default: the first sample of ``example_input`` (batch 1) — the
+    latency case, and the cheapest to time; ``example_input`` is typically a calibration batch
+    (hundreds of samples), whose timings favour other merges than a deployment at batch 1 and
+    cost the planner more. Pass a batch of your serving batch size to plan for throughput.
+    ``threads`` fixes the CPU threads of the timings.
     """
+    started = time.perf_counter()
     if not isinstance(stats, EntropyStats):
         raise TypeError(f"stats must be the EntropyStats of nepenthe.measure(model, data), got {type(stats).__name__}")
-    plan = _planner_of(planner, merge, threads)
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    timing_args = args if latency_input is None else (latency_input if isinstance(latency_input, tuple)
-                                                      else (latency_input,))
+    plan = _planner_of(planner, merge, threads, budget_s)
+    plan.start()
+    args = _as_args(example_input)
+    timing_args = _first_sample(args) if latency_input is None else _as_args(latency_input)
     param = next(model.parameters(), None)
     if param is not None:  # timed where the model lives
         timing_args = tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in timing_args)
@@ -869,26 +995,57 @@ def fold(
     delete_empty_ops(gm, report)
     remove_constant_channels(gm, report)
     collapse_constant_additions(gm)
-    if plan.merges:
+    unmerged = None
+    if plan.mode == "latency":
+        t0 = time.perf_counter()
         _recompile(gm)
-        ShapeProp(gm).propagate(*timing_args)  # the shapes each merge candidate is timed at
+        timing_args = _propagate_shapes(gm, timing_args, args, latency_input is None)
+        unmerged = (copy.deepcopy(gm), copy.deepcopy(report))  # the fold without merges, if it comes to that
+        plan.spent_s += time.perf_counter() - t0
+    if plan.merges:
         merge_linear_ops(gm, report, plan)
         while absorb_constant_addends(gm) | collapse_constant_additions(gm):  # a merge can expose more
             merge_linear_ops(gm, report, plan)
         remove_constant_channels(gm, report)
+    _finish(gm, args, reference, report, strict, tolerance, verify)
+    result: nn.Module = gm
+    if plan.mode == "latency":
+        result = _choose(model, gm, unmerged, args, timing_args, reference, report, plan,
+                         dict(strict=strict, tolerance=tolerance, verify=verify))
+    report.planner = {**plan.summary(), **{k: v for k, v in report.planner.items()},
+                      "latency_input_shape": _shapes(timing_args) if plan.mode == "latency" else None}
+    report.seconds = time.perf_counter() - started
+    result.fold_report = report
+    return result
+
+
+def _shapes(args: tuple) -> list:
+    return [list(a.shape) if isinstance(a, torch.Tensor) else None for a in args]
+
+
+def _propagate_shapes(gm: fx.GraphModule, timing_args: tuple, args: tuple, default: bool) -> tuple:
+    """Record on every node the shape that reaches it on the latency input (what candidates are
+    timed at). A model that cannot run the default single sample is planned on ``example_input``."""
+    try:
+        ShapeProp(gm).propagate(*timing_args)
+        return timing_args
+    except Exception:
+        if not default:
+            raise
+    ShapeProp(gm).propagate(*args)
+    return args
+
+
+def _finish(gm: fx.GraphModule, args: tuple, reference, report: FoldReport, strict: bool, tolerance: float,
+            verify: bool) -> None:
+    """Recompile and measure a folded graph: its report's "after" fields and its error."""
     _recompile(gm)
     report.linear_ops_after = count_linear_ops(gm)
     report.critical_path_after = critical_path(gm)
     report.params_after = _params(gm)
     report.flops_after = count_flops(gm, args)
-    report.planner = {"mode": plan.mode, "decisions": plan.decisions}
     if verify:
         _verify(gm, args, reference, report, strict, tolerance)
-    result: nn.Module = gm
-    if plan.mode == "latency":
-        result = _faster_of(model, gm, timing_args, report, plan)
-    result.fold_report = report
-    return result
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
@@ -920,29 +1077,75 @@ def _verify(gm: fx.GraphModule, args: tuple, reference: torch.Tensor, report: Fo
         warnings.warn(message, stacklevel=3)
 
 
-def _faster_of(model: nn.Module, gm: fx.GraphModule, timing_args: tuple, report: FoldReport,
-               plan: Planner) -> nn.Module:
-    """The folded model if it measured faster than ``model`` on the latency input, else a copy of
-    ``model`` (eval, masks dropped): fold never hands back something slower than what it got.
-    When no rectifier, op or channel went away there is nothing to measure: the copy it is."""
-    if not (report.rectifier_layers_removed or report.ops_merged or report.ops_deleted or report.channels_removed):
-        report.planner["model_ms"] = None
-        return _original(model, report)
+def _removed_anything(report: FoldReport) -> bool:
+    return bool(report.rectifier_layers_removed or report.ops_merged or report.ops_deleted or report.channels_removed)
+
+
+def _describe(c: Comparison) -> str:
+    if c.verdict == "unmeasured":
+        return "not timed (planner budget spent)"
+    return f"time ratio {c.ratio:.3f}, confidence interval [{c.low:.3f}, {c.high:.3f}] over {c.rounds} rounds"
+
+
+def _choose(model: nn.Module, gm: fx.GraphModule, unmerged, args: tuple, timing_args: tuple, reference,
+            report: FoldReport, plan: Planner, check: dict) -> nn.Module:
+    """The whole-model check of the latency planner (see ``fold``): the folded model, the fold
+    without merges, or a copy of ``model``; the report is made to describe the one returned."""
+    checks: list[dict] = []
+    report.planner = {"whole_model": checks, "model_ms": None}
+    if not _removed_anything(report):
+        report.discarded["folded"] = {**_variant(report), "reason": "nothing was removed, merged or deleted"}
+        return _original(model, report, "no rectifier, op or channel could be removed: the original model")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
+    model.eval()
+
+    def timed(name: str, candidate: nn.Module, want: str) -> Comparison:
+        c = plan.compare(lambda: model(*timing_args), lambda: candidate(*timing_args), device, want=want)
+        checks.append({"model": name, **c.to_dict()})
+        report.planner["model_ms"] = {"unfolded": c.old_ms, "folded": c.new_ms, "ratio": c.ratio, "low": c.low,
+                                      "high": c.high, "verdict": c.verdict, "model": name}
+        return c
+
     try:
-        before, after = compare_latency(model, gm, timing_args, repeats=plan.repeats, warmup=plan.warmup,
-                                        threads=plan.threads)
+        candidate, name = gm, "folded"
+        if report.ops_merged:
+            c = timed("folded", gm, "faster")
+            if c.verdict == "faster":
+                report.returned, report.returned_reason = "folded", f"clearly faster than the original: {_describe(c)}"
+                return gm
+            no_more_flops = report.flops_after is not None and report.flops_after <= report.flops_before
+            if c.verdict in ("tie", "unmeasured") and no_more_flops:
+                report.returned, report.returned_reason = "folded", (
+                    f"{_describe(c)}: not clearly faster or slower; kept by the FLOP rule (no more FLOPs than "
+                    "the original)")
+                return gm
+            why = ("clearly slower than the original" if c.verdict == "slower"
+                   else "not clearly faster than the original and more FLOPs")
+            report.discarded["folded"] = {**_variant(report), "reason": f"{why}: {_describe(c)}"}
+            candidate, base_report = unmerged
+            name = "folded_no_merges"
+            _finish(candidate, args, reference, base_report, check["strict"], check["tolerance"], check["verify"])
+            _set_variant(report, _variant(base_report))
+        c = timed(name, candidate, "slower")
+        if c.verdict != "slower":
+            what = "the fold without merges" if name != "folded" else "the fold (no merges were made)"
+            report.returned = name
+            report.returned_reason = (f"{what} is clearly faster than the original: {_describe(c)}"
+                                      if c.verdict == "faster" else
+                                      f"{what} is not clearly slower than the original ({_describe(c)}) and "
+                                      "never adds work")
+            if name != "folded":
+                report.returned_reason += f"; the fold with merges was {report.discarded['folded']['reason']}"
+            return candidate
+        report.discarded[name] = {**_variant(report), "reason": f"clearly slower than the original: {_describe(c)}"}
+        return _original(model, report, f"every fold measured clearly slower than the original ({_describe(c)})")
     finally:
         model.train(was_training)
-    ratio = paired_ratio(before, after)
-    report.planner["model_ms"] = {"unfolded": before.median_ms, "folded": after.median_ms,
-                                  "unfolded_iqr": before.iqr_ms, "folded_iqr": after.iqr_ms, "ratio": ratio}
-    if ratio < 1.0:
-        return gm
-    return _original(model, report)
 
 
-def _original(model: nn.Module, report: FoldReport) -> nn.Module:
-    report.returned = "original"
-    report.max_abs_error, report.max_rel_error = 0.0, 0.0
+def _original(model: nn.Module, report: FoldReport, reason: str) -> nn.Module:
+    report.returned, report.returned_reason = "original", reason
+    _set_variant(report, _original_variant(report))
     return remove_masks(copy.deepcopy(model)).eval()
