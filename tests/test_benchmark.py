@@ -50,6 +50,25 @@ def test_scenario_folds_exactly(name):
         assert flops_ratio == pytest.approx(0.125)
 
 
+def test_latency_planner_on_a_scenario_plans_for_its_batch_and_collapses_the_linear_blocks():
+    """fold_scenario plans for the benchmark's batch; with no timing budget every decision comes from
+    FLOPs: MobileNetV2's five linear inverted residuals each merge into one conv with their skip
+    (depthwise∘project first: more FLOPs alone, fewer once expand joins), the rest is left alone."""
+    from nepenthe.fold.planner import Planner
+
+    scenario = nb.get_scenario("mobilenet_v2")
+    built = scenario.build(2, planner=Planner("latency", budget_s=0.0))
+    folded, _ = nb.fold_scenario(built)
+    report = folded.fold_report
+    assert report.planner["latency_input_shape"] == [[2, 3, 32, 32]]
+    assert report.planner["decided_by_timing"] == 0 and report.returned == "folded"
+    blocks = ("features.3", "features.6", "features.10", "features.13", "features.16")
+    assert sorted(report.merges) == sorted(merge for b in blocks for merge in (
+        f"{b}.depthwise.conv + {b}.project", f"{b}.expand.conv + {b}.project", f"skip + {b}.project"))
+    reference = linearized(built.model, built.stats)
+    assert nb._rel_error(folded, reference, scenario.example_input(3, seed=5)) <= 1e-5
+
+
 def test_scenarios_are_deterministic():
     s = nb.get_scenario("resnet18")
     a, b = s.model(), s.model()
@@ -107,6 +126,7 @@ def test_run_suite_rows_json_csv(tmp_path):
         assert r["params_before"] > r["params_after"]
         assert r["rectifier_layers_removed"] == 1 and r["max_rel_error"] <= 1e-5
         assert r["fold_batch"] == r["batch"]  # folded at each batch size
+        assert r["planner_s"] == 0.0 and r["fold_s"] > 0  # planner "all" times nothing
     assert rows[1]["flops_before"] == 2 * rows[0]["flops_before"]
     env = result["environment"]
     for key in ("device", "device_name", "torch", "nepenthe", "python", "threads", "date"):

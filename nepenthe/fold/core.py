@@ -9,9 +9,13 @@ Passes over a torch.fx graph of a copy of the model (SPEC §4):
    that op feeds only the rectifier; otherwise a ``ChannelAffine`` module stands in its place.
    Always-OFF neurons of rectifiers that stay are zeroed at their producer.
 3. Constant channels (a producer row with zero weights) are deleted from the producer and the
-   consumer; a non-zero constant is added into the consumer's bias where that is exact.
+   consumer; a non-zero constant is added into the consumer's bias where that is exact. Emptied
+   Conv/Linear ops become their constant output; constant additions ``x + c1 + c2 …`` collapse
+   into one ``ChannelOffset``, absorbed into the bias of the op before or after it where exact.
 4. Adjacent linear ops are merged: Linear∘Linear, Conv∘Conv (full composed kernel), and
-   ``x + f(x)`` with f linear becomes one op (the skip added as identity / centred delta).
+   ``x + f(x)`` with f linear becomes one op (the skip added as identity / centred delta), as the
+   planner decides (:mod:`nepenthe.fold.planner`); the latency planner then checks the whole
+   model against the original (the fold, the fold without merges, or the original is returned).
 
 Patterns not handled are left as they are, with the reason in the report; ``strict=True`` turns
 those reasons into errors naming the node. The result is checked against the original model on
