@@ -111,7 +111,7 @@ def pair_states(model: Pairs) -> dict:
 
 
 SMALL = (24, 10, 24)  # merged 24x24 vs 2x(24x10): 1.2x the FLOPs; tiny: per-op overhead dominates
-LARGE = (600, 250, 600)  # 1.2x the FLOPs too, but the FLOPs dominate: merged is slower
+LARGE = (600, 210, 600)  # 1.43x the FLOPs, and the FLOPs dominate: merged is slower
 UP, DOWN = (24, 200, 600), (600, 200, 24)  # width changes that merge into fewer FLOPs (no timing)
 
 
@@ -196,7 +196,7 @@ def test_decisions_are_identical_under_timing_noise():
 
 def test_real_timing_gives_the_same_decisions():
     """Real timers (this machine, shared, 1 thread): a merge that halves the op count and one that adds
-    20 % FLOPs to a FLOP-bound pair decide the same way in every fold."""
+    43 % FLOPs to a FLOP-bound pair decide the same way in every fold."""
     model = Pairs([SMALL, UP, LARGE]).eval()
     x = torch.randn(4, 24)
     stats = forced_stats(model, x, pair_states(model))
@@ -211,7 +211,7 @@ def test_real_timing_gives_the_same_decisions():
 
 # ----- budget -----------------------------------------------------------------------------------------------
 def test_budget_is_respected_with_a_slow_timer():
-    """Every timing block sleeps 50 ms (a real, slow timer): fold returns within its budget (plus its own
+    """Every timing block sleeps 30 ms (a real, slow timer): fold returns within its budget (plus its own
     work), the candidates left when the budget is spent take the FLOP rule, the whole-model check too."""
     widths = [24 + 2 * i for i in range(9)]
     dims = [(d, round(d / 2.4), e) for d, e in zip(widths, widths[1:])]  # all ~1.2x FLOPs merged, no two alike
@@ -220,7 +220,7 @@ def test_budget_is_respected_with_a_slow_timer():
     stats = forced_stats(model, x, pair_states(model))
 
     def slow(fn, number):
-        time.sleep(0.05)
+        time.sleep(0.03)
         return 1e-3
 
     start = time.perf_counter()
@@ -231,7 +231,7 @@ def test_budget_is_respected_with_a_slow_timer():
     folded = fold(model, stats, x, planner=Planner("latency", budget_s=budget, timer=slow), verify=False)
     wall = time.perf_counter() - start
     p = folded.fold_report.planner
-    assert p["seconds"] <= budget + 0.1  # one warm-up block may start just before the end
+    assert p["seconds"] <= budget + 0.15  # one warm-up pair may start just before the end
     assert wall <= budget + all_s + 0.5
     assert p["budget_exhausted"] and p["decided_by_budget"] >= 1
     by = [d["by"] for d in p["decisions"]]
@@ -377,6 +377,5 @@ def test_digits_mlp_folds_to_the_shallow_graph_at_any_deployment_batch(batch, li
     report = folded.fold_report
     assert report.returned == "folded", report.returned_reason
     assert report.critical_path_before == 35 and report.critical_path_after == 3
-    assert [n.target for n in folded.graph.nodes if n.op == "call_module"][-3:] == ["stem", "stem_relu", "head"] \
-        or report.linear_ops_after == 2
+    assert [n.target for n in folded.graph.nodes if n.op == "call_module"] == ["flatten", "stem", "stem_relu", "head"]
     assert report.planner["latency_input_shape"] == [[batch, 1, 8, 8]]

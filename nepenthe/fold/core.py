@@ -1106,7 +1106,8 @@ def _choose(model: nn.Module, gm: fx.GraphModule, unmerged, args: tuple, timing_
     model.eval()
 
     def timed(name: str, candidate: nn.Module, want: str) -> Comparison:
-        c = plan.compare(lambda: model(*timing_args), lambda: candidate(*timing_args), device, want=want)
+        c = plan.compare(lambda: model(*timing_args), lambda: candidate(*timing_args), device, want=want,
+                         min_rounds=plan.model_min_rounds)
         checks.append({"model": name, **c.to_dict()})
         report.planner["model_ms"] = {"unfolded": c.old_ms, "folded": c.new_ms, "ratio": c.ratio, "low": c.low,
                                       "high": c.high, "verdict": c.verdict, "model": name}

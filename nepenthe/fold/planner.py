@@ -20,14 +20,16 @@ How ``"latency"`` decides a merge candidate, cheapest evidence first:
    (mean ± t·s/√n of the log ratios, the round farthest from the median left out from 4 rounds
    on, so that one burst of load elsewhere does not decide). Timing stops as soon as the interval
    settles the question, at the latest after ``repeats`` rounds. The candidate is merged only when
-   the whole interval lies below ``1 − margin`` ("clearly faster"); otherwise — a dead band — the
+   the whole interval lies below ``1 − margin`` and every round but one measured it faster
+   ("clearly faster", after at least ``min_rounds`` = 5 rounds); otherwise — a dead band — the
    FLOP rule decides (the FLOPs went up: no merge). So a ratio near 1 cannot flip the decision
    from one run to the next.
 4. **Budget**: timing stops when ``budget_s`` seconds of planner time are spent (a round is not
    started if it would overrun); every candidate still undecided then takes the FLOP rule.
 
 The whole-model check of ``fold`` (is the folded model faster than the original?) uses the same
-paired rounds, interval and budget, see ``nepenthe.fold.fold``.
+paired rounds, interval and budget (from ``model_min_rounds`` = 3 rounds on: each is two forwards
+of the model), see ``nepenthe.fold.fold``.
 
 Timing is injectable: ``Planner(timer=...)`` takes ``timer(fn, number) -> seconds per call`` (one
 block of ``number`` calls of the zero-argument ``fn``), and ``clock`` the time source of the
@@ -150,7 +152,8 @@ class Planner:
     margin: float = 0.05  # dead band: "faster" needs the interval below 1 − margin, "slower" above 1 + margin
     flops_limit: float = 1.5  # merged / unmerged FLOPs from which a merge is refused without timing
     repeats: int = 9  # at most this many paired rounds per comparison
-    min_rounds: int = 3
+    min_rounds: int = 5  # paired rounds before a merge candidate can be declared faster
+    model_min_rounds: int = 3  # the same for the whole-model check (each round: two forwards of the model)
     warmup: int = 2  # calls of each side before timing
     block_s: float = 0.01  # target seconds per timing block (calls per block chosen from the warm-up)
     threads: int | None = None
@@ -169,8 +172,10 @@ class Planner:
             raise ValueError(f"budget_s must be >= 0 or None, got {self.budget_s}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
-        if self.min_rounds < 2 or self.repeats < self.min_rounds:
-            raise ValueError(f"need 2 <= min_rounds <= repeats, got {self.min_rounds}, {self.repeats}")
+        if min(self.min_rounds, self.model_min_rounds) < 2 or self.repeats < max(self.min_rounds,
+                                                                                 self.model_min_rounds):
+            raise ValueError(f"need 2 <= min_rounds, model_min_rounds <= repeats, got {self.min_rounds}, "
+                             f"{self.model_min_rounds}, {self.repeats}")
         self.start()
 
     @property
@@ -198,7 +203,7 @@ class Planner:
 
     # ----- comparisons -------------------------------------------------------------------------
     def compare(self, old: Callable[[], object], new: Callable[[], object], device: torch.device,
-                want: str = "both") -> Comparison:
+                want: str = "both", min_rounds: int | None = None) -> Comparison:
         """Time ``new`` against ``old`` in paired rounds until the interval of new/old settles
         ``want`` ("faster": is new clearly faster?; "slower": is it clearly slower?; "both"),
         ``repeats`` rounds are done, or the budget would be overrun (a round, or the ``min_rounds``
@@ -206,7 +211,7 @@ class Planner:
         start = self.clock()
         result = Comparison("unmeasured", stopped="budget")
         try:
-            result = self._compare(old, new, device, want, start)
+            result = self._compare(old, new, device, want, start, min_rounds or self.min_rounds)
         finally:
             result.seconds = self.clock() - start
             self.spent_s += result.seconds
@@ -217,16 +222,18 @@ class Planner:
     def _left(self, start: float) -> float:
         return self.remaining_s() - (self.clock() - start)
 
-    def _compare(self, old, new, device, want: str, start: float) -> Comparison:
+    def _compare(self, old, new, device, want: str, start: float, min_rounds: int) -> Comparison:
         if self._left(start) <= 0:
             return Comparison("unmeasured", stopped="budget")
         timer = self.timer or BenchTimer(self.threads or torch.get_num_threads(), torch.device(device))
+        t0 = self.clock()
         t_old, t_new = timer(old, 1), timer(new, 1)  # first calls: warm-up and cost estimate
-        if self.warmup > 1 and (self.warmup - 1) * (t_old + t_new) < self._left(start):
+        first_s = self.clock() - t0  # what one call of each costs the budget, overheads included
+        if self.warmup > 1 and (self.warmup - 1) * first_s < self._left(start):
             t_old, t_new = timer(old, self.warmup - 1), timer(new, self.warmup - 1)
         number = max(1, min(10_000, int(self.block_s / max(t_old, t_new, 1e-7))))
-        round_s = number * (t_old + t_new)  # estimate until a round has been measured
-        if self.min_rounds * round_s > self._left(start):
+        round_s = max(number * (t_old + t_new), first_s)  # estimate until a round has been measured
+        if min_rounds * round_s > self._left(start):
             return Comparison("unmeasured", stopped="budget")
         ratios, olds, news = [], [], []
         stopped = "max_rounds"
@@ -243,13 +250,13 @@ class Planner:
             olds.append(a)
             news.append(b)
             ratios.append(b / a if a > 0 else 1.0)
-            if len(ratios) >= self.min_rounds and _settled(ratios, self.margin, want):
+            if len(ratios) >= min_rounds and _settled(ratios, self.margin, want):
                 stopped = "settled"
                 break
-        if len(ratios) < self.min_rounds:
+        if len(ratios) < min_rounds:
             return Comparison("unmeasured", rounds=len(ratios), stopped=stopped)
         ratio, low, high = log_interval(ratios)
-        verdict = "faster" if high < 1 - self.margin else "slower" if low > 1 + self.margin else "tie"
+        verdict = _verdict(ratios, self.margin)
         return Comparison(verdict, ratio, low, high, len(ratios), statistics.median(olds) * 1e3,
                           statistics.median(news) * 1e3, stopped=stopped)
 
@@ -337,9 +344,21 @@ def _group_flops(groups, max_builds: int = 3) -> tuple[str, float] | None:
     return None
 
 
+def _verdict(ratios: list[float], margin: float) -> str:
+    """"faster" when the interval lies below 1 − margin and every round but one measured new < old;
+    "slower" symmetrically; else "tie"."""
+    _, low, high = log_interval(ratios)
+    if high < 1 - margin and sum(r >= 1 for r in ratios) <= 1:
+        return "faster"
+    if low > 1 + margin and sum(r <= 1 for r in ratios) <= 1:
+        return "slower"
+    return "tie"
+
+
 def _settled(ratios: list[float], margin: float, want: str) -> bool:
     _, low, high = log_interval(ratios)
-    faster, slower = high < 1 - margin, low > 1 + margin
+    verdict = _verdict(ratios, margin)
+    faster, slower = verdict == "faster", verdict == "slower"
     if want == "faster":  # settled: clearly faster, or it can no longer be shown (interval above 1 − margin)
         return faster or low >= 1 - margin
     if want == "slower":
