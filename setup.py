@@ -56,8 +56,11 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=["nepenthe", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.kernels"],
+    packages=["nepenthe", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data", "nepenthe.experiment",
+              "nepenthe.kernels"],
     package_dir={"nepenthe.kernels": "kernels"},
+    # the experiment configurations shipped with the package (nepenthe experiment --list)
+    package_data={"nepenthe.experiment": ["configs/*.toml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

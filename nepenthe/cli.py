@@ -38,7 +38,18 @@ def _run_parser(sub) -> None:
     p.add_argument("--zeta", type=float, default=0.5, help="fraction of remaining weights pruned per iteration")
     p.add_argument("--delta", type=float, default=1.0, help="stop when val accuracy < dense - delta (points)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the budget")
+    p.add_argument("--normalize", default="fan_in", choices=["none", "fan_in"],
+                   help="scale the budget's magnitude term by sqrt(fan-in) (see README: the pruning budget)")
+    p.add_argument("--protect", type=_csv_list("layer"), default=[],
+                   help="comma-separated layer names / glob patterns never pruned; 'first', 'last' for the linear "
+                        "ops next to the input / output")
+    p.add_argument("--max-backoffs", type=int, default=3,
+                   help="retries of a step that fails delta or diverges, each with half the pruning amount")
+    p.add_argument("--select", default="depth", choices=["depth", "last"],
+                   help="which iteration within tolerance to keep: most collapsed layers, or the last")
     p.add_argument("--approximate", action="store_true", help="also fold zero-entropy GELU/SiLU/Hardswish")
+    p.add_argument("--planner", default="latency", choices=["latency", "all", "none"], help="fold planner")
+    p.add_argument("--deploy-batch", type=int, default=1, help="batch size the fold planner times merges at")
     p.add_argument("--latency-batch", type=int, default=256)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints left in OUT/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,8 +66,10 @@ def _run(args) -> int:
         dense=TrainConfig(epochs=args.epochs, lr=args.lr),
         retrain=TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr),
         prune=PruneConfig(method=args.method, max_iters=args.iters, zeta=args.zeta, delta=args.delta,
-                          temperature=args.temperature, resume=not args.no_resume),
-        approximate=args.approximate, latency_batch=args.latency_batch, threads=args.threads,
+                          temperature=args.temperature, normalize=args.normalize, protect=tuple(args.protect),
+                          max_backoffs=args.max_backoffs, select=args.select, resume=not args.no_resume),
+        approximate=args.approximate, planner=args.planner, deploy_batch=args.deploy_batch,
+        latency_batch=args.latency_batch, threads=args.threads,
         progress=False if args.no_progress else None)
     run(cfg)
     print(f"\nwrote {cfg.out}/report.json, {cfg.out}/entropy.png and {cfg.out}/folded/")
@@ -121,15 +134,82 @@ def _bench(args) -> int:
     return 0
 
 
+def _experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="run a paper-protocol experiment from a TOML configuration: dense training "
+                       "once per seed, every method from the same weights, results table and plots",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", nargs="?", help="a .toml file, or the name of a shipped configuration (see --list)")
+    p.add_argument("--list", action="store_true", help="list the shipped configurations and exit")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+    p.add_argument("--epochs-scale", type=float, default=None,
+                   help="multiply every training duration (dense and retraining epochs, milestones) by this")
+    p.add_argument("--seeds", type=_csv_list("seed", int), default=None, help="comma-separated; overrides the config")
+    p.add_argument("--methods", type=_csv_list("method"), default=None, help="comma-separated; overrides the config")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files; overrides the config")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads; overrides the config")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, ...; overrides the config")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming what OUT holds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _experiment(args) -> int:
+    from .experiment import from_dict, load_config, run_experiment, shipped_configs
+
+    if args.list:
+        for name, path in shipped_configs().items():
+            first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ")
+            print(f"{name:<24} {first[1:].strip()}")
+        return 0
+    if not args.config:
+        raise ValueError("give a configuration (a .toml file or a shipped name; --list shows them)")
+    cfg = load_config(args.config)
+    raw = cfg.to_dict()
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    if args.methods is not None:
+        cfg.methods = args.methods
+    if args.epochs_scale is not None:
+        if not args.epochs_scale > 0:
+            raise ValueError(f"--epochs-scale must be > 0, got {args.epochs_scale}")
+        cfg.epochs_scale = args.epochs_scale
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        cfg.latency.threads = args.threads
+    if args.device is not None:
+        cfg.latency.device = args.device
+    if cfg.to_dict() != raw:  # validate the overridden values as a config file would be
+        cfg = from_dict({**_toml_shaped(cfg)})
+    out = args.out or f"runs/{cfg.name}"
+    results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
+    from .experiment.results import markdown_table
+
+    print("\n" + markdown_table(results))
+    print(f"\nwrote {out}/results.md, results.csv, results.json, accuracy_vs_removed.png, entropy.png")
+    return 0
+
+
+def _toml_shaped(cfg) -> dict:
+    """An ExperimentConfig back in the shape of its TOML file (to re-validate overrides)."""
+    d = cfg.to_dict()
+    prune = dict(d.pop("prune"))
+    prune["methods"] = d.pop("method_overrides")
+    return {**d, "prune": prune}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nepenthe", description="Entropy-based pruning that removes layers.")
     parser.add_argument("--version", action="version", version=f"nepenthe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _bench_parser(sub)
+    _experiment_parser(sub)
     args = parser.parse_args(argv)
+    commands = {"run": _run, "bench": _bench, "experiment": _experiment}
     try:
-        return _bench(args) if args.command == "bench" else _run(args)
+        return commands[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:  # user-facing errors: one clear line, no traceback
         print(f"nepenthe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,9 @@ A step cannot destroy the model:
   iteration keeps the smaller step; an iteration that passes at once lets it grow one notch
   back towards ζ. Every failed attempt is in the record.
 * **no cut** — a layer whose emptying would disconnect the output from the input (a stem, any
-  conv of a plain chain: every later neuron would be constant) is capped at ``cut_max_sparsity``.
+  conv of a plain chain: every later neuron would be constant) is capped at ``cut_max_sparsity``,
+  and the entropy budget (NEPENTHE, EGP) prunes it no faster than the step's rate ζ: the sharp
+  softmax would otherwise give a small, least relevant cut layer its whole share in one step.
   A residual branch is not capped: emptied, it becomes a constant that folding removes exactly.
 * **per-layer caps and protected layers** — ``layer_caps`` (glob → max sparsity), ``protect``
   (globs, plus ``"first"`` / ``"last"`` for the linear ops next to the input / output) and
@@ -275,18 +277,31 @@ class _Pruner:
             keep = max(keep, 1, math.ceil((1.0 - self.config.cut_max_sparsity) * numel - 1e-9))
         return keep
 
-    def _limits(self, cut: set[str]) -> dict[str, int]:
-        return {n: max(remaining_weights(m) - self._kept_by_caps(n, n in cut), 0) for n, m in self.layers.items()}
+    def _limits(self, cut: set[str], rate: float | None) -> dict[str, int]:
+        limits = {}
+        for n, m in self.layers.items():
+            remaining = remaining_weights(m)
+            limits[n] = max(remaining - self._kept_by_caps(n, n in cut), 0)
+            if rate is not None and n in cut:
+                limits[n] = min(limits[n], math.floor(rate * remaining))
+        return limits
 
-    def _allocate(self, allocate: Callable[[dict[str, int]], dict[str, int]]) -> tuple[dict[str, int], dict[str, int]]:
+    def _allocate(self, allocate: Callable[[dict[str, int]], dict[str, int]],
+                  cut_rate: float | None = None) -> tuple[dict[str, int], dict[str, int]]:
         """Counts from ``allocate(limits)``, re-run with tighter limits until the layers it would
-        empty leave the output connected to the input (a cut layer is capped, never emptied)."""
+        empty leave the output connected to the input (a cut layer is capped, never emptied).
+
+        With ``cut_rate`` every cut layer (one whose emptying alone would disconnect the network)
+        also loses at most that fraction of its remaining weights in this step.
+        """
         remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
         check = self.graph is not None and self.config.cut_max_sparsity is not None
         emptied = {n for n, r in remaining.items() if r == 0}
         cut: set[str] = set()
+        if check and cut_rate is not None:
+            cut = {n for n in self.layers if n not in emptied and not input_reaches_output(self.graph, emptied | {n})}
         while True:
-            limits = self._limits(cut)
+            limits = self._limits(cut, cut_rate if check else None)
             counts = allocate(limits)
             planned = {n for n, k in counts.items() if k > 0 and k >= remaining[n]}
             if not check or not planned or input_reaches_output(self.graph, emptied | planned):
@@ -326,8 +341,10 @@ class _Pruner:
             remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
             irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), weights[n], masks[n], cfg.normalize)
                            for n in self.layers}
+            # the softmax budget would hand a small, least relevant layer its whole share at once;
+            # a cut layer (a stem, any layer of a plain chain) is pruned no faster than the step's rate
             counts, capped = self._allocate(lambda limits: budget.weights_to_prune(
-                entropy, remaining, irrelevance, zeta, cfg.temperature, limits))
+                entropy, remaining, irrelevance, zeta, cfg.temperature, limits), cut_rate=zeta)
         for n, k in counts.items():
             if k > 0:
                 set_mask(self.layers[n], budget.magnitude_mask(weights[n], masks[n], k))

@@ -42,6 +42,8 @@ class RunConfig:
     retrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.02))
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(max_iters=8, delta=1.0))
     approximate: bool = False
+    planner: str = "latency"
+    deploy_batch: int = 1  # the batch size the fold planner times merges at (your deployment batch)
     latency_batch: int = 256
     latency_repeats: int = 30
     threads: int | None = None
@@ -101,11 +103,12 @@ def run(cfg: RunConfig, echo=print) -> dict:
     records = [r.to_dict() for r in result.iterations]
     echo("\n" + reporting.iteration_table(records))
 
-    example, _ = next(iter(make_loader(data.train, cfg.calib_batch_size)))
-    latency_input = data.test.tensors[0][: cfg.latency_batch].to(device)
-    # the planner times merges at the batch size the report measures, on the same threads
-    folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate,
-                  latency_input=latency_input, threads=cfg.threads)
+    example = next(iter(calib_loader))[0]  # fold checks exactness on calibration data
+    latency_input = next(iter(make_loader(data.test, cfg.latency_batch)))[0].to(device)
+    deploy_input = next(iter(make_loader(data.test, cfg.deploy_batch)))[0].to(device)
+    # the planner times merges at the deployment batch, on the threads the report uses
+    folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate, planner=cfg.planner,
+                  latency_input=deploy_input, threads=cfg.threads)
     folded_test = evaluate(folded, test_loader)
     fold_report = folded.fold_report
 
@@ -122,6 +125,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
         "dense_val_accuracy": result.dense_accuracy,
         "selected_iteration": result.selected,
         "stop_reason": result.stop_reason,
+        "backoffs": result.backoffs,
         "sparsity": result.selected_record.sparsity,
         "rectifier_layers_total": fold_report.rectifier_layers_total,
         "rectifier_layers_removed": fold_report.rectifier_layers_removed,
@@ -157,6 +161,8 @@ def summary(report: dict) -> str:
         f"  latency (batch {report['latency']['batch_size']}): {report['latency_ms_before']:.3f} ms -> "
         f"{report['latency_ms_after']:.3f} ms ({report['latency_speedup']:.2f}x)",
         f"  fold max relative error on calibration batch: {f['max_rel_error']:.2e}",
-        f"  stop: {report['stop_reason']}",
+        f"  stop: {report['stop_reason']} ({report.get('backoffs', 0)} back-off(s) in all)",
     ]
+    if f.get("returned", "folded") != "folded":  # the planner handed back something else: say so
+        lines.append(f"  fold returned the {f['returned'].replace('_', ' ')} model: {f.get('returned_reason', '')}")
     return "\n".join(lines)

@@ -237,3 +237,17 @@ def test_masks_of_a_restored_snapshot_are_not_shared(data):
     model.load_state_dict({k: (torch.zeros_like(v) if k.endswith("_mask") else v)
                            for k, v in model.state_dict().items()})
     assert any(not torch.equal(before[k], get_masks(model)[k]) for k in before)
+
+
+def test_entropy_budget_prunes_a_cut_layer_no_faster_than_the_step_rate(data):
+    # without normalisation the 64-input stem has the smallest weights and would take most of the
+    # budget; as a cut layer it loses at most ζ = 0.4 of its remaining weights per step
+    model = make_model()
+    result = run(data, model, zeta=0.4, max_iters=2, delta=None, select="last")
+    first, second = result.iterations[1], result.iterations[2]
+    numel = model.stem.weight.numel()
+    assert first.pruned["stem"] == math.floor(0.4 * numel) and "stem" in first.capped
+    assert second.pruned["stem"] <= math.floor(0.4 * (numel - first.pruned["stem"]))
+    # IMP's global threshold has no such limit (only the emptying cap)
+    imp = run(data, make_model(), method="imp", zeta=0.4, max_iters=1, delta=None)
+    assert imp.iterations[1].pruned["stem"] > math.floor(0.4 * numel)

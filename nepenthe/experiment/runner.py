@@ -1,0 +1,249 @@
+"""Running an experiment: every method from the same dense weights, for every seed, resumably.
+
+For each seed the dense model is trained once (``seed<k>/dense.pt``); each method then starts
+from a copy of it, prunes with its own rule (checkpointed under ``seed<k>/<method>/checkpoints``),
+is folded, evaluated on the test split and timed against the dense model
+(``seed<k>/<method>/result.json``). A rerun skips what is already written and resumes a method
+from its last pruning checkpoint, so an interrupted study loses at most one retraining.
+
+Fairness: every method sees the same data split, calibration batches, retraining recipe and, at
+the same iteration, the same shuffling order; only the pruning rule differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import atomic_torch_save, atomic_write_json
+from ..data import DataSplits, load_dataset, make_loader
+from ..fold import critical_path, fold, save
+from ..graph import find_sites, trace
+from ..latency import compare_latency
+from ..loop import prune
+from ..masks import get_mask, prunable_modules
+from ..models import build_model
+from ..progress import progress_bar
+from ..report import environment
+from ..train import evaluate, train
+from .config import ExperimentConfig
+from .results import summarize, write_results
+
+
+class ExperimentError(RuntimeError):
+    """An experiment cannot run or resume as asked (the message says what to do)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rectifier_count(model: nn.Module) -> int:
+    """Rectifier call sites the model still has (EASIER's replaced ones and folded ones are gone)."""
+    return len(find_sites(trace(model, "counting rectifier layers")))
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Masked fraction of all Conv/Linear weights (the same denominator for every method)."""
+    total = masked = 0
+    for module in prunable_modules(model).values():
+        mask = get_mask(module)
+        total += module.weight.numel()
+        masked += 0 if mask is None else int((~mask).sum())
+    return masked / total if total else 0.0
+
+
+@dataclass
+class Inputs:
+    """Everything the methods share for one experiment: data, loaders and fixed batches."""
+
+    data: DataSplits
+    val: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+    calib: torch.utils.data.DataLoader
+    example: torch.Tensor  # the first calibration batch: fold checks exactness on it
+    latency: dict[int, torch.Tensor]  # deployment batch size -> test inputs of that size
+
+
+def _without_augmentation(dataset):
+    """The same samples, never augmented: calibration measures the data itself (SPEC §1: Ξ without
+    augmentation), while training may augment."""
+    if getattr(dataset, "augment", None) is None:
+        return dataset
+    clean = copy.copy(dataset)  # shares the images; only the augmentation switch differs
+    clean.augment = None
+    return clean
+
+
+def prepare_inputs(cfg: ExperimentConfig) -> Inputs:
+    d = cfg.data
+    data = load_dataset(d.dataset, root=d.root, val_fraction=d.val_fraction, seed=d.split_seed, limit=d.limit,
+                        **d.options)
+    calib = make_loader(_without_augmentation(data.train), d.calib_batch_size)  # Ξ: the training split, unshuffled
+    example = next(iter(calib))[0]
+    most = max(cfg.latency.batches)
+    test_inputs = next(iter(make_loader(data.test, most)))[0]
+    if len(test_inputs) < most:  # a small test split: repeat it up to the largest deployment batch
+        test_inputs = test_inputs.repeat(math.ceil(most / len(test_inputs)), *[1] * (test_inputs.dim() - 1))
+    return Inputs(data, make_loader(data.val, d.eval_batch_size), make_loader(data.test, d.eval_batch_size), calib,
+                  example, {b: test_inputs[:b].contiguous() for b in cfg.latency.batches})
+
+
+def fold_and_time(model: nn.Module, stats, inputs: Inputs, reference: nn.Module, cfg: ExperimentConfig,
+                  device: torch.device) -> tuple[nn.Module, dict]:
+    """Fold ``model`` (planner timed at the first deployment batch), evaluate it on the test split
+    and time it against ``reference`` at every deployment batch size."""
+    started = time.perf_counter()
+    deploy = inputs.latency[cfg.latency.batches[0]].to(device)
+    folded = fold(model, stats, inputs.example.to(device), planner=cfg.fold.planner,
+                  approximate=cfg.fold.approximate, latency_input=deploy, threads=cfg.latency.threads)
+    fold_seconds = time.perf_counter() - started
+    latency = {}
+    for batch, x in inputs.latency.items():
+        before, after = compare_latency(reference, folded, x.to(device), repeats=cfg.latency.repeats,
+                                        warmup=cfg.latency.warmup, threads=cfg.latency.threads)
+        latency[str(batch)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
+                               "speedup": before.median_ms / after.median_ms if after.median_ms > 0 else None,
+                               "before_iqr_ms": before.iqr_ms, "after_iqr_ms": after.iqr_ms}
+    info = {"fold_seconds": fold_seconds, "folded_test": evaluate(folded, inputs.test),
+            "rectifiers_after": rectifier_count(folded), "critical_path_after": critical_path(trace(folded)),
+            "latency": latency, "fold": folded.fold_report.to_dict()}
+    return folded, info
+
+
+class Experiment:
+    """One experiment on disk: ``run()`` does what is missing and writes the results."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, *, resume: bool = True, progress: bool | None = None,
+                 echo: Callable[[str], object] = print):
+        self.cfg, self.out, self.resume, self.echo = cfg, Path(out), resume, echo
+        self.progress = progress
+        self.device = resolve_device(cfg.latency.device)
+
+    # ----- bookkeeping --------------------------------------------------------------------
+    def _check_same_experiment(self) -> None:
+        path = self.out / "config.json"
+        current = json.loads(json.dumps(self.cfg.to_dict(), default=str))
+        if path.exists() and self.resume:
+            saved = json.loads(path.read_text())
+            # seeds and methods may grow between runs; everything else must match what is on disk
+            strip = lambda c: {k: v for k, v in c.items() if k not in ("seeds", "methods")}  # noqa: E731
+            if strip(saved) != strip(current):
+                raise ExperimentError(f"{self.out} holds results of another configuration ({path}); use another "
+                                      "--out, or --no-resume to start over")
+        atomic_write_json(current, path)
+
+    def _dense(self, seed: int, inputs: Inputs, bar) -> tuple[nn.Module, dict]:
+        """The dense model of ``seed``: trained once, then read back from ``seed<k>/dense.pt``."""
+        cfg, path = self.cfg, self.out / f"seed{seed}" / "dense.pt"
+        torch.manual_seed(seed)
+        model = build_model(cfg.model.name, inputs.data.input_shape, inputs.data.num_classes,
+                            **cfg.model.options).to(self.device)
+        if self.resume and path.exists():
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            model.load_state_dict(saved["model"])
+            return model.eval(), saved["info"]
+        started = time.perf_counter()
+        bar.set_postfix_str(f"seed {seed}: dense training")
+        train(model, make_loader(inputs.data.train, cfg.data.batch_size, shuffle=True, seed=seed), cfg.dense_recipe())
+        info = {"seconds": time.perf_counter() - started, "val": evaluate(model, inputs.val),
+                "test": evaluate(model, inputs.test), "rectifiers": rectifier_count(model),
+                "critical_path": critical_path(trace(model)),
+                "params": sum(p.numel() for p in model.parameters())}
+        atomic_torch_save({"model": model.state_dict(), "info": info}, path)
+        return model.eval(), info
+
+    def _method(self, seed: int, method: str, dense: nn.Module, dense_info: dict, inputs: Inputs, bar) -> dict:
+        cfg = self.cfg
+        directory = self.out / f"seed{seed}" / method
+        model = copy.deepcopy(dense)
+        prune_cfg = cfg.prune_config(method, checkpoint_dir=str(directory / "checkpoints"))
+        prune_cfg.resume = self.resume
+        recipe = cfg.retrain_recipe()
+
+        def retrain(m: nn.Module, iteration: int) -> None:
+            # the same shuffling and seeds for every method at a given iteration
+            stream = seed * 10_007 + iteration
+            torch.manual_seed(stream)
+            train(m, make_loader(inputs.data.train, cfg.data.batch_size, shuffle=True, seed=stream), recipe)
+
+        def on_iteration(record, _model) -> None:
+            acc = "nan" if record.accuracy is None else f"{record.accuracy:.2f}"
+            bar.set_postfix_str(f"seed {seed} {method}: it {record.iteration} val {acc}% "
+                                f"sparsity {record.sparsity:.3f} H=0 {len(record.zero_entropy_layers)}")
+
+        bar.set_postfix_str(f"seed {seed} {method}: pruning")
+        started = time.perf_counter()
+        result = prune(model, inputs.calib, retrain=retrain, evaluate=lambda m: evaluate(m, inputs.val),
+                       config=prune_cfg, callbacks=[on_iteration], device=self.device,
+                       **({"max_batches": cfg.data.calib_batches} if cfg.data.calib_batches else {}))
+        prune_seconds = time.perf_counter() - started
+        bar.set_postfix_str(f"seed {seed} {method}: folding and timing")
+        folded, info = fold_and_time(model, result.stats, inputs, dense, cfg, self.device)
+        save(folded, directory / "folded", original=model, extra={"method": method, "seed": seed})
+        record = result.selected_record
+        return {
+            "seed": seed, "method": method,
+            "dense_test": dense_info["test"], "pruned_test": evaluate(model, inputs.test), **info,
+            "dense_val": result.dense_accuracy, "pruned_val": record.accuracy,
+            "sparsity": weight_sparsity(model), "prunable_sparsity": record.sparsity,
+            "zero_entropy_layers": len(record.zero_entropy_layers),
+            "rectifiers_before": dense_info["rectifiers"],
+            "removed": dense_info["rectifiers"] - info["rectifiers_after"],
+            "critical_path_before": dense_info["critical_path"],
+            "selected_iteration": result.selected, "stop_reason": result.stop_reason,
+            "backoffs": result.backoffs, "retrainings": sum(1 + len(r.backoffs) for r in result.iterations[1:]),
+            "prune_seconds": prune_seconds,
+            "iterations": [r.to_dict() for r in result.iterations],
+        }
+
+    # ----- the whole experiment ------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_same_experiment()
+        if cfg.latency.threads:
+            torch.set_num_threads(cfg.latency.threads)
+        inputs = prepare_inputs(cfg)
+        self.echo(f"experiment {cfg.name}: {cfg.model.name} on {cfg.data.dataset} "
+                  f"({len(inputs.data.train)}/{len(inputs.data.val)}/{len(inputs.data.test)} train/val/test), "
+                  f"seeds {cfg.seeds}, methods {cfg.methods}, epochs x{cfg.epochs_scale:g}, device {self.device}")
+        rows = []
+        bar = progress_bar(total=len(cfg.seeds) * (1 + len(cfg.methods)), desc=cfg.name, enabled=self.progress)
+        for seed in cfg.seeds:
+            dense, dense_info = self._dense(seed, inputs, bar)
+            bar.update(1)
+            for method in cfg.methods:
+                path = self.out / f"seed{seed}" / method / "result.json"
+                if self.resume and path.exists():
+                    row = json.loads(path.read_text())
+                else:
+                    row = self._method(seed, method, dense, dense_info, inputs, bar)
+                    atomic_write_json(json.loads(json.dumps(row, default=str)), path)
+                rows.append(row)
+                bar.update(1)
+                self.echo(f"  seed {seed} {method:>8}: test {row['folded_test']:.2f}% (dense {row['dense_test']:.2f})"
+                          f", removed {row['removed']}/{row['rectifiers_before']}, sparsity {row['sparsity']:.3f}, "
+                          f"prune {row['prune_seconds']:.0f} s, fold {row['fold_seconds']:.1f} s")
+        bar.close()
+        summary = summarize(rows, cfg)
+        results = {"name": cfg.name, "config": cfg.to_dict(), "summary": summary, "runs": rows,
+                   "environment": environment(self.device), "seconds": time.perf_counter() - started}
+        write_results(self.out, results, cfg)
+        return results
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, **kwargs) -> dict:
+    """Run (or resume) ``cfg`` into ``out``; returns what ``out/results.json`` holds."""
+    return Experiment(cfg, out, **kwargs).run()
