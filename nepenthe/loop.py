@@ -16,8 +16,10 @@ A step cannot destroy the model:
 * **back-off** — when an iteration's validation accuracy falls below dense − δ, or retraining
   diverges (``retrain`` raises ``FloatingPointError``, as the built-in trainer does on a NaN/Inf
   loss, or leaves non-finite weights), the iteration's start is restored and the step retried
-  with its pruning amount multiplied by ``backoff_factor`` (EASIER, which removes one activation
-  per step, tries the next-lowest-entropy one instead), at most ``max_backoffs`` times. The next
+  with its pruning amount multiplied by ``backoff_factor`` — for the entropy budget, every
+  layer's share of the full-ζ allocation, so a layer the full step would empty is only thinned;
+  for IMP the global fraction; EASIER, which removes one activation per step, tries the
+  next-lowest-entropy one instead — at most ``max_backoffs`` times. The next
   iteration keeps the smaller step; an iteration that passes at once lets it grow one notch
   back towards ζ. Every failed attempt is in the record.
 * **no cut** — a layer whose emptying would disconnect the output from the input (a stem, any
@@ -36,6 +38,7 @@ import copy
 import fnmatch
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,7 +245,10 @@ class _Pruner:
         except TraceError as exc:
             if self.config.method != "imp":
                 raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
-            return None  # IMP prunes every Conv/Linear; it only loses the cut check (warned at first use)
+            # IMP prunes every Conv/Linear without knowing the graph; only the cut check is lost
+            warnings.warn(f"{exc} IMP runs without the cut check: a layer may be emptied even when that "
+                          "disconnects the network (use layer_caps to cap it).", stacklevel=3)
+            return None
 
     def _protected(self, name: str) -> bool:
         special = {"first": first_linear_ops, "last": last_linear_ops}
@@ -287,12 +293,13 @@ class _Pruner:
         return limits
 
     def _allocate(self, allocate: Callable[[dict[str, int]], dict[str, int]],
-                  cut_rate: float | None = None) -> tuple[dict[str, int], dict[str, int]]:
-        """Counts from ``allocate(limits)``, re-run with tighter limits until the layers it would
-        empty leave the output connected to the input (a cut layer is capped, never emptied).
+                  cut_rate: float | None = None, scale: float = 1.0) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts from ``allocate(limits)`` times ``scale``, re-run with tighter limits until the
+        layers they would empty leave the output connected to the input (a cut layer is capped,
+        never emptied).
 
         With ``cut_rate`` every cut layer (one whose emptying alone would disconnect the network)
-        also loses at most that fraction of its remaining weights in this step.
+        also loses at most that fraction of its remaining weights in the full allocation.
         """
         remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
         check = self.graph is not None and self.config.cut_max_sparsity is not None
@@ -302,7 +309,8 @@ class _Pruner:
             cut = {n for n in self.layers if n not in emptied and not input_reaches_output(self.graph, emptied | {n})}
         while True:
             limits = self._limits(cut, cut_rate if check else None)
-            counts = allocate(limits)
+            full = allocate(limits)
+            counts = full if scale >= 1.0 else {n: math.floor(k * scale) for n, k in full.items()}
             planned = {n for n, k in counts.items() if k > 0 and k >= remaining[n]}
             if not check or not planned or input_reaches_output(self.graph, emptied | planned):
                 break
@@ -314,7 +322,7 @@ class _Pruner:
                 break
             cut |= newly
         capped = {n: remaining[n] - counts.get(n, 0) for n in self.layers
-                  if limits[n] < remaining[n] and counts.get(n, 0) == limits[n] and remaining[n] > 0}
+                  if limits[n] < remaining[n] and full.get(n, 0) == limits[n] and remaining[n] > 0}
         return counts, capped
 
     # ----- one round of pruning ---------------------------------------------------------------
@@ -331,20 +339,22 @@ class _Pruner:
         cfg = self.config
         if cfg.method == "easier":
             return _Step({}, self._easier_step(stats, avoid), {})
-        zeta = cfg.zeta * scale
         weights = {n: m.weight for n, m in self.layers.items()}
         masks = {n: get_mask(m) for n, m in self.layers.items()}
         if cfg.method == "imp":
+            zeta = cfg.zeta * scale
             counts, capped = self._allocate(lambda limits: budget.global_magnitude_counts(weights, masks, zeta, limits))
         else:
             entropy = self.layer_entropy(stats)
             remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
             irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), weights[n], masks[n], cfg.normalize)
                            for n in self.layers}
-            # the softmax budget would hand a small, least relevant layer its whole share at once;
-            # a cut layer (a stem, any layer of a plain chain) is pruned no faster than the step's rate
+            # The allocation at the full ζ, every layer's share times the back-off scale: a smaller
+            # budget alone would still empty the least relevant layers first (the softmax gives
+            # them nearly all of it), so a backed-off step shrinks each layer's cut instead. A cut
+            # layer (a stem, any layer of a plain chain) is pruned no faster than the rate ζ.
             counts, capped = self._allocate(lambda limits: budget.weights_to_prune(
-                entropy, remaining, irrelevance, zeta, cfg.temperature, limits), cut_rate=zeta)
+                entropy, remaining, irrelevance, cfg.zeta, cfg.temperature, limits), cut_rate=cfg.zeta, scale=scale)
         for n, k in counts.items():
             if k > 0:
                 set_mask(self.layers[n], budget.magnitude_mask(weights[n], masks[n], k))
@@ -573,7 +583,8 @@ def prune(
             if failure is None or len(attempts) >= config.max_backoffs:
                 break
             attempts.append({"zeta": config.zeta * scale if config.method != "easier" else None,
-                             "linearized": step.linearized, "accuracy": accuracy, "failure": failure,
+                             "pruned": step.pruned, "linearized": step.linearized, "accuracy": accuracy,
+                             "failure": failure,
                              "seconds": time.perf_counter() - attempt_started})
             pruner.restore(start)
             scale *= config.backoff_factor

@@ -187,15 +187,17 @@ def test_another_configuration_in_the_same_folder_is_refused(finished):
 def test_markdown_table_formats_mean_and_std():
     results = {"name": "x", "summary": {
         "dense": {"test": {"mean": 90.0, "std": 0.5, "n": 2}, "rectifiers": 9, "critical_path": 35,
-                  "latency_ms": {"1": {}}},
+                  "latency_ms": {"1": {"mean": 3.0, "std": 0.0, "n": 2}}},
         "methods": {"nepenthe": {
             **{k: {"mean": 1.0, "std": 0.25, "n": 2} for k in ("folded_test", "delta_test", "sparsity", "removed",
                                                                   "zero_entropy_layers", "critical_path_after",
                                                                   "prune_seconds", "fold_seconds", "backoffs")},
+            "latency_ms": {"1": {"mean": 1.5, "std": 0.05, "n": 2}},
             "speedup": {"1": {"mean": 2.0, "std": 0.1, "n": 2}}}}}}
     table = markdown_table(results)
     assert "| dense | 90.00 ± 0.50 |" in table
-    assert "| nepenthe | 1.00 ± 0.25 | +1.00 ± 0.25 |" in table and "2.00 ± 0.10 |" in table
+    assert "| nepenthe | 1.00 ± 0.25 | +1.00 ± 0.25 |" in table and "1.5 ± 0.05 | 2.00 ± 0.10 |" in table
+    assert "| 3 ± 0 | 1.00 |" in table
 
 
 # --------------------------------------------------------------------------------------------------

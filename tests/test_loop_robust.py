@@ -13,6 +13,7 @@ import torch.nn as nn
 from test_loop import Scripted, Snapshots, assert_same_state, data, make_model, make_retrain, records_without_time, run
 
 from nepenthe import PruneConfig, prune
+from nepenthe.budget import magnitude_mask
 from nepenthe.masks import get_mask, get_masks
 from nepenthe.train import TrainConfig, train
 
@@ -43,13 +44,14 @@ def test_failed_step_is_retried_with_half_the_amount(data):
     assert result.iterations[2].zeta == 0.25  # the smaller step carries over to the next iteration
     assert result.iterations[3].zeta == 0.5  # which passed at once: the step grows back one notch
     assert result.backoffs == 1 and result.selected == 3
-    # the retry started from the dense model: the same masks as a run that used ζ = 0.25 from the start
-    reference = make_model()
-    ref_snaps = Snapshots()
-    run(data, reference, callbacks=[ref_snaps], max_iters=1, delta=None, zeta=0.25)
-    for name, mask in ref_snaps.masks[1].items():
-        assert torch.equal(snaps.masks[1][name], mask), name
-    assert_same_state(snaps.states[1], ref_snaps.states[1])
+    # the retry thinned every layer's share of the failed step by half, starting from the dense
+    # weights: its masks are the dense weights' magnitude masks with those counts
+    failed = first.backoffs[0]["pruned"]
+    assert first.pruned == {n: math.floor(k * 0.5) for n, k in failed.items()}
+    assert sum(failed.values()) > sum(first.pruned.values()) > 0
+    for name, mask in snaps.masks[1].items():
+        dense_weight = snaps.states[0][f"{name}.weight"]
+        assert torch.equal(mask, magnitude_mask(dense_weight, None, first.pruned[name])), name
 
 
 def test_back_offs_are_bounded_and_the_last_good_model_is_returned(data):
@@ -251,3 +253,15 @@ def test_entropy_budget_prunes_a_cut_layer_no_faster_than_the_step_rate(data):
     # IMP's global threshold has no such limit (only the emptying cap)
     imp = run(data, make_model(), method="imp", zeta=0.4, max_iters=1, delta=None)
     assert imp.iterations[1].pruned["stem"] > math.floor(0.4 * numel)
+
+
+def test_backed_off_entropy_step_thins_a_layer_the_full_step_empties(data):
+    # ζ = 1 empties both residual branches; the retry at half scale prunes half of each instead
+    model = make_model()
+    result = run(data, model, evaluate_fn=Scripted(90.0, 10.0, 89.5), zeta=1.0, max_iters=1, delta=1.0,
+                 max_backoffs=1, select="last")
+    record = result.iterations[1]
+    failed = record.backoffs[0]["pruned"]
+    numel = model.blocks[0].fc1.weight.numel()
+    assert failed["blocks.0.fc1"] == numel and record.pruned["blocks.0.fc1"] == numel // 2
+    assert record.layer_sparsity["blocks.0.fc1"] == 0.5

@@ -84,15 +84,18 @@ def _cell(stat: dict, fmt: str) -> str:
 def markdown_table(results: dict) -> str:
     summary = results["summary"]
     batches = list(summary["dense"].get("latency_ms", {}))
-    head = ["method"] + [title for _, title, _ in METRICS] + [f"speed-up b{b}" for b in batches]
+    head = (["method"] + [title for _, title, _ in METRICS] + [f"ms b{b}" for b in batches]
+            + [f"speed-up b{b}" for b in batches])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dense = summary["dense"]
     if dense:
         cells = ["dense", _cell(dense["test"], "{:.2f}"), "", "0", f"0/{dense['rectifiers']}", "",
-                 str(dense["critical_path"]), "", "", ""] + ["1.00"] * len(batches)
+                 str(dense["critical_path"]), "", "", ""] + [_cell(dense["latency_ms"][b], "{:.3g}") for b in batches]
+        cells += ["1.00"] * len(batches)
         lines.append("| " + " | ".join(cells) + " |")
     for method, entry in summary["methods"].items():
         cells = [method] + [_cell(entry[key], fmt) for key, _, fmt in METRICS]
+        cells += [_cell(entry["latency_ms"][b], "{:.3g}") for b in batches]
         cells += [_cell(entry["speedup"][b], "{:.2f}") for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((e["removed"]["n"] for e in summary["methods"].values()), default=0)
@@ -100,8 +103,9 @@ def markdown_table(results: dict) -> str:
     lines.append(f"Mean ± std over {n} seed(s). top-1: test accuracy of the returned (folded) model; Δ: vs the "
                  "dense model of the same seed; sparsity: masked share of all Conv/Linear weights; Rem.: rectifier "
                  f"layers removed (of {dense.get('rectifiers', '?')}); H=0: zero-entropy layers of the kept iteration; "
-                 "crit. path: longest op chain of the returned model; speed-up: dense / returned latency at that "
-                 "batch size.")
+                 "crit. path: longest op chain of the returned model; ms: median latency (dense row: the dense "
+                 "model; method rows: the returned model) at that batch size; speed-up: dense / returned latency, "
+                 "timed interleaved in the same run.")
     return "\n".join(lines)
 
 
