@@ -151,7 +151,8 @@ def test_stop_by_delta_restores_last_iteration_within_tolerance(data):
     model = make_model()
     snaps = Snapshots()
     scripted = Scripted(90.0, 89.5, 89.0, 88.9, 95.0)  # tolerance 90 - 1 = 89: iteration 3 falls below
-    result = run(data, model, evaluate_fn=scripted, callbacks=[snaps], max_iters=9, delta=1.0, max_backoffs=0)
+    result = run(data, model, evaluate_fn=scripted, callbacks=[snaps], max_iters=9, delta=1.0, max_backoffs=0,
+                 select="last")
     assert scripted.calls == 4
     assert [r.within_tolerance for r in result.iterations] == [True, True, True, False]
     assert result.selected == 2 and result.selected_record.accuracy == 89.0

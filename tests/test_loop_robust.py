@@ -203,8 +203,8 @@ def test_protect_last_for_imp_keeps_the_classifier_dense(data):
 
 
 def test_normalize_fan_in_changes_the_allocation(data):
-    plain = run(data, max_iters=1, delta=None, zeta=0.5)
-    fair = run(data, max_iters=1, delta=None, zeta=0.5, normalize="fan_in")
+    plain = run(data, max_iters=1, delta=None, zeta=0.5, normalize="none")
+    fair = run(data, max_iters=1, delta=None, zeta=0.5)  # the default
     # the 64-input stem has the smallest weights: without normalisation it loses a larger share
     assert plain.iterations[1].layer_sparsity["stem"] > fair.iterations[1].layer_sparsity["stem"]
     with pytest.raises(ValueError, match="normalize"):
@@ -215,7 +215,7 @@ def test_new_settings_are_part_of_the_checkpoint_identity(data, tmp_path):
     from nepenthe import PruneError
 
     run(data, max_iters=1, delta=None, checkpoint_dir=str(tmp_path))
-    for changed in (dict(normalize="fan_in"), dict(protect=("first",)), dict(layer_caps={"stem": 0.5}),
+    for changed in (dict(normalize="none"), dict(protect=("first",)), dict(layer_caps={"stem": 0.5}),
                     dict(cut_max_sparsity=None), dict(max_backoffs=0), dict(saturation=False)):
         with pytest.raises(PruneError, match="was written with"):
             run(data, max_iters=1, delta=None, checkpoint_dir=str(tmp_path), **changed)
@@ -245,7 +245,7 @@ def test_entropy_budget_prunes_a_cut_layer_no_faster_than_the_step_rate(data):
     # without normalisation the 64-input stem has the smallest weights and would take most of the
     # budget; as a cut layer it loses at most ζ = 0.4 of its remaining weights per step
     model = make_model()
-    result = run(data, model, zeta=0.4, max_iters=2, delta=None, select="last")
+    result = run(data, model, zeta=0.4, max_iters=2, delta=None, select="last", normalize="none")
     first, second = result.iterations[1], result.iterations[2]
     numel = model.stem.weight.numel()
     assert first.pruned["stem"] == math.floor(0.4 * numel) and "stem" in first.capped
