@@ -24,6 +24,10 @@ def _run_parser(sub) -> None:
     p.add_argument("--out", default="runs/digits-mlp", help="output folder (report.json, entropy.png, folded/)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (default: where installed)")
     p.add_argument("--data-limit", type=int, default=None, help="keep only this many samples per split")
+    p.add_argument("--augment", action="store_true",
+                   help="augment the training split (crop + flip; image datasets only; calibration never is)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (image-folder datasets)")
+    p.add_argument("--test-domain", default=None, help="pacs / vlcs: leave this domain out as the test split")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -60,8 +64,11 @@ def _run(args) -> int:
     from .pipeline import RunConfig, run
     from .train import TrainConfig
 
+    data_options = {k: v for k, v in (("augment", args.augment or None), ("image_size", args.image_size),
+                                      ("test_domain", args.test_domain)) if v is not None}
     cfg = RunConfig(
         dataset=args.dataset, model=args.model, out=args.out, data_root=args.data_root, data_limit=args.data_limit,
+        data_options=data_options,
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, batch_size=args.batch_size,
         dense=TrainConfig(epochs=args.epochs, lr=args.lr),
         retrain=TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr),
@@ -181,7 +188,7 @@ def _experiment(args) -> int:
     if args.device is not None:
         cfg.latency.device = args.device
     if cfg.to_dict() != raw:  # validate the overridden values as a config file would be
-        cfg = from_dict({**_toml_shaped(cfg)})
+        cfg = from_dict(_toml_shaped(cfg))
     out = args.out or f"runs/{cfg.name}"
     results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
     from .experiment.results import markdown_table

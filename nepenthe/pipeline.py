@@ -15,7 +15,7 @@ import torch
 
 from . import report as reporting
 from .checkpoint import atomic_write_json
-from .data import load_dataset, make_loader
+from .data import load_dataset, make_loader, unaugmented
 from .fold import fold, save
 from .latency import compare_latency
 from .loop import PruneConfig, prune
@@ -33,6 +33,7 @@ class RunConfig:
     out: str = "runs/digits-mlp"
     data_root: str | None = None
     data_limit: int | None = None
+    data_options: dict = field(default_factory=dict)  # more load_dataset options (augment, image_size, ...)
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -72,11 +73,11 @@ def run(cfg: RunConfig, echo=print) -> dict:
     device = _device(cfg.device)
 
     data = load_dataset(cfg.dataset, root=cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        limit=cfg.data_limit)
+                        limit=cfg.data_limit, **cfg.data_options)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, 512)
     test_loader = make_loader(data.test, 512)
-    calib_loader = make_loader(data.train, cfg.calib_batch_size)  # Ξ: the training set, no shuffling
+    calib_loader = make_loader(unaugmented(data.train), cfg.calib_batch_size)  # Ξ: the training set as it is
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     echo(f"nepenthe: {cfg.model} on {cfg.dataset} ({len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test)"
          f", device {device}")

@@ -62,3 +62,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "error" in err and "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_run_on_an_image_dataset_with_augmentation(tmp_path, capsys):
+    from test_data_formats import write_cifar10
+
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    code = cli.main(["run", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--augment", "--model",
+                     "cnn", "--epochs", "1", "--retrain-epochs", "1", "--iters", "1", "--latency-batch", "4",
+                     "--planner", "none", "--no-progress", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["data_options"] == {"augment": True}
+    assert report["fold"]["returned"] in ("folded", "folded_no_merges", "original") and "backoffs" in report
+    assert "stop:" in capsys.readouterr().out

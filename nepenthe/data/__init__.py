@@ -49,6 +49,7 @@ __all__ = [
     "load_dataset",
     "make_loader",
     "read_idx",
+    "unaugmented",
     "write_idx",
 ]
 
@@ -70,6 +71,12 @@ _DATASETS: dict[str, _Entry] = {
     "vlcs": _Entry(partial(load_domainbed, VLCS), ("augment", "image_size", "test_domain"), _augment.FOLDER),
     "image_folder": _Entry(load_image_folder, ("augment", "image_size"), _augment.FOLDER),
 }
+
+
+def unaugmented(dataset: Dataset) -> Dataset:
+    """``dataset`` without training-time augmentation (itself when it has none): calibration data
+    Ξ is measured as it is (SPEC §1), while the training loader may augment."""
+    return dataset.unaugmented() if isinstance(dataset, ImageTensorDataset) and dataset.augment else dataset
 
 
 def available_datasets() -> tuple[str, ...]:

@@ -10,6 +10,7 @@ as the list of ``(input, label)`` samples that ``__getitems__`` is documented to
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,13 @@ class ImageTensorDataset(Dataset):
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+
+    def unaugmented(self) -> ImageTensorDataset:
+        """The same split without augmentation (a shallow copy sharing the images): what a
+        calibration pass should measure while the training loader keeps augmenting."""
+        clean = copy.copy(self)
+        clean.augment = None
+        return clean
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation random stream from ``seed``."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import atomic_torch_save, atomic_write_json
-from ..data import DataSplits, load_dataset, make_loader
+from ..data import DataSplits, load_dataset, make_loader, unaugmented
 from ..fold import critical_path, fold, save
 from ..graph import find_sites, trace
 from ..latency import compare_latency
@@ -75,21 +75,11 @@ class Inputs:
     latency: dict[int, torch.Tensor]  # deployment batch size -> test inputs of that size
 
 
-def _without_augmentation(dataset):
-    """The same samples, never augmented: calibration measures the data itself (SPEC §1: Ξ without
-    augmentation), while training may augment."""
-    if getattr(dataset, "augment", None) is None:
-        return dataset
-    clean = copy.copy(dataset)  # shares the images; only the augmentation switch differs
-    clean.augment = None
-    return clean
-
-
 def prepare_inputs(cfg: ExperimentConfig) -> Inputs:
     d = cfg.data
     data = load_dataset(d.dataset, root=d.root, val_fraction=d.val_fraction, seed=d.split_seed, limit=d.limit,
                         **d.options)
-    calib = make_loader(_without_augmentation(data.train), d.calib_batch_size)  # Ξ: the training split, unshuffled
+    calib = make_loader(unaugmented(data.train), d.calib_batch_size)  # Ξ: the training split, unshuffled
     example = next(iter(calib))[0]
     most = max(cfg.latency.batches)
     test_inputs = next(iter(make_loader(data.test, most)))[0]
