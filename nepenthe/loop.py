@@ -99,7 +99,7 @@ class PruneConfig:
     aggregate: str | None = None
     estimator: str | None = None
     saturation: bool | None = None  # ReLU6 three-state (True) or two-state (False) entropy
-    normalize: str = "fan_in"  # measured on Fashion-MNIST: as good or better than "none" (bench/RESULTS.md)
+    normalize: str = "fan_in"  # Fashion-MNIST: 8 vs 4 layers on the MLP, 0 vs 0.7 on ResNet-18 (bench/RESULTS.md)
     protect: tuple[str, ...] = ()
     layer_caps: dict[str, float] = field(default_factory=dict)
     cut_max_sparsity: float | None = 0.99

@@ -162,6 +162,8 @@ def test_rerun_resumes_without_training(finished, monkeypatch):
     monkeypatch.setattr("nepenthe.experiment.runner.train", no_training)
     again = run_experiment(from_dict(tiny()), out, progress=False, echo=lambda s: None)
     assert again["runs"] == json.loads(json.dumps(results["runs"]))
+    assert again["seconds"] == pytest.approx(results["seconds"])  # the work done, not this quick rerun
+    assert again["wall_seconds"] < results["seconds"]
 
 
 def test_a_new_method_reuses_the_dense_models(finished, monkeypatch):
@@ -196,8 +198,8 @@ def test_markdown_table_formats_mean_and_std():
             "speedup": {"1": {"mean": 2.0, "std": 0.1, "n": 2}}}}}}
     table = markdown_table(results)
     assert "| dense | 90.00 ± 0.50 |" in table
-    assert "| nepenthe | 1.00 ± 0.25 | +1.00 ± 0.25 |" in table and "1.5 ± 0.05 | 2.00 ± 0.10 |" in table
-    assert "| 3 ± 0 | 1.00 |" in table
+    assert "| nepenthe | 1.00 ± 0.25 | +1.00 ± 0.25 |" in table and "1.500 ± 0.050 | 2.00 ± 0.10 |" in table
+    assert "| 3.000 ± 0.000 | 1.00 |" in table
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,12 +90,12 @@ def markdown_table(results: dict) -> str:
     dense = summary["dense"]
     if dense:
         cells = ["dense", _cell(dense["test"], "{:.2f}"), "", "0", f"0/{dense['rectifiers']}", "",
-                 str(dense["critical_path"]), "", "", ""] + [_cell(dense["latency_ms"][b], "{:.3g}") for b in batches]
+                 str(dense["critical_path"]), "", "", ""] + [_cell(dense["latency_ms"][b], "{:.3f}") for b in batches]
         cells += ["1.00"] * len(batches)
         lines.append("| " + " | ".join(cells) + " |")
     for method, entry in summary["methods"].items():
         cells = [method] + [_cell(entry[key], fmt) for key, _, fmt in METRICS]
-        cells += [_cell(entry["latency_ms"][b], "{:.3g}") for b in batches]
+        cells += [_cell(entry["latency_ms"][b], "{:.3f}") for b in batches]
         cells += [_cell(entry["speedup"][b], "{:.2f}") for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((e["removed"]["n"] for e in summary["methods"].values()), default=0)

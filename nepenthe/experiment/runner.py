@@ -173,7 +173,7 @@ class Experiment:
                                 f"sparsity {record.sparsity:.3f} H=0 {len(record.zero_entropy_layers)}")
 
         bar.set_postfix_str(f"seed {seed} {method}: pruning")
-        started = time.perf_counter()
+        started = begun = time.perf_counter()
         result = prune(model, inputs.calib, retrain=retrain, evaluate=lambda m: evaluate(m, inputs.val),
                        config=prune_cfg, callbacks=[on_iteration], device=self.device,
                        **({"max_batches": cfg.data.calib_batches} if cfg.data.calib_batches else {}))
@@ -195,6 +195,7 @@ class Experiment:
             "backoffs": result.backoffs, "retrainings": sum(1 + len(r.backoffs) for r in result.iterations[1:]),
             "prune_seconds": prune_seconds,
             "iterations": [r.to_dict() for r in result.iterations],
+            "seconds": time.perf_counter() - begun,  # pruning, folding, evaluation and timing
         }
 
     # ----- the whole experiment ------------------------------------------------------------
@@ -209,10 +210,11 @@ class Experiment:
         self.echo(f"experiment {cfg.name}: {cfg.model.name} on {cfg.data.dataset} "
                   f"({len(inputs.data.train)}/{len(inputs.data.val)}/{len(inputs.data.test)} train/val/test), "
                   f"seeds {cfg.seeds}, methods {cfg.methods}, epochs x{cfg.epochs_scale:g}, device {self.device}")
-        rows = []
+        rows, dense_seconds = [], 0.0
         bar = progress_bar(total=len(cfg.seeds) * (1 + len(cfg.methods)), desc=cfg.name, enabled=self.progress)
         for seed in cfg.seeds:
             dense, dense_info = self._dense(seed, inputs, bar)
+            dense_seconds += dense_info["seconds"]
             bar.update(1)
             for method in cfg.methods:
                 path = self.out / f"seed{seed}" / method / "result.json"
@@ -228,8 +230,12 @@ class Experiment:
                           f"prune {row['prune_seconds']:.0f} s, fold {row['fold_seconds']:.1f} s")
         bar.close()
         summary = summarize(rows, cfg)
+        # "seconds": the experiment's own work, whichever invocations did it (a resumed run adds up
+        # what its predecessors did); "wall_seconds": this invocation alone
+        work = dense_seconds + sum(r.get("seconds", r["prune_seconds"] + r["fold_seconds"]) for r in rows)
         results = {"name": cfg.name, "config": cfg.to_dict(), "summary": summary, "runs": rows,
-                   "environment": environment(self.device), "seconds": time.perf_counter() - started}
+                   "environment": environment(self.device), "seconds": work,
+                   "wall_seconds": time.perf_counter() - started}
         write_results(self.out, results, cfg)
         return results
 
