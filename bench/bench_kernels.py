@@ -56,7 +56,11 @@ def test_masked_adamw_step(benchmark, provider):
     _run(benchmark, adamw_case(DEVICE), provider, "masked AdamW step, ResNet-18 parameters")
 
 
-@pytest.mark.parametrize("provider", ["nepenthe_measure", "torch_forward"])
-def test_measure_resnet18(benchmark, provider):
-    batch = 64 if not benchmark.disabled else 4
-    _run(benchmark, measure_case(batch=batch, batches=2, device=DEVICE), provider, f"measure ResNet-18 batch {batch}")
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("provider", ["nepenthe_measure", "nepenthe_measure_cold", "torch_forward"])
+def test_measure_resnet18(benchmark, batch, provider):
+    if benchmark.disabled and batch != 1:
+        pytest.skip("smoke run: batch 1 only")
+    batches = 2 if batch == 64 else 8
+    _run(benchmark, measure_case(batch=batch, batches=batches, device=DEVICE), provider,
+         f"measure ResNet-18 batch {batch}")

@@ -45,6 +45,7 @@ def main() -> None:
     cases["masked SGD step (ResNet-18 params)"] = lambda: sgd_case(device)
     cases["masked AdamW step (ResNet-18 params)"] = lambda: adamw_case(device)
     cases["measure ResNet-18 batch 64 (4 batches)"] = lambda: measure_case(64 if not args.quick else 4, 4, device)
+    cases["measure ResNet-18 batch 1 (16 batches)"] = lambda: measure_case(1, 16 if not args.quick else 2, device)
 
     print(f"device {device}, threads {args.threads}, torch {torch.__version__}, nepenthe {nepenthe.__version__}, "
           f"backends {[k for k, v in backends.available_backends().items() if v is None]}")

@@ -119,7 +119,13 @@ def adamw_case(device="cpu", dtype=torch.float32) -> Case:
 
 
 def measure_case(batch=64, batches=4, device="cpu") -> Case:
-    """``nepenthe.measure`` of the CIFAR ResNet-18 over a few batches vs the same eval forwards."""
+    """``nepenthe.measure`` of the CIFAR ResNet-18 over a few batches vs the same eval forwards.
+
+    ``nepenthe_measure`` is the steady state of a pruning loop (the model's probed trace is kept
+    between calls); ``nepenthe_measure_cold`` traces the model again on every call.
+    """
+    from nepenthe.entropy import clear_trace_cache
+
     torch.manual_seed(0)
     model = resnet18_cifar(num_classes=10).to(device).eval()
     data = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(batches)]
@@ -128,5 +134,10 @@ def measure_case(batch=64, batches=4, device="cpu") -> Case:
         with torch.no_grad():
             for x in data:
                 model(x)
+
+    def cold():
+        clear_trace_cache()
+        return nepenthe.measure(model, data, distributed=False)
     return {"nepenthe_measure": lambda: nepenthe.measure(model, data, distributed=False),
+            "nepenthe_measure_cold": cold,
             "torch_forward": forwards}

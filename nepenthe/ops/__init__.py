@@ -3,7 +3,8 @@
 * Sign histograms: :func:`sign_histogram`, :func:`accumulate_sign_histogram_` (int64[C, 4]:
   ON, OFF, ZERO, SAT; ``bins=5`` adds NONFINITE).
 * Fused activation + histogram in one pass: :func:`activation_histogram` (differentiable) and
-  the inplace :func:`activation_histogram_`, for relu, relu6, leaky_relu, gelu, gelu_tanh, silu,
+  the inplace :func:`activation_histogram_` and the accumulating
+  :func:`accumulate_activation_histogram`, for relu, relu6, leaky_relu, gelu, gelu_tanh, silu,
   hardswish.
 * Entropies: :func:`entropy_from_histogram` (SPEC §1 options) and the reference helpers below.
 * Masked optimizer steps: :func:`masked_sgd_`, :func:`masked_adamw_` (multi-tensor), and the
@@ -17,6 +18,7 @@ Backends (C++ CPU, CUDA C++, Triton, PyTorch reference) are chosen per call: see
 from . import backends, reference
 from .backends import BackendUnavailable, available_backends, use_backend
 from .library import (
+    accumulate_activation_histogram,
     accumulate_sign_histogram_,
     activation_histogram,
     activation_histogram_,
@@ -48,7 +50,8 @@ from .reference import (
 
 __all__ = [
     "ACTIVATIONS", "AGGREGATES", "HISTOGRAM_BINS", "NONFINITE", "NUM_STATES", "OFF", "ON", "SAT", "STATE_NAMES", "ZERO",
-    "ZERO_AS", "BackendUnavailable", "MaskedAdamW", "MaskedSGD", "accumulate_sign_histogram_", "activation_histogram",
+    "ZERO_AS", "BackendUnavailable", "MaskedAdamW", "MaskedSGD", "accumulate_activation_histogram",
+    "accumulate_sign_histogram_", "activation_histogram",
     "activation_histogram_", "aggregate_layer_entropy", "apply_mask_", "available_backends", "backends",
     "binary_entropy", "entropy_from_histogram", "masked_adamw_", "masked_sgd_", "neuron_entropy_from_histogram",
     "reference", "sign_histogram", "state_counts", "upper_kink", "use_backend",

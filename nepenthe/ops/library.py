@@ -14,6 +14,8 @@ Ops (``torch.ops.nepenthe.*``):
   in ``x`` (the backward is ATen's own activation backward)
 * ``activation_histogram_(x, hist, kind, channel_dim, negative_slope)``: inplace activation that
   adds the counts of its input into ``hist``
+* ``accumulate_activation_histogram(x, hist, kind, channel_dim, negative_slope) -> y``: out of place,
+  counts added into ``hist`` (not differentiable)
 * ``entropy_from_histogram(hist, zero_as, aggregate) -> (float64[C], float64 scalar)``
 * ``masked_sgd_(...)`` and ``masked_adamw_(...)``: multi-tensor masked optimizer steps
 """
@@ -70,6 +72,29 @@ def _check_activation_input(x: Tensor, what: str) -> None:
         raise ValueError(f"{what}: activations need a floating-point tensor, got {x.dtype}")
 
 
+_INFRA_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                     if hasattr(torch._C._TorchDispatchModeKey, k))
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when a call can skip the ``torch.library`` dispatch and run its implementation directly.
+
+    The custom op's Python dispatch costs tens of microseconds per call, which ``measure`` pays at
+    every rectifier call site (a third of a batch-1 ResNet forward on CPU). It is only needed when
+    something must see the op as a node: compiling, tracing (fx proxies are not tensors; make_fx /
+    export run under dispatch modes), fake or subclass tensors, functorch transforms and modes.
+    Autograd is the caller's check (the ops that need it test ``requires_grad`` themselves).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    if any(torch._C._get_dispatch_mode(key) is not None for key in _INFRA_MODES):
+        return False
+    return all(type(t) is Tensor for t in tensors)
+
+
 def _contiguous_hist(hist: Tensor) -> tuple[Tensor, bool]:
     """(buffer a backend may write, whether it is a temporary to add back into ``hist``)."""
     return (hist, False) if hist.is_contiguous() else (torch.zeros_like(hist, memory_format=torch.contiguous_format),
@@ -79,8 +104,7 @@ def _contiguous_hist(hist: Tensor) -> tuple[Tensor, bool]:
 # ----- sign histograms ----------------------------------------------------------------------------------
 
 
-@custom_op("nepenthe::sign_histogram", mutates_args=())
-def _sign_histogram(x: Tensor, channel_dim: int, upper: float | None, bins: int) -> Tensor:
+def _sign_histogram_impl(x: Tensor, channel_dim: int, upper: float | None, bins: int) -> Tensor:
     x3 = as_3d(x, channel_dim)
     hist = torch.zeros(x3.shape[1], bins, dtype=torch.int64, device=x.device)
     _, impl = select("sign_histogram", x.device, (x.dtype,))
@@ -88,18 +112,27 @@ def _sign_histogram(x: Tensor, channel_dim: int, upper: float | None, bins: int)
     return hist
 
 
+# The undecorated function runs plain eager calls directly (see _plain_eager).
+_sign_histogram = custom_op("nepenthe::sign_histogram",
+                            mutates_args=())(_sign_histogram_impl)
+
+
 @_sign_histogram.register_fake
 def _(x, channel_dim, upper, bins):
     return x.new_empty((x.shape[channel_dim], bins), dtype=torch.int64)
 
 
-@custom_op("nepenthe::accumulate_sign_histogram_", mutates_args=("hist",))
-def _accumulate_sign_histogram(hist: Tensor, x: Tensor, channel_dim: int, upper: float | None) -> None:
+def _accumulate_sign_histogram_impl(hist: Tensor, x: Tensor, channel_dim: int, upper: float | None) -> None:
     buf, temporary = _contiguous_hist(hist)
     _, impl = select("sign_histogram", x.device, (x.dtype,))
     impl.sign_histogram_(buf, as_3d(x, channel_dim), upper)
     if temporary:
         hist += buf
+
+
+# The undecorated function runs plain eager calls directly (see _plain_eager).
+_accumulate_sign_histogram = custom_op("nepenthe::accumulate_sign_histogram_",
+                                       mutates_args=("hist",))(_accumulate_sign_histogram_impl)
 
 
 @_accumulate_sign_histogram.register_fake
@@ -117,14 +150,16 @@ def sign_histogram(x: Tensor, channel_dim: int = 1, upper: float | None = None, 
     """
     _check_input(x, channel_dim, "sign_histogram")
     _check_bins(bins, "sign_histogram")
-    return _sign_histogram(x.detach(), channel_dim, None if upper is None else float(upper), bins)
+    op = _sign_histogram_impl if _plain_eager(x) else _sign_histogram
+    return op(x.detach(), channel_dim, None if upper is None else float(upper), bins)
 
 
 def accumulate_sign_histogram_(hist: Tensor, x: Tensor, channel_dim: int = 1, upper: float | None = None) -> Tensor:
     """Add the sign histogram of ``x`` into ``hist`` (int64[C, 4] or [C, 5]) in place and return it."""
     channels = _check_input(x, channel_dim, "accumulate_sign_histogram_")
     _check_hist(hist, channels, x.device, "accumulate_sign_histogram_")
-    _accumulate_sign_histogram(hist, x.detach(), channel_dim, None if upper is None else float(upper))
+    op = _accumulate_sign_histogram_impl if _plain_eager(x, hist) else _accumulate_sign_histogram
+    op(hist, x.detach(), channel_dim, None if upper is None else float(upper))
     return hist
 
 
@@ -148,13 +183,17 @@ def _run_activation(x: Tensor, y: Tensor, hist: Tensor, kind: str, channel_dim: 
         hist += buf
 
 
-@custom_op("nepenthe::activation_histogram", mutates_args=())
-def _activation_histogram(x: Tensor, kind: str, channel_dim: int, negative_slope: float,
+def _activation_histogram_impl(x: Tensor, kind: str, channel_dim: int, negative_slope: float,
                           bins: int) -> tuple[Tensor, Tensor]:
     y = torch.empty_like(x)
     hist = torch.zeros(x.shape[channel_dim], bins, dtype=torch.int64, device=x.device)
     _run_activation(x, y, hist, kind, channel_dim, negative_slope)
     return y, hist
+
+
+# The undecorated function runs plain eager calls directly (see _plain_eager).
+_activation_histogram = custom_op("nepenthe::activation_histogram",
+                                  mutates_args=())(_activation_histogram_impl)
 
 
 @_activation_histogram.register_fake
@@ -176,15 +215,36 @@ def _activation_backward(ctx, grad_y, grad_hist):
 _activation_histogram.register_autograd(_activation_backward, setup_context=_activation_setup_context)
 
 
-@custom_op("nepenthe::activation_histogram_", mutates_args=("x", "hist"))
-def _activation_histogram_inplace(x: Tensor, hist: Tensor, kind: str, channel_dim: int,
+def _activation_histogram_inplace_impl(x: Tensor, hist: Tensor, kind: str, channel_dim: int,
                                   negative_slope: float) -> None:
     _run_activation(x, x, hist, kind, channel_dim, negative_slope)
+
+
+# The undecorated function runs plain eager calls directly (see _plain_eager).
+_activation_histogram_inplace = custom_op("nepenthe::activation_histogram_",
+                                          mutates_args=("x", "hist"))(_activation_histogram_inplace_impl)
 
 
 @_activation_histogram_inplace.register_fake
 def _(x, hist, kind, channel_dim, negative_slope):
     return None
+
+
+def _accumulate_activation_histogram_impl(x: Tensor, hist: Tensor, kind: str, channel_dim: int,
+                                         negative_slope: float) -> Tensor:
+    y = torch.empty_like(x)
+    _run_activation(x, y, hist, kind, channel_dim, negative_slope)
+    return y
+
+
+# The undecorated function runs plain eager calls directly (see _plain_eager).
+_accumulate_activation_histogram = custom_op("nepenthe::accumulate_activation_histogram",
+                                             mutates_args=("hist",))(_accumulate_activation_histogram_impl)
+
+
+@_accumulate_activation_histogram.register_fake
+def _(x, hist, kind, channel_dim, negative_slope):
+    return torch.empty_like(x)
 
 
 def activation_histogram(x: Tensor, kind: str = "relu", channel_dim: int = 1, *, negative_slope: float = 0.01,
@@ -200,7 +260,9 @@ def activation_histogram(x: Tensor, kind: str = "relu", channel_dim: int = 1, *,
     _check_input(x, channel_dim, what)
     _check_activation_input(x, what)
     _check_bins(bins, what)
-    return _activation_histogram(x, kind, channel_dim, float(negative_slope), bins)
+    direct = _plain_eager(x) and not (x.requires_grad and torch.is_grad_enabled())
+    op = _activation_histogram_impl if direct else _activation_histogram
+    return op(x, kind, channel_dim, float(negative_slope), bins)
 
 
 def activation_histogram_(x: Tensor, hist: Tensor, kind: str = "relu", channel_dim: int = 1, *,
@@ -215,8 +277,30 @@ def activation_histogram_(x: Tensor, hist: Tensor, kind: str = "relu", channel_d
     channels = _check_input(x, channel_dim, what)
     _check_activation_input(x, what)
     _check_hist(hist, channels, x.device, what)
-    _activation_histogram_inplace(x, hist, kind, channel_dim, float(negative_slope))
+    direct = _plain_eager(x, hist) and not (x.requires_grad and torch.is_grad_enabled())
+    op = _activation_histogram_inplace_impl if direct else _activation_histogram_inplace
+    op(x, hist, kind, channel_dim, float(negative_slope))
     return x
+
+
+def accumulate_activation_histogram(x: Tensor, hist: Tensor, kind: str = "relu", channel_dim: int = 1, *,
+                                    negative_slope: float = 0.01) -> Tensor:
+    """``φ(x)`` (a new tensor) with the sign histogram of ``x`` added into ``hist`` in the same pass.
+
+    The running-buffer form of :func:`activation_histogram` (no per-call histogram to allocate and
+    add): what ``measure`` runs at each rectifier call site. Not differentiable: use it under
+    ``torch.no_grad()`` (or :func:`activation_histogram` when gradients must flow).
+    """
+    what = f"accumulate_activation_histogram({kind!r})"
+    _check_kind(kind, what)
+    channels = _check_input(x, channel_dim, what)
+    _check_activation_input(x, what)
+    _check_hist(hist, channels, x.device, what)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{what}: the input requires grad but this op is not differentiable; call it under "
+                         "torch.no_grad(), or use activation_histogram (differentiable) and add its histogram")
+    op = _accumulate_activation_histogram_impl if _plain_eager(x, hist) else _accumulate_activation_histogram
+    return op(x, hist, kind, channel_dim, float(negative_slope))
 
 
 # ----- entropy ------------------------------------------------------------------------------------------
