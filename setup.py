@@ -56,7 +56,7 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=["nepenthe", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data", "nepenthe.experiment",
+    packages=["nepenthe", "nepenthe.entropy", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data", "nepenthe.experiment",
               "nepenthe.kernels"],
     package_dir={"nepenthe.kernels": "kernels"},
     # the experiment configurations shipped with the package (nepenthe experiment --list)

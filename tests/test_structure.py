@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.utils._python_dispatch as python_dispatch
 
-import nepenthe.entropy as entropy
+import nepenthe.entropy.probes as probes
 from nepenthe import ops
 from nepenthe.entropy import clear_trace_cache, measure
 from nepenthe.structure import structure_key
@@ -36,8 +36,8 @@ class Switch(nn.Module):
 def traces(monkeypatch):
     """Counts the model traces measure makes."""
     calls = []
-    real = entropy.trace
-    monkeypatch.setattr(entropy, "trace", lambda model, purpose="": calls.append(model) or real(model, purpose))
+    real = probes.trace
+    monkeypatch.setattr(probes, "trace", lambda model, purpose="": calls.append(model) or real(model, purpose))
     clear_trace_cache()
     yield calls
     clear_trace_cache()
@@ -128,7 +128,7 @@ def test_kept_trace_lets_the_model_and_the_counts_go():
     clear_trace_cache()
     model = Switch()
     measure(model, [torch.randn(4, 6)], distributed=False)
-    kept = entropy._PROBED_GRAPHS[model]
+    kept = probes._PROBED_GRAPHS[model]
     assert all(p.acc is None for p in kept.probes)  # no call's accumulator stays referenced
     ref = weakref.ref(model)
     del model, kept

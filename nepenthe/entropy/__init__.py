@@ -1,0 +1,19 @@
+"""Layer 2: per-neuron sign statistics of every rectifier, and the entropies derived from them.
+
+``measure(model, data)`` runs the model over a calibration set with a probe at every rectifier call
+site and returns :class:`EntropyStats`. Probes are placed on a torch.fx trace of the model, which
+sees module and functional activations alike; an untraceable model falls back to forward
+pre-hooks on activation modules (functional activations are then invisible, and a warning says
+so). :class:`StatsRecorder` uses the same pre-hooks on the live model, so statistics can be
+gathered while it trains.
+
+Pre-hooks see the activation's input before the module runs, so inplace activations are measured
+correctly, and a call counter per forward pass tells apart several call sites of one module.
+"""
+
+from .measure import StatsRecorder, describe_sites, measure
+from .probes import clear_trace_cache
+from .stats import ESTIMATORS, EntropyOptions, EntropyStats, MeasureError, NonFiniteActivationError, SiteInfo
+
+__all__ = ["ESTIMATORS", "EntropyOptions", "EntropyStats", "MeasureError", "NonFiniteActivationError", "SiteInfo",
+           "StatsRecorder", "clear_trace_cache", "describe_sites", "measure"]
