@@ -56,8 +56,8 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=["nepenthe", "nepenthe.entropy", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data", "nepenthe.experiment",
-              "nepenthe.kernels"],
+    packages=["nepenthe", "nepenthe.entropy", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data",
+              "nepenthe.experiment", "nepenthe.kernels"],
     package_dir={"nepenthe.kernels": "kernels"},
     # the experiment configurations shipped with the package (nepenthe experiment --list)
     package_data={"nepenthe.experiment": ["configs/*.toml"]},
