@@ -12,7 +12,7 @@ Triton live in kernels/ and install as the subpackage ``nepenthe.kernels``.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,8 +56,8 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=["nepenthe", "nepenthe.entropy", "nepenthe.ops", "nepenthe.models", "nepenthe.fold", "nepenthe.data",
-              "nepenthe.experiment", "nepenthe.kernels"],
+    # every package under nepenthe/ (a new subpackage cannot be forgotten), plus kernels/ installed as one
+    packages=find_packages(include=["nepenthe", "nepenthe.*"]) + ["nepenthe.kernels"],
     package_dir={"nepenthe.kernels": "kernels"},
     # the experiment configurations shipped with the package (nepenthe experiment --list)
     package_data={"nepenthe.experiment": ["configs/*.toml"]},
