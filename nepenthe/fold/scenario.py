@@ -27,7 +27,7 @@ from ..activations import Rectifier
 from ..entropy import EntropyStats, measure
 from ..graph import find_sites, trace
 from ..masks import remove_masks
-from .core import dead_neuron_producer, region_affine
+from .passes.rectifiers import dead_neuron_producer, region_affine
 
 # per-neuron state codes of forced_stats
 ON, OFF, SAT, MIXED = 0, 1, 2, 3
