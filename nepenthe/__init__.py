@@ -10,20 +10,21 @@ the neighbouring linear ops into one.
     nepenthe.latency(folded, example_batch)
 """
 
-__version__ = "0.1.0"
-
-from . import ops  # noqa: E402  (layer 1 first: everything else builds on it)
-from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure  # noqa: E402
-from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save  # noqa: E402
-from .graph import TraceError  # noqa: E402
-from .latency import LatencyResult, compare_calls, compare_latency, latency  # noqa: E402
-from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, prune  # noqa: E402
-from .ops import MaskedAdamW, MaskedSGD  # noqa: E402
-from .train import TrainConfig, evaluate, train  # noqa: E402
+from . import ops
+from ._version import __version__
+from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure
+from .errors import NepentheError
+from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save
+from .graph import TraceError
+from .latency import LatencyResult, compare_calls, compare_latency, latency
+from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, prune
+from .ops import MaskedAdamW, MaskedSGD
+from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
-    "MaskedSGD", "MeasureError", "NonFiniteActivationError", "PruneConfig", "PruneError", "PruneResult", "RecipeError",
-    "StatsRecorder", "TraceError", "TrainConfig", "__version__", "compare_calls", "compare_latency", "evaluate", "fold",
-    "export_onnx", "latency", "load", "measure", "ops", "prune", "save", "train",
+    "MaskedSGD", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneConfig", "PruneError",
+    "PruneResult", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__", "compare_calls",
+    "compare_latency", "evaluate", "fold", "export_onnx", "latency", "load", "measure", "ops", "prune", "save",
+    "train",
 ]

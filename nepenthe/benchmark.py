@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .entropy import EntropyStats
 from .fold import count_flops, fold
 from .fold.scenario import empty_layers, forced_stats, linearized

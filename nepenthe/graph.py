@@ -27,10 +27,7 @@ from .activations import (
     rectifier_of_call,
     rectifier_of_module,
 )
-
-
-class TraceError(RuntimeError):
-    """The model cannot be captured by torch.fx symbolic tracing."""
+from .errors import TraceError
 
 
 def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:

@@ -50,6 +50,7 @@ import torch.nn as nn
 from . import budget
 from .checkpoint import atomic_torch_save, atomic_write_json
 from .entropy import EntropyOptions, EntropyStats, describe_sites, measure
+from .errors import PruneError
 from .graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
 from .masks import (
     MASK_SUFFIX,
@@ -75,9 +76,6 @@ _METHOD_ENTROPY = {
     "easier": dict(zero_as="on", aggregate="mean", estimator="batch_mean", saturation=False),
 }
 
-
-class PruneError(RuntimeError):
-    """The loop cannot run as configured (nothing prunable, mismatched checkpoint, ...)."""
 
 
 @dataclass

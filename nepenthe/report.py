@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 
 
 def environment(device: torch.device | str = "cpu") -> dict:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ..errors import DatasetError
+
 __all__ = [
     "DataSplits",
     "DatasetError",
@@ -31,9 +33,6 @@ __all__ = [
     "three_way_split",
 ]
 
-
-class DatasetError(ValueError):
-    """A dataset is missing, unreadable or malformed (the message names the file and says how to fix it)."""
 
 
 @dataclass

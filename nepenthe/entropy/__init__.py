@@ -11,9 +11,10 @@ Pre-hooks see the activation's input before the module runs, so inplace activati
 correctly, and a call counter per forward pass tells apart several call sites of one module.
 """
 
+from ..errors import MeasureError, NonFiniteActivationError
 from .measure import StatsRecorder, describe_sites, measure
 from .probes import clear_trace_cache
-from .stats import ESTIMATORS, EntropyOptions, EntropyStats, MeasureError, NonFiniteActivationError, SiteInfo
+from .stats import ESTIMATORS, EntropyOptions, EntropyStats, SiteInfo
 
 __all__ = ["ESTIMATORS", "EntropyOptions", "EntropyStats", "MeasureError", "NonFiniteActivationError", "SiteInfo",
            "StatsRecorder", "clear_trace_cache", "describe_sites", "measure"]

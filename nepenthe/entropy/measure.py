@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import MeasureError
 from ..graph import TraceError, find_sites, trace
 from .probes import (
     _PROBED_GRAPHS,
@@ -18,7 +19,7 @@ from .probes import (
     _probed_graph,
     _site_infos,
 )
-from .stats import EntropyOptions, EntropyStats, MeasureError, SiteInfo
+from .stats import EntropyOptions, EntropyStats, SiteInfo
 
 
 def _batch_call(batch, input_fn: Callable | None):

@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from .. import ops
 from ..activations import Rectifier, call_is_inplace, fused_kind, rectifier_of_module
+from ..errors import MeasureError, NonFiniteActivationError
 from ..graph import Site, call_site_name, default_channel_dim, find_sites, trace
 from ..structure import StructureKey, structure_key
-from .stats import EntropyOptions, MeasureError, NonFiniteActivationError, SiteInfo
+from .stats import EntropyOptions, SiteInfo
 
 
 class _Accumulator:

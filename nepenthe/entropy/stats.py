@@ -10,16 +10,11 @@ import torch.distributed as dist
 
 from .. import ops
 from ..activations import Rectifier
+from ..errors import MeasureError
 
 ESTIMATORS = ("pooled", "batch_mean")
 
 
-class MeasureError(ValueError):
-    """The model or data cannot be measured (no rectifier, no data, ...)."""
-
-
-class NonFiniteActivationError(MeasureError):
-    """A rectifier received NaN or Inf values."""
 
 
 @dataclass

@@ -51,6 +51,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..loop import METHODS, PruneConfig
 from ..train import TrainConfig
 
@@ -59,9 +60,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """An experiment configuration is malformed; the message names the key."""
 
 
 #: Configurations shipped with the package (``nepenthe experiment fashion-mlp``).

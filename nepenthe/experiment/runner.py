@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..data import DataSplits, load_dataset, make_loader, unaugmented
+from ..errors import ExperimentError
 from ..fold import critical_path, fold, save
 from ..graph import find_sites, trace
 from ..latency import compare_latency
@@ -36,10 +37,6 @@ from ..report import environment
 from ..train import evaluate, train
 from .config import ExperimentConfig
 from .results import summarize, write_results
-
-
-class ExperimentError(RuntimeError):
-    """An experiment cannot run or resume as asked (the message says what to do)."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_torch_save, atomic_write_json
+from ..errors import RecipeError
 from ..graph import TraceError, trace
 from ..masks import MASK_SUFFIX, remove_masks
 from . import algebra
@@ -59,9 +60,6 @@ FORMAT = "nepenthe.folded/2"
 _READABLE_FORMATS = ("nepenthe.folded/1", FORMAT)  # /1: no attributes, no modules from the original
 FROM_ORIGINAL = "<from original>"
 
-
-class RecipeError(ValueError):
-    """A recipe cannot be written or read (unsupported module / function, malformed or tampered file)."""
 
 
 def _qualname(cls: type) -> str:
@@ -479,7 +477,7 @@ def _describe(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _source(model: nn.Module, original: nn.Module | None = None) -> dict:
-    from .. import __version__
+    from .._version import __version__
 
     # a GraphModule made by symbolic_trace carries the traced class's __name__ (not its module)
     name = _qualname(type(original)) if original is not None else type(model).__name__

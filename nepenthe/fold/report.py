@@ -11,12 +11,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import FoldError
 from . import algebra
 from ._fx import module_of
-
-
-class FoldError(RuntimeError):
-    """Folding cannot proceed as asked (strict mode, mismatched statistics, ...)."""
 
 
 @dataclass

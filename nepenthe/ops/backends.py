@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import BackendUnavailable
 from . import reference
 
 log = logging.getLogger("nepenthe.ops")
@@ -69,9 +70,6 @@ PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ENV_VAR = "NEPENTHE_BACKEND"
 
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run this call (not built, wrong device or dtype)."""
 
 
 @dataclass
