@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import nepenthe
 from nepenthe import RecipeError, load, save
 from nepenthe.fold import ChannelAffine, export_onnx, register_module
-from nepenthe.fold.recipe import _MODULES, FORMAT, FROM_ORIGINAL
+from nepenthe.fold.recipe import FORMAT, FROM_ORIGINAL
+from nepenthe.fold.registry import _MODULES
 from nepenthe.fold.scenario import OFF, ON, SAT, StateRectifier, empty_layers, forced_stats, linearized
 from nepenthe.masks import get_mask, set_mask
 

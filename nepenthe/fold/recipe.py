@@ -1,6 +1,9 @@
-"""Save / load a folded model as a plain state_dict plus a JSON recipe of its graph.
+"""The recipe of a folded model: its graph as JSON data next to a plain state_dict, written from a
+``GraphModule`` (``to_recipe``) and rebuilt into one (``_rebuild``). :mod:`~nepenthe.fold.saveload`
+writes and reads the folder, :mod:`~nepenthe.fold.registry` holds the module classes a recipe may
+name and :mod:`~nepenthe.fold.allowlist` the functions, methods and attributes.
 
-Files written by :func:`save` into one folder:
+Files written by :func:`~nepenthe.fold.save` into one folder:
 
 * ``weights.pt``    the model's ``state_dict()`` (tensors only), read back with
                     ``torch.load(weights_only=True)``;
@@ -36,347 +39,43 @@ import copy
 import inspect
 import json
 import keyword
-import math
-import operator
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..errors import RecipeError
 from ..graph import TraceError, trace
 from ..masks import MASK_SUFFIX, remove_masks
-from . import algebra
-from .algebra import ChannelAffine
+from .allowlist import (
+    _DTYPES,
+    _FUNCTION_NAMES,
+    _FUNCTIONS,
+    _METHODS,
+    _check_getattr,
+    _check_identifier,
+    _check_path,
+    _decode,
+    _encode,
+    _lookup,
+)
+from .registry import (
+    _MODULES,
+    _build_module,
+    _qualname,
+)
 
 FORMAT = "nepenthe.folded/2"
+
+
 _READABLE_FORMATS = ("nepenthe.folded/1", FORMAT)  # /1: no attributes, no modules from the original
+
+
 FROM_ORIGINAL = "<from original>"
 
 
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-# ----- module registry ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModuleSpec:
-    """How a registered module class is stored (``to_kwargs``) and rebuilt (``build``)."""
-
-    cls: type
-    to_kwargs: Callable[[nn.Module], dict]
-    build: Callable[[dict], nn.Module] | None = None
-
-    def make(self, kwargs: dict) -> nn.Module:
-        return self.build(kwargs) if self.build is not None else self.cls(**kwargs)
-
-
-_MODULES: dict[str, ModuleSpec] = {}
-
-
-def register_module(cls: type, to_kwargs: Callable[[nn.Module], dict],
-                    build: Callable[[dict], nn.Module] | None = None) -> type:
-    """Let recipes store and rebuild modules of class ``cls`` without the original model.
-
-    * ``to_kwargs(module) -> dict``: JSON-able constructor arguments of a module of exactly this
-      class (subclasses are not covered; register them separately).
-    * ``build(kwargs) -> module`` (optional, default ``cls(**kwargs)``): for classes whose
-      constructor does not take those arguments directly (e.g. ``ChannelAffine`` is built from
-      tensors: ``build`` makes placeholders of the right shapes).
-
-    The recipe names the class by ``cls.__name__``, which must be unique in the registry. Lists in
-    the kwargs come back as tuples. On load the module is built on the ``meta`` device and then
-    *every* parameter and buffer of the model is taken from the saved files, so the constructor
-    only has to give the right tensor names and shapes (its initial values are never used); this
-    is checked when saving. Register at import time of the module that defines the class so that
-    ``import nepenthe`` makes it loadable. Returns ``cls``.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_module needs an nn.Module subclass, got {cls!r}")
-    if not callable(to_kwargs) or (build is not None and not callable(build)):
-        raise TypeError("register_module(cls, to_kwargs, build=None): to_kwargs and build must be callables")
-    old = _MODULES.get(cls.__name__)
-    if old is not None and old.cls is not cls and _qualname(old.cls) != _qualname(cls):
-        raise ValueError(f"a module class named {cls.__name__!r} ({_qualname(old.cls)}) is already registered; "
-                         f"recipes name classes by their __name__, so {_qualname(cls)} cannot be registered too")
-    _MODULES[cls.__name__] = ModuleSpec(cls, to_kwargs, build)
-    return cls
-
-
-def _conv_args(m) -> dict:
-    args = dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
-                stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
-                dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
-    if m.transposed:
-        args["output_padding"] = list(m.output_padding)
-    return args
-
-
-def _bn_args(m) -> dict:
-    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                track_running_stats=m.track_running_stats)
-
-
-def _pool_args(m) -> dict:
-    keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "count_include_pad", "divisor_override",
-            "return_indices")
-    return {k: getattr(m, k) for k in keys if hasattr(m, k)}
-
-
-def _inplace(m) -> dict:
-    return dict(inplace=m.inplace)
-
-
-def _none(m) -> dict:
-    return {}
-
-
-def _channel_affine(kwargs: dict) -> ChannelAffine:
-    n = int(kwargs["channels"])
-    return ChannelAffine(torch.zeros(n), torch.zeros(n), int(kwargs["channel_dim"]))
-
-
-def _state_rectifier_args(m) -> dict:
-    r = m.rect
-    return dict(kind=r.kind, upper=r.upper, off_slope=r.off_slope, exact=r.exact, approximate=r.approximate,
-                channels=m.keep.numel(), channel_dim=m.channel_dim)
-
-
-def _state_rectifier(kwargs: dict) -> nn.Module:
-    from ..activations import Rectifier
-    from .scenario import StateRectifier
-
-    if kwargs["kind"] not in ("relu", "relu6", "leaky_relu", "gelu", "silu", "hardswish"):
-        raise ValueError(f"unknown rectifier kind {kwargs['kind']!r}")
-    rect = Rectifier(kind=str(kwargs["kind"]), upper=kwargs["upper"], off_slope=float(kwargs["off_slope"]),
-                     exact=bool(kwargs["exact"]), approximate=str(kwargs["approximate"]))
-    n = int(kwargs["channels"])
-    return StateRectifier(rect, torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n),
-                          int(kwargs["channel_dim"]))
-
-
-def _register_builtin_modules() -> None:
-    from .border import BorderCorrectedConv
-    from .scenario import StateRectifier
-
-    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d):
-        register_module(cls, _conv_args)
-    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        register_module(cls, _bn_args)
-    for cls in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d):
-        register_module(cls, _pool_args)
-    for cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish):
-        register_module(cls, _inplace)
-    for cls in (nn.Identity, nn.Sigmoid, nn.Tanh):
-        register_module(cls, _none)
-    register_module(nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features,
-                                              bias=m.bias is not None))
-    register_module(nn.LayerNorm, lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps,
-                                                 elementwise_affine=m.elementwise_affine,
-                                                 bias=getattr(m, "bias", None) is not None))
-    register_module(nn.GroupNorm, lambda m: dict(num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps,
-                                                 affine=m.affine))
-    register_module(nn.LeakyReLU, lambda m: dict(negative_slope=m.negative_slope, inplace=m.inplace))
-    register_module(nn.GELU, lambda m: dict(approximate=m.approximate))
-    register_module(nn.ELU, lambda m: dict(alpha=m.alpha, inplace=m.inplace))
-    register_module(nn.Hardtanh, lambda m: dict(min_val=m.min_val, max_val=m.max_val, inplace=m.inplace))
-    register_module(nn.PReLU, lambda m: dict(num_parameters=m.num_parameters))
-    register_module(nn.Softmax, lambda m: dict(dim=m.dim))
-    register_module(nn.LogSoftmax, lambda m: dict(dim=m.dim))
-    register_module(nn.Flatten, lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim))
-    register_module(nn.Unflatten, lambda m: dict(dim=m.dim, unflattened_size=list(m.unflattened_size)))
-    for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
-        register_module(cls, lambda m: dict(p=m.p, inplace=m.inplace))
-    for cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
-        register_module(cls, lambda m: dict(output_size=m.output_size))
-    register_module(nn.AdaptiveMaxPool2d, lambda m: dict(output_size=m.output_size, return_indices=m.return_indices))
-    register_module(nn.Embedding, lambda m: dict(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim,
-                                                 padding_idx=m.padding_idx, max_norm=m.max_norm,
-                                                 norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq,
-                                                 sparse=m.sparse))
-    register_module(ChannelAffine, lambda m: dict(channels=m.slope.numel(), channel_dim=m.channel_dim),
-                    build=_channel_affine)
-    register_module(algebra.ChannelOffset, lambda m: dict(channels=m.offset.numel(), channel_dim=m.channel_dim),
-                    build=lambda kw: algebra.ChannelOffset(torch.zeros(int(kw["channels"])), int(kw["channel_dim"])))
-    register_module(algebra.ConstantChannels,
-                    lambda m: dict(channels=m.value.numel(), channel_dim=m.channel_dim, geometry=m.geometry),
-                    build=lambda kw: algebra.ConstantChannels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
-                                                              list(kw["geometry"])))
-    register_module(BorderCorrectedConv, BorderCorrectedConv.recipe_kwargs,
-                    build=BorderCorrectedConv.from_recipe_kwargs)
-    register_module(StateRectifier, _state_rectifier_args, build=_state_rectifier)
-
-
-_register_builtin_modules()
-
-
-def _build_module(cls_name: str, kwargs) -> nn.Module:
-    spec = _MODULES.get(cls_name) if isinstance(cls_name, str) else None
-    if spec is None:
-        raise RecipeError(f"recipe names module class {cls_name!r}, which is not in the allow-list "
-                          f"(nepenthe.fold.register_module)")
-    if not isinstance(kwargs, dict):
-        raise RecipeError(f"recipe gives module class {cls_name!r} malformed arguments {kwargs!r}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    try:
-        with torch.device("meta"):  # shapes only: every tensor is then taken from the saved files
-            module = spec.make(kwargs)
-    except Exception as exc:  # a constructor given bad arguments may raise anything
-        raise RecipeError(f"recipe gives module class {cls_name!r} arguments it does not accept: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    if type(module) is not spec.cls:
-        raise RecipeError(f"building {cls_name!r} gave a {type(module).__name__}")
-    return module
-
-
-# ----- functions, methods and attributes a graph may use ------------------------------------------
-def _collect(prefix: str, namespace, names: str) -> dict:
-    # Fixed names from this file; a name missing from this torch version is simply left out.
-    return {f"{prefix}.{n}": getattr(namespace, n) for n in names.split() if hasattr(namespace, n)}
-
-
-# Pure tensor functions, by a stable name (the names of recipes written earlier must not change).
-_FUNCTIONS: dict[str, Callable] = {
-    **_collect("operator", operator, """add iadd sub isub mul imul truediv itruediv floordiv ifloordiv mod pow
-        matmul imatmul neg pos abs invert getitem setitem eq ne lt le gt ge and_ or_ xor not_ iand ior"""),
-    **_collect("torch", torch, """flatten cat concat concatenate stack hstack vstack add sub subtract mul multiply div
-        divide true_divide floor_divide remainder fmod matmul mm bmm baddbmm addmm einsum relu sigmoid tanh mean sum
-        amax amin max min maximum minimum clamp clip abs exp log log2 sqrt rsqrt pow square neg reciprocal erf sign
-        softmax log_softmax layer_norm group_norm batch_norm chunk split tensor_split unbind reshape permute transpose
-        swapaxes movedim squeeze unsqueeze narrow select roll flip where masked_fill gather index_select cumsum
-        topk sort argmax argmin zeros ones full zeros_like ones_like full_like empty_like arange linspace meshgrid
-        tensor as_tensor scalar_tensor tril triu outer norm var std logsumexp prod all any isnan isfinite
-        nan_to_num floor ceil round trunc sin cos atan2 broadcast_to tile repeat_interleave diag diagonal cdist
-        t addcmul addcdiv lerp gelu silu relu6 hardswish _assert sigmoid_"""),
-    **_collect("F", F, """relu relu6 leaky_relu gelu silu hardswish hardsigmoid sigmoid tanh mish elu softplus
-        hardtanh prelu softmax log_softmax layer_norm group_norm batch_norm normalize linear conv1d conv2d conv3d
-        conv_transpose1d conv_transpose2d pad interpolate adaptive_avg_pool1d adaptive_avg_pool2d
-        adaptive_max_pool2d avg_pool1d avg_pool2d max_pool1d max_pool2d dropout dropout1d dropout2d embedding
-        scaled_dot_product_attention unfold fold pixel_shuffle pixel_unshuffle glu one_hot"""),
-    "builtins.getattr": builtins.getattr,  # only with a name from _TENSOR_ATTRIBUTES (checked on both sides)
-}
-_FUNCTION_NAMES = {id(f): name for name, f in _FUNCTIONS.items()}
-
-# Tensor methods that compute on tensors only (none takes a callable or touches files / globals).
-_METHODS = frozenset("""view view_as reshape reshape_as flatten unflatten size dim numel mean sum amax amin max min
-    permute transpose contiguous relu relu_ add add_ sub sub_ mul mul_ div div_ neg pow matmul squeeze unsqueeze
-    chunk split unbind expand expand_as repeat softmax log_softmax sigmoid tanh exp log sqrt rsqrt abs clamp clamp_
-    clamp_min clamp_max float half double bfloat16 to type_as masked_fill masked_fill_ roll flip narrow t gather
-    index_select new_zeros new_ones new_full new_empty new_tensor zero_ fill_ clone detach norm var std cumsum
-    argmax argmin topk sort all any eq ne lt le gt ge floor ceil round int long bool sign reciprocal square
-    erf gelu silu where tril triu diagonal mT swapaxes movedim select split_with_sizes tensor_split outer bmm
-    mm baddbmm addmm unfold repeat_interleave cpu cuda logsumexp prod""".split())
-_TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "layout", "requires_grad"})
-
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
-_MEMORY_FORMATS = {str(f).removeprefix("torch."): f for f in vars(torch).values() if isinstance(f, torch.memory_format)}
-_LAYOUTS = {str(f).removeprefix("torch."): f for f in vars(torch).values() if isinstance(f, torch.layout)}
-_PATH_PART = re.compile(r"[A-Za-z0-9_\-]+")  # no quotes: paths end up in generated code
-
-
-def _check_getattr(node_name: str, args) -> None:
-    if not (isinstance(args, tuple) and len(args) == 2 and args[1] in _TENSOR_ATTRIBUTES):
-        raise RecipeError(f"node {node_name!r} reads attribute {args[1:]!r} of a value; recipes allow only "
-                          f"{sorted(_TENSOR_ATTRIBUTES)}")
-
-
-def _check_identifier(what: str, name) -> None:
-    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
-        raise RecipeError(f"recipe gives {what} {name!r}, which is not a Python identifier")
-
-
-def _check_path(what: str, path) -> list[str]:
-    parts = path.split(".") if isinstance(path, str) else [None]
-    if not all(isinstance(p, str) and _PATH_PART.fullmatch(p) and not p.startswith("__") for p in parts):
-        raise RecipeError(f"recipe gives {what} {path!r}, which is not a plain dotted module path")
-    return parts
-
-
-# ----- argument encoding ----------------------------------------------------------------------
-def _encode(value):
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise RecipeError(f"cannot store a dict argument with non-string keys in a recipe: {value!r}")
-        return {"dict": {k: _encode(v) for k, v in value.items()}}
-    if isinstance(value, slice):
-        return {"slice": [_encode(value.start), _encode(value.stop), _encode(value.step)]}
-    if value is Ellipsis:
-        return {"ellipsis": True}
-    if isinstance(value, torch.dtype):
-        return {"dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.memory_format):
-        return {"memory_format": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.layout):
-        return {"layout": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.device):
-        return {"device": str(value)}
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"float": repr(value)}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise RecipeError(f"cannot store graph argument {value!r} of type {type(value).__name__} in a recipe")
-
-
-def _lookup(table: dict, kind: str, name):
-    if not isinstance(name, str) or name not in table:
-        raise RecipeError(f"unknown {kind} {name!r} in recipe")
-    return table[name]
-
-
-def _decode(value, nodes: dict[str, fx.Node]):
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) != 1:
-        raise RecipeError(f"malformed argument {value!r} in recipe")
-    (tag, inner), = value.items()
-    if tag == "node":
-        if not isinstance(inner, str) or inner not in nodes:
-            raise RecipeError(f"recipe refers to node {inner!r} before defining it")
-        return nodes[inner]
-    if tag in ("tuple", "slice") and isinstance(inner, list):
-        items = [_decode(v, nodes) for v in inner]
-        if tag == "tuple":
-            return tuple(items)
-        if len(items) != 3:
-            raise RecipeError(f"malformed slice {inner!r} in recipe")
-        return slice(*items)
-    if tag == "dict" and isinstance(inner, dict):
-        return {k: _decode(v, nodes) for k, v in inner.items()}
-    if tag == "ellipsis":
-        return Ellipsis
-    if tag == "dtype":
-        return _lookup(_DTYPES, "dtype", inner)
-    if tag == "memory_format":
-        return _lookup(_MEMORY_FORMATS, "memory format", inner)
-    if tag == "layout":
-        return _lookup(_LAYOUTS, "layout", inner)
-    if tag == "device" and isinstance(inner, str):
-        try:
-            return torch.device(inner)
-        except (RuntimeError, ValueError) as exc:
-            raise RecipeError(f"unknown device {inner!r} in recipe") from exc
-    if tag == "float" and inner in ("inf", "-inf", "nan"):
-        return float(inner)
-    raise RecipeError(f"malformed argument {value!r} in recipe")
-
-
-# ----- writing a recipe --------------------------------------------------------------------------
 def _tensor_info(t: torch.Tensor, kind: str) -> dict:
     info = {"kind": kind, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
     if kind == "parameter":
@@ -439,7 +138,7 @@ def _describe(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
             name = _FUNCTION_NAMES.get(id(node.target)) or _original_function_name(node.target)
             if name is None:
                 raise RecipeError(f"node {node.name!r} calls {getattr(node.target, '__qualname__', node.target)!r}, "
-                                  "which recipes cannot store: it is neither in nepenthe.fold.recipe._FUNCTIONS nor "
+                                  "which recipes cannot store: it is neither in nepenthe.fold.allowlist._FUNCTIONS nor "
                                   "a module-level Python function of the model's code")
             if node.target is builtins.getattr:
                 _check_getattr(node.name, node.args)
@@ -489,7 +188,6 @@ def to_recipe(gm: fx.GraphModule) -> dict:
     return _describe(gm)[0]
 
 
-# ----- rebuilding ----------------------------------------------------------------------------------
 def _child(parent: nn.Module, part: str, create: bool) -> nn.Module:
     """``parent``'s submodule ``part`` (only registered submodules are looked at: no getattr)."""
     child = parent._modules.get(part)
@@ -733,128 +431,4 @@ def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, 
         gm.graph.lint()  # now also checks that every module / attribute a node names exists
     except RuntimeError as exc:
         raise RecipeError(f"recipe graph does not match its modules: {exc}") from exc
-    return gm
-
-
-# ----- save / load ------------------------------------------------------------------------------
-def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
-         original: nn.Module | None = None) -> Path:
-    """Write a folded model into ``directory``: ``recipe.json``, ``weights.pt`` (its ``state_dict``)
-    and, when the model holds tensors outside its state_dict, ``constants.pt`` (all written atomically).
-    ``model`` is what :func:`nepenthe.fold` returned: a ``torch.fx.GraphModule``, or any
-    fx-traceable module (e.g. the copy of the model that ``fold`` returns when folding is not
-    faster), which is traced first.
-
-    Modules whose class is not registered (:func:`register_module`: the common ``torch.nn`` layers
-    and nepenthe's own) are recorded by name and class, and :func:`load` takes them from the
-    original model. ``extra`` (JSON-able) is stored as the recipe's ``"extra"``. ``original``
-    (optional): the model that was folded; its class is recorded in the recipe's ``source`` and
-    every module to be taken from it is checked to be there now, rather than at load time.
-    Raises :class:`RecipeError` for graphs that recipes cannot describe (a function outside the
-    allow-list, an attribute that is not a tensor, ...).
-    """
-    directory = Path(directory)
-    report = getattr(model, "fold_report", None)
-    if not isinstance(model, fx.GraphModule):  # e.g. fold() kept the original model (report.returned)
-        source = _source(model, original if original is not None else model)
-        model = trace(copy.deepcopy(model), "saving")
-    else:
-        source = _source(model, original)
-    recipe, constants = _describe(model)
-    recipe["source"] = source
-    if original is not None:
-        for target, spec in recipe["modules"].items():
-            if spec["class"] == FROM_ORIGINAL:
-                _from_original(original, target, target.split("."), spec["type"])
-        _check_functions(original, sorted({n["target"] for n in recipe["nodes"] if n["op"] == "call_function"
-                                           and n["target"].startswith(FROM_ORIGINAL)}))
-    if report is not None:
-        recipe["fold_report"] = report.to_dict()
-    if extra:
-        recipe["extra"] = extra
-    try:
-        json.dumps(recipe)
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"the recipe is not JSON-able (check `extra` and registered to_kwargs): {exc}") from exc
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
-    if constants:
-        atomic_torch_save(constants, directory / "constants.pt")
-    else:
-        (directory / "constants.pt").unlink(missing_ok=True)  # a stale one from an earlier save
-    atomic_write_json(recipe, directory / "recipe.json")
-    return directory
-
-
-def _load_tensors(path: Path, map_location) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise RecipeError(f"{path} is missing; pass the folder written by nepenthe.save") from None
-    except Exception as exc:  # weights_only refusal (pickle.UnpicklingError), corrupt zip, ...
-        raise RecipeError(f"{path} cannot be read as plain tensors with torch.load(weights_only=True) "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); it was not "
-                          "written by nepenthe.save or has been altered") from exc
-    if not (isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in data.items())):
-        raise RecipeError(f"{path} must hold a dict of named tensors")
-    return data
-
-
-def load(directory: str | Path, original: nn.Module | Callable[[], nn.Module] | None = None,
-         map_location: str | torch.device = "cpu") -> fx.GraphModule:
-    """Rebuild a folded model saved by :func:`save`, in eval mode (no code is unpickled).
-
-    ``original``: needed only when the folded model keeps modules outside the registry (a custom
-    attention block, ``nn.MultiheadAttention``, ...) or calls functions of the model's own code
-    (``torch.fx.wrap``-ped helpers such as torchvision Swin's attention); the error says which.
-    Pass the original (unfolded) model, built with the same arguments, or a zero-argument function
-    that builds it (called only when needed). Those modules are deep-copied from it after checking
-    their class, and those functions must be ones that its traced graph calls; every weight, also
-    the modules', comes from ``weights.pt`` (``torch.load(weights_only=True)``).
-    ``map_location``: device for the loaded model. Raises :class:`RecipeError` for anything
-    missing, malformed or outside the allow-lists.
-    """
-    if isinstance(original, (str, torch.device)):
-        raise TypeError(f"load(directory, original=None, map_location='cpu'): got {original!r} as `original`; "
-                        "pass the device as map_location=")
-    directory = Path(directory)
-    try:
-        recipe = json.loads((directory / "recipe.json").read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{directory} has no recipe.json; pass the folder written by nepenthe.save") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{directory / 'recipe.json'} is not valid JSON: {exc}") from exc
-    if not isinstance(recipe, dict) or recipe.get("format") not in _READABLE_FORMATS:
-        raise RecipeError(f"not a nepenthe folded-model recipe (expected format {FORMAT!r})")
-    state = _load_tensors(directory / "weights.pt", map_location)
-    attributes = recipe.get("attributes", {})
-    wants_constants = isinstance(attributes, dict) and any(
-        isinstance(v, dict) and v.get("kind") == "constant" for v in attributes.values())
-    constants = _load_tensors(directory / "constants.pt", map_location) if wants_constants else {}
-    for key, info in (attributes.items() if isinstance(attributes, dict) else ()):
-        if not isinstance(info, dict):
-            continue  # refused with a clear message while rebuilding
-        tensor = (constants if info.get("kind") == "constant" else state).get(key)
-        dtype = str(tensor.dtype).removeprefix("torch.") if tensor is not None else None
-        if tensor is not None and (info.get("shape") != list(tensor.shape) or info.get("dtype") != dtype):
-            raise RecipeError(f"tensor {key!r} in the saved files is {dtype} {list(tensor.shape)}, but the "
-                              f"recipe declares {info.get('dtype')} {info.get('shape')}")
-    try:
-        gm = _rebuild(recipe, state, constants, original)
-    except RecipeError:
-        raise
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
-        raise RecipeError(f"malformed recipe: {type(exc).__name__}: {exc}") from exc
-    try:
-        gm.load_state_dict(state, strict=True, assign=True)  # assign: keep the saved dtypes and devices
-    except RuntimeError as exc:
-        raise RecipeError(f"weights.pt does not match the recipe: {exc}") from exc
-    left = [k for k, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-            if t.is_meta]
-    if left:
-        raise RecipeError(f"tensors {left[:5]} were not restored from the saved files (a registered module that "
-                          "creates tensors outside its state_dict?)")
-    if isinstance(map_location, (str, torch.device)):
-        gm.to(map_location)  # what came from the original model, too
-    gm.eval()
     return gm
