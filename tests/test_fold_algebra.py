@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from nepenthe.fold.algebra import (
-    ChannelAffine,
     absorb_constant_inputs_,
     add_identity,
     compose_kernels64,
@@ -29,6 +28,7 @@ from nepenthe.fold.algebra import (
     select_input_channels,
     select_output_channels,
 )
+from nepenthe.fold.modules import ChannelAffine
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from nepenthe import FoldError, fold, load, save
-from nepenthe.fold.algebra import ChannelOffset, ConstantChannels
+from nepenthe.fold.modules import ChannelOffset, ConstantChannels
 from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from nepenthe.fold.algebra import merge_conv_conv
-from nepenthe.fold.border import BorderCorrectedConv, merge_padded, merge_padded_blocker
+from nepenthe.fold.border import merge_padded, merge_padded_blocker
+from nepenthe.fold.modules import BorderCorrectedConv
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5

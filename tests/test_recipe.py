@@ -21,9 +21,10 @@ import torch.nn.functional as F
 import nepenthe
 from nepenthe import RecipeError, load, save
 from nepenthe.fold import ChannelAffine, export_onnx, register_module
+from nepenthe.fold.modules import StateRectifier
 from nepenthe.fold.recipe import FORMAT, FROM_ORIGINAL
 from nepenthe.fold.registry import _MODULES
-from nepenthe.fold.scenario import OFF, ON, SAT, StateRectifier, empty_layers, forced_stats, linearized
+from nepenthe.fold.scenario import OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.masks import get_mask, set_mask
 
 FP32_TOL = 1e-5

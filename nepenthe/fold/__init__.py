@@ -1,9 +1,9 @@
 """Layer 4: folding zero-entropy rectifiers away (SPEC §4), and saving / loading the result."""
 
 from ..errors import RecipeError
-from .algebra import ChannelAffine
 from .core import fold
 from .export import export_onnx
+from .modules import ChannelAffine
 from .registry import register_module
 from .report import FoldError, FoldReport, count_flops, critical_path
 from .saveload import load, save

@@ -45,7 +45,7 @@ def is_foldable(m: nn.Module) -> bool:
 
 
 # Conv-like modules computing ``conv(x, weight, bias, stride, padding, groups) + r(x)`` where r does
-# not depend on ``weight``/``bias`` (border.BorderCorrectedConv registers itself here). Adding a
+# not depend on ``weight``/``bias`` (modules.BorderCorrectedConv registers itself here). Adding a
 # skip or a parallel branch only changes ``weight`` and ``bias``, so those merges accept them;
 # composing them with another conv does not (they are never "foldable").
 COMPOSED_CONVS: list[type] = []
@@ -294,72 +294,6 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     """Length of a conv/pool output along one dim (torch's formula)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     return (-(-span // stride) if ceil_mode else span // stride) + 1
-
-
-class ConstantChannels(nn.Module):
-    """The output of an emptied Conv/Linear (all weights zero): its bias, one value per channel,
-    broadcast to the shape the op would have produced.
-
-    ``geometry`` lists, per conv/pool between ``source`` (the tensor this module reads, only for
-    its shape) and the emptied op's output, its (kernel, stride, padding) per spatial dim; the
-    ops before the emptied one are not computed at all. The result is an expanded view (no copy).
-    """
-
-    def __init__(self, value: torch.Tensor, channel_dim: int, geometry: list[list[list[int]]]):
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.geometry = [[list(map(int, g)) for g in step] for step in geometry]
-        self.register_buffer("value", value.detach().clone())
-
-    def forward(self, source: torch.Tensor) -> torch.Tensor:
-        if self.channel_dim == -1:  # Linear: the last dim becomes the channels
-            shape = list(source.shape[:-1]) + [self.value.numel()]
-            return self.value.expand(shape)
-        spatial = list(source.shape[2:])
-        for step in self.geometry:
-            spatial = [output_size(n, k, s, p) for n, (k, s, p) in zip(spatial, step)]
-        shape = [source.shape[0], self.value.numel()] + spatial
-        return self.value.view([1, -1] + [1] * len(spatial)).expand(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.value.numel()}, channel_dim={self.channel_dim}, geometry={self.geometry}"
-
-
-class ChannelAffine(nn.Module):
-    """y = slope · x + offset per channel: a linearized rectifier that could not be absorbed."""
-
-    def __init__(self, slope: torch.Tensor, offset: torch.Tensor, channel_dim: int = 1):
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.register_buffer("slope", slope.detach().clone())
-        self.register_buffer("offset", offset.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = self.channel_dim % x.dim()
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        return x * self.slope.to(x.dtype).view(shape) + self.offset.to(x.dtype).view(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.slope.numel()}, channel_dim={self.channel_dim}"
-
-
-class ChannelOffset(nn.Module):
-    """y = x + offset per channel: constant additions collapsed into one op (``x + c1 + c2 + …``
-    with per-channel constants c_k, e.g. residual branches emptied by pruning)."""
-
-    def __init__(self, offset: torch.Tensor, channel_dim: int = 1):
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.register_buffer("offset", offset.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim % x.dim()] = -1
-        return x + self.offset.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.offset.numel()}, channel_dim={self.channel_dim}"
 
 
 def absorbs_input_offset(m: nn.Module, channels: int, channel_dim: int) -> bool:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import RecipeError
-from . import algebra
-from .algebra import ChannelAffine
+from . import modules
+from .modules import BorderCorrectedConv, ChannelAffine, StateRectifier
 
 
 def _qualname(cls: type) -> str:
@@ -103,8 +103,6 @@ def _state_rectifier_args(m) -> dict:
 
 def _state_rectifier(kwargs: dict) -> nn.Module:
     from ..activations import Rectifier
-    from .scenario import StateRectifier
-
     if kwargs["kind"] not in ("relu", "relu6", "leaky_relu", "gelu", "silu", "hardswish"):
         raise ValueError(f"unknown rectifier kind {kwargs['kind']!r}")
     rect = Rectifier(kind=str(kwargs["kind"]), upper=kwargs["upper"], off_slope=float(kwargs["off_slope"]),
@@ -115,9 +113,6 @@ def _state_rectifier(kwargs: dict) -> nn.Module:
 
 
 def _register_builtin_modules() -> None:
-    from .border import BorderCorrectedConv
-    from .scenario import StateRectifier
-
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d):
         register_module(cls, _conv_args)
     for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -155,11 +150,11 @@ def _register_builtin_modules() -> None:
                                                  sparse=m.sparse))
     register_module(ChannelAffine, lambda m: dict(channels=m.slope.numel(), channel_dim=m.channel_dim),
                     build=_channel_affine)
-    register_module(algebra.ChannelOffset, lambda m: dict(channels=m.offset.numel(), channel_dim=m.channel_dim),
-                    build=lambda kw: algebra.ChannelOffset(torch.zeros(int(kw["channels"])), int(kw["channel_dim"])))
-    register_module(algebra.ConstantChannels,
+    register_module(modules.ChannelOffset, lambda m: dict(channels=m.offset.numel(), channel_dim=m.channel_dim),
+                    build=lambda kw: modules.ChannelOffset(torch.zeros(int(kw["channels"])), int(kw["channel_dim"])))
+    register_module(modules.ConstantChannels,
                     lambda m: dict(channels=m.value.numel(), channel_dim=m.channel_dim, geometry=m.geometry),
-                    build=lambda kw: algebra.ConstantChannels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
+                    build=lambda kw: modules.ConstantChannels(torch.zeros(int(kw["channels"])), int(kw["channel_dim"]),
                                                               list(kw["geometry"])))
     register_module(BorderCorrectedConv, BorderCorrectedConv.recipe_kwargs,
                     build=BorderCorrectedConv.from_recipe_kwargs)

@@ -27,6 +27,7 @@ from ..activations import Rectifier
 from ..entropy import EntropyStats, measure
 from ..graph import find_sites, trace
 from ..masks import remove_masks
+from .modules import StateRectifier
 from .passes.rectifiers import dead_neuron_producer, region_affine
 
 # per-neuron state codes of forced_stats
@@ -91,25 +92,6 @@ def empty_layers(model: nn.Module, names: Iterable[str]) -> nn.Module:
         if isinstance(mask, torch.Tensor):
             mask.zero_()
     return model
-
-
-class StateRectifier(nn.Module):
-    """A rectifier with some neurons replaced by fixed affine maps: ``where(keep, φ(z), slope·z + offset)``."""
-
-    def __init__(self, rect: Rectifier, keep: torch.Tensor, slope: torch.Tensor, offset: torch.Tensor,
-                 channel_dim: int):
-        super().__init__()
-        self.rect = rect
-        self.channel_dim = channel_dim
-        self.register_buffer("keep", keep.clone())
-        self.register_buffer("slope", slope.clone())
-        self.register_buffer("offset", offset.clone())
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        shape = [1] * z.dim()
-        shape[self.channel_dim % z.dim()] = -1
-        affine = z * self.slope.to(z.dtype).view(shape) + self.offset.to(z.dtype).view(shape)
-        return torch.where(self.keep.view(shape), self.rect.apply(z), affine)
 
 
 def _state_maps(rect: Rectifier, stats: EntropyStats, name: str, approximate: bool, zeroable: bool):

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...activations import ADD_FUNCTIONS, BATCHNORM_MODULES, rectifier_of_call, rectifier_of_module
-from .. import algebra
+from .. import algebra, modules
 from .._fx import (
     called_once,
     conv_geometry,
@@ -29,7 +29,7 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops that keep the shape of their only tensor input (the chain walk passes through them)."""
     m = module_of(gm, node)
     if m is not None:
-        return (isinstance(m, BATCHNORM_MODULES + (algebra.ChannelAffine, algebra.ChannelOffset))
+        return (isinstance(m, BATCHNORM_MODULES + (modules.ChannelAffine, modules.ChannelOffset))
                 or rectifier_of_module(m) is not None)
     return rectifier_of_call(node.op, node.target, node.args, node.kwargs) is not None
 
@@ -49,7 +49,7 @@ def _shape_source(gm: fx.GraphModule, node: fx.Node, linear: bool) -> tuple[fx.N
             pass
         elif not linear and m is not None and (conv_geometry(m) or pool_geometry(m)):
             geometry.insert(0, conv_geometry(m) or pool_geometry(m))
-        elif isinstance(m, algebra.ConstantChannels) and (m.channel_dim == -1) == linear:
+        elif isinstance(m, modules.ConstantChannels) and (m.channel_dim == -1) == linear:
             geometry[:0] = m.geometry  # an emptied op before this one: read its source instead
         else:
             break
@@ -57,7 +57,7 @@ def _shape_source(gm: fx.GraphModule, node: fx.Node, linear: bool) -> tuple[fx.N
     return cur, geometry
 
 
-def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: algebra.ConstantChannels):
+def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: modules.ConstantChannels):
     """(value, geometry) of ``user`` applied to the constant ``node``, or None when the result is
     not a per-channel constant (e.g. a zero-padded conv sees the constant only inside the border)."""
     if not (user.args and user.args[0] is node and len(user.all_input_nodes) == 1):
@@ -67,7 +67,7 @@ def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: a
     value = const.value.clone().view(shape)  # a clone: inplace rectifiers must not touch the buffer
     geometry = const.geometry
     if _elementwise(gm, user):
-        if isinstance(m, (algebra.ChannelAffine, algebra.ChannelOffset)) and m.channel_dim != const.channel_dim:
+        if isinstance(m, (modules.ChannelAffine, modules.ChannelOffset)) and m.channel_dim != const.channel_dim:
             return None  # per-channel along another dim (e.g. tokens vs features)
         if isinstance(m, BATCHNORM_MODULES) and const.channel_dim != 1:
             return None  # BatchNorm1d on (N, T, D) normalises dim 1, not the constant's features
@@ -90,7 +90,7 @@ def _constant_through(gm: fx.GraphModule, user: fx.Node, node: fx.Node, const: a
     return value.flatten(), geometry
 
 
-def _propagate_constant(gm: fx.GraphModule, node: fx.Node, const: algebra.ConstantChannels,
+def _propagate_constant(gm: fx.GraphModule, node: fx.Node, const: modules.ConstantChannels,
                         report: FoldReport) -> None:
     """Ops applied to a per-channel constant that give one again (rectifiers, BN, Linear, unpadded
     convs) are evaluated once; the constant moves down the graph."""
@@ -98,7 +98,7 @@ def _propagate_constant(gm: fx.GraphModule, node: fx.Node, const: algebra.Consta
         through = _constant_through(gm, user, node, const)
         if through is None:
             continue
-        new = algebra.ConstantChannels(through[0], const.channel_dim, through[1])
+        new = modules.ConstantChannels(through[0], const.channel_dim, through[1])
         if user.op == "call_module" and isinstance(gm.get_submodule(user.target), algebra.LinearLike.__args__):
             report.ops_deleted.append(user.target)
         target = f"{user.name}_constant"
@@ -116,7 +116,7 @@ def absorb_constant_addends(gm: fx.GraphModule) -> bool:
     changed = False
     for node in list(gm.graph.nodes):
         const = module_of(gm, node)
-        if not isinstance(const, algebra.ConstantChannels):
+        if not isinstance(const, modules.ConstantChannels):
             continue
         for user in list(node.users):
             if not (user.op == "call_function" and user.target in ADD_FUNCTIONS and len(user.args) == 2
@@ -154,7 +154,7 @@ def _offset_of_addition(gm: fx.GraphModule, node: fx.Node):
         return None
     for x, c in (node.args, node.args[::-1]):
         const = module_of(gm, c)
-        if not (isinstance(const, algebra.ConstantChannels) and isinstance(x, fx.Node) and c.args
+        if not (isinstance(const, modules.ConstantChannels) and isinstance(x, fx.Node) and c.args
                 and c.args[0] is x and c is not x):
             continue
         if const.channel_dim == 1 and not _size_preserving(const.geometry):
@@ -181,7 +181,7 @@ def collapse_constant_additions(gm: fx.GraphModule) -> bool:
             continue
         x, c, const = found
         target = f"{node.name}_offset"
-        gm.add_submodule(target, algebra.ChannelOffset(const.value.clone(), const.channel_dim))
+        gm.add_submodule(target, modules.ChannelOffset(const.value.clone(), const.channel_dim))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(target, (x,))
         node.replace_all_uses_with(new)
@@ -197,19 +197,19 @@ def collapse_constant_additions(gm: fx.GraphModule) -> bool:
 def _absorb_offsets(gm: fx.GraphModule) -> bool:
     for node in list(gm.graph.nodes):
         off = module_of(gm, node)
-        if not isinstance(off, algebra.ChannelOffset) or not node.args or not isinstance(node.args[0], fx.Node):
+        if not isinstance(off, modules.ChannelOffset) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]
         prev = module_of(gm, x)
         channels, dim = off.offset.numel(), off.channel_dim
         if only_user(x) is node and (prev is None or called_once(gm, x)):
-            if isinstance(prev, algebra.ChannelOffset) and prev.channel_dim == dim and prev.offset.numel() == channels:
+            if isinstance(prev, modules.ChannelOffset) and prev.channel_dim == dim and prev.offset.numel() == channels:
                 total = prev.offset.double() + off.offset.double()
                 prev.offset = total.to(prev.offset.dtype)
                 node.replace_all_uses_with(x)
                 gm.graph.erase_node(node)
                 return True
-            if isinstance(prev, algebra.ChannelAffine) and prev.channel_dim == dim and prev.offset.numel() == channels:
+            if isinstance(prev, modules.ChannelAffine) and prev.channel_dim == dim and prev.offset.numel() == channels:
                 prev.offset = (prev.offset.double() + off.offset.double()).to(prev.offset.dtype)
                 node.replace_all_uses_with(x)
                 gm.graph.erase_node(node)
@@ -246,7 +246,7 @@ def delete_empty_ops(gm: fx.GraphModule, report: FoldReport) -> None:
         if not linear:
             geometry.append(conv_geometry(m))
         bias = m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
-        const = algebra.ConstantChannels(bias, -1 if linear else 1, geometry)
+        const = modules.ConstantChannels(bias, -1 if linear else 1, geometry)
         set_module(gm, node.target, const)
         node.args = (source,)
         report.ops_deleted.append(node.target)

@@ -10,7 +10,7 @@ import torch.fx as fx
 from ...activations import BATCHNORM_MODULES, Rectifier
 from ...entropy import EntropyStats
 from ...graph import Site
-from .. import algebra
+from .. import algebra, modules
 from .._fx import is_inplace, model_dtype, module_of, only_user, same_channel_dim
 from ..report import FoldReport, skip
 
@@ -61,7 +61,7 @@ def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
                 dtype = prod_module.weight.dtype if prod_module is not None and hasattr(prod_module, "weight") \
                     else model_dtype(gm)
                 target = f"{name.replace('.', '_').replace('#', '_').replace('()', '')}_affine"
-                gm.add_submodule(target, algebra.ChannelAffine(slope.to(dtype), offset.to(dtype), channel_dim))
+                gm.add_submodule(target, modules.ChannelAffine(slope.to(dtype), offset.to(dtype), channel_dim))
                 with gm.graph.inserting_after(node):
                     replacement = gm.graph.call_module(target, (producer,))
             node.replace_all_uses_with(replacement)
