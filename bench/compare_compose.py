@@ -17,7 +17,7 @@ import torch.utils.benchmark as tb
 
 from nepenthe import fold
 from nepenthe.fold.algebra import compose_kernels64
-from nepenthe.fold.scenario import forced_stats
+from nepenthe.fold.preview import forced_stats
 from nepenthe.models import resnet18_cifar, vgg16_bn_cifar
 
 

@@ -2,8 +2,8 @@
 
 Each :class:`Scenario` builds, without training and deterministically (seeded), a model in the
 state pruning would leave it in: chosen rectifier call sites declared linear by forced statistics
-(:func:`nepenthe.fold.scenario.forced_stats`), optionally whole convolutions emptied
-(:func:`~nepenthe.fold.scenario.empty_layers`). :func:`run_suite` folds it at each batch size and
+(:func:`nepenthe.fold.preview.forced_stats`), optionally whole convolutions emptied
+(:func:`~nepenthe.fold.preview.empty_layers`). :func:`run_suite` folds it at each batch size and
 times the model against the folded one, eager and ``torch.compile``, timing blocks interleaved
 (:func:`nepenthe.compare_latency`: ``torch.utils.benchmark`` with fixed threads on CPU, CUDA events on
 GPU), and records median / IQR / min / max, FLOPs, parameters, the fold report and the environment.
@@ -37,7 +37,7 @@ import torch.nn as nn
 from ._version import __version__
 from .entropy import EntropyStats
 from .fold import count_flops, fold
-from .fold.scenario import empty_layers, forced_stats, linearized
+from .fold.preview import empty_layers, forced_stats, linearized
 from .latency import compare_latency, device_name
 from .models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 

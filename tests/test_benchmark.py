@@ -15,7 +15,7 @@ import torch
 from nepenthe import benchmark as nb
 from nepenthe.cli import main
 from nepenthe.fold import count_flops
-from nepenthe.fold.scenario import linearized
+from nepenthe.fold.preview import linearized
 from nepenthe.latency import CudaEventTimer, _timer
 
 EXACT = {"planner": "all"}  # dropped by fold_arguments when fold has no planner

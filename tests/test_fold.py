@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from nepenthe import FoldError, TraceError, fold, measure
 from nepenthe.fold import FoldReport, critical_path
 from nepenthe.fold.modules import BorderCorrectedConv
-from nepenthe.fold.scenario import empty_layers
+from nepenthe.fold.preview import empty_layers
 from nepenthe.masks import get_mask, set_mask
 from nepenthe.models import MLP, ResidualMLP, SmallCNN
 

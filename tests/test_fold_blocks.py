@@ -2,7 +2,7 @@
 torchvision style: one shared inplace ReLU, ``out += identity``), MobileNetV2 inverted residuals,
 VGG, transformer MLPs (with and without residual, pre-norm), emptied convs, the fold planner.
 
-Neuron states are forced with ``nepenthe.fold.scenario.forced_stats`` and every folded model is
+Neuron states are forced with ``nepenthe.fold.preview.forced_stats`` and every folded model is
 compared with ``linearized(model, stats)`` (the model with each rectifier replaced by what the
 statistics say it computes) on FRESH inputs: folding must be exact on any input, not only on the
 calibration batch.
@@ -19,8 +19,10 @@ import torch.nn as nn
 
 from nepenthe import FoldError, fold, load, save
 from nepenthe.fold.modules import ChannelOffset, ConstantChannels
-from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
+from nepenthe.fold.preview import NeuronState, empty_layers, forced_stats, linearized
 from nepenthe.models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
+
+MIXED, OFF, ON, SAT = NeuronState.MIXED, NeuronState.OFF, NeuronState.ON, NeuronState.SAT
 
 FP32_TOL = 1e-5
 

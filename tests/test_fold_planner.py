@@ -23,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nepenthe import fold, measure
 from nepenthe.fold import critical_path
 from nepenthe.fold.planner import Planner, log_interval
+from nepenthe.fold.preview import empty_layers, forced_stats, linearized
 from nepenthe.fold.report import count_linear_ops
-from nepenthe.fold.scenario import empty_layers, forced_stats, linearized
 from nepenthe.graph import find_sites, trace
 from nepenthe.models import ResidualMLP
 

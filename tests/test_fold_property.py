@@ -40,8 +40,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import nepenthe
-from nepenthe.fold.scenario import MIXED, OFF, ON, SAT, empty_layers, forced_stats, linearized
+from nepenthe.fold.preview import NeuronState, empty_layers, forced_stats, linearized
 from nepenthe.graph import find_sites
+
+MIXED, OFF, ON, SAT = NeuronState.MIXED, NeuronState.OFF, NeuronState.ON, NeuronState.SAT
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same'"),  # torch's note on even 'same' kernels
               pytest.mark.usefixtures("one_thread")]  # tiny ops (tests/conftest.py)

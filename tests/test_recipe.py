@@ -22,10 +22,12 @@ import nepenthe
 from nepenthe import RecipeError, load, save
 from nepenthe.fold import ChannelAffine, export_onnx, register_module
 from nepenthe.fold.modules import StateRectifier
+from nepenthe.fold.preview import NeuronState, empty_layers, forced_stats, linearized
 from nepenthe.fold.recipe import FORMAT, FROM_ORIGINAL
 from nepenthe.fold.registry import _MODULES
-from nepenthe.fold.scenario import OFF, ON, SAT, empty_layers, forced_stats, linearized
 from nepenthe.masks import get_mask, set_mask
+
+OFF, ON, SAT = NeuronState.OFF, NeuronState.ON, NeuronState.SAT
 
 FP32_TOL = 1e-5
 
@@ -317,7 +319,7 @@ class EmptiedConvNet(nn.Module):
 
 
 def test_modules_made_by_folding_roundtrip(tmp_path):
-    """ConstantChannels (an emptied layer's output) and StateRectifier (scenario.linearized)."""
+    """ConstantChannels (an emptied layer's output) and StateRectifier (preview.linearized)."""
     model = empty_layers(EmptiedConvNet().eval(), ["conv2"])
     x = torch.randn(2, 3, 8, 8)
     gm = nepenthe.fold(model, forced_stats(model, x, {"r1": "on"}, default="measured"), x, planner="all",

@@ -6,7 +6,7 @@ place of removed parts, and what recipes rebuild (:mod:`nepenthe.fold.registry`)
 * :class:`ChannelOffset` — constant additions collapsed into one per-channel offset;
 * :class:`BorderCorrectedConv` — two zero-padded convs composed into one, exact at the borders;
 * :class:`StateRectifier` — a rectifier with some neurons forced to fixed affine maps (the
-  preview of folding in :mod:`nepenthe.fold.scenario`).
+  preview of folding in :mod:`nepenthe.fold.preview`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def linearize_rectifiers(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
 def dead_neuron_producer(gm: fx.GraphModule, node: fx.Node, channels: int, channel_dim) -> fx.Node | None:
     """The Conv/Linear whose rows can absorb zeroing the always-OFF neurons of the ReLU at ``node``
     (it feeds only that ReLU, possibly through a BatchNorm that folding fuses into it), or None:
-    then the ReLU stays as it is (``scenario.linearized`` asks the same question)."""
+    then the ReLU stays as it is (``preview.linearized`` asks the same question)."""
     producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     m = module_of(gm, producer)
     if isinstance(m, BATCHNORM_MODULES) and only_user(producer) is node and m.track_running_stats:

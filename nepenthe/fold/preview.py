@@ -1,5 +1,5 @@
-"""Pruning scenarios without training: forced neuron states, emptied layers, and the linearized
-model that folding must reproduce.
+"""A preview of folding from declared neuron states, without training: forced statistics, emptied
+layers, and the linearized model that folding must reproduce.
 
 Used by the exactness tests and the latency benchmark, and useful to anyone who wants to know what
 folding would give on a model before pruning it:
@@ -16,6 +16,7 @@ folding would give on a model before pruning it:
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -30,9 +31,19 @@ from ..masks import remove_masks
 from .modules import StateRectifier
 from .passes.rectifiers import dead_neuron_producer, region_affine
 
-# per-neuron state codes of forced_stats
-ON, OFF, SAT, MIXED = 0, 1, 2, 3
-STATE_CODES = {"on": ON, "off": OFF, "sat": SAT, "mixed": MIXED}
+
+class NeuronState(enum.IntEnum):
+    """Per-neuron state codes of :func:`forced_stats` (not the histogram columns of ``nepenthe.ops``,
+    whose ``ops.SAT`` is a column index: hence an enum of its own)."""
+
+    ON = 0
+    OFF = 1
+    SAT = 2
+    MIXED = 3
+
+
+ON, OFF, SAT, MIXED = NeuronState.ON, NeuronState.OFF, NeuronState.SAT, NeuronState.MIXED  # local shorthands
+STATE_CODES = {state.name.lower(): state for state in NeuronState}
 
 
 def _codes(name: str, state, channels: int, rect: Rectifier) -> torch.Tensor:
@@ -56,7 +67,7 @@ def forced_stats(model: nn.Module, example_input, states: Mapping[str, object] |
     """Statistics of ``model`` in which the neurons of each call site are in the given states.
 
     ``states`` maps call-site names to ``"on"``, ``"off"``, ``"sat"``, ``"mixed"`` or a tensor of
-    per-neuron codes (:data:`ON`, :data:`OFF`, :data:`SAT`, :data:`MIXED`). Call sites not named get
+    per-neuron codes (:class:`NeuronState`). Call sites not named get
     ``default`` (``"measured"`` keeps what ``example_input`` gives). The call sites and neuron counts
     come from one ``nepenthe.measure`` pass over ``example_input``.
     """
