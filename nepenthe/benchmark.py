@@ -18,12 +18,9 @@ batch × mode) and ``bench.png`` (speed-up bars; needs matplotlib). ``nepenthe b
 from __future__ import annotations
 
 import csv
-import datetime
 import inspect
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -34,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._version import __version__
 from .entropy import EntropyStats
+from .environment import environment
 from .fold import count_flops, fold
 from .fold.preview import empty_layers, forced_stats, linearized
-from .latency import compare_latency, device_name
+from .latency import compare_latency
 from .models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 
 __all__ = [
@@ -192,47 +189,6 @@ def get_scenario(name: str | Scenario) -> Scenario:
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     return SCENARIOS[name]
-
-
-# ----- environment --------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device | str = "cpu", threads: int | None = None) -> dict:
-    """Device name, versions, threads and date of a benchmark run."""
-    device = torch.device(device)
-    return {
-        "device": str(device),
-        "device_name": device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads or torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nepenthe": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-        "timer": "CUDA events" if device.type == "cuda" else "torch.utils.benchmark.Timer",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ----- measuring ----------------------------------------------------------------------------------

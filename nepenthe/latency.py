@@ -10,7 +10,6 @@ the machine (frequency, other load) hits both alike.
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -19,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
+
+from .environment import device_name
 
 
 @dataclass
@@ -38,12 +39,6 @@ class LatencyResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _as_args(example_input) -> tuple:

@@ -16,6 +16,7 @@ import torch
 from . import report as reporting
 from .checkpoint import atomic_write_json
 from .data import load_dataset, make_loader, unaugmented
+from .environment import environment
 from .fold import fold, save
 from .latency import compare_latency
 from .loop import PruneConfig, prune
@@ -138,7 +139,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
         "fold": fold_report.to_dict(),
         "iterations": records,
         "config": cfg.to_dict(),
-        "environment": reporting.environment(device),
+        "environment": environment(device),
         "plot": str(plot) if plot else None,
         "seconds": time.perf_counter() - started,
     }

@@ -3,35 +3,8 @@
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-
-from ._version import __version__
-
-
-def environment(device: torch.device | str = "cpu") -> dict:
-    """Versions and device, for every report and benchmark record."""
-    import numpy
-
-    device = torch.device(device)
-    info = {
-        "nepenthe": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def iteration_table(records: Sequence[dict], max_layers: int = 12) -> str:

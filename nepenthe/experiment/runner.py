@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..data import DataSplits, load_dataset, make_loader, unaugmented
+from ..environment import environment
 from ..errors import ExperimentError
 from ..fold import critical_path, fold, save
 from ..graph import find_sites, trace
@@ -33,7 +34,6 @@ from ..loop import prune
 from ..masks import get_mask, prunable_modules
 from ..models import build_model
 from ..progress import progress_bar
-from ..report import environment
 from ..train import evaluate, train
 from .config import ExperimentConfig
 from .results import summarize, write_results
