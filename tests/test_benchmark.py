@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nepenthe import benchmark as nb
+from nepenthe.benchmark.suite import _rel_error
 from nepenthe.cli import main
 from nepenthe.fold import count_flops
 from nepenthe.fold.preview import linearized
@@ -36,10 +37,10 @@ def test_scenario_folds_exactly(name):
     assert sorted(report.removed) == sorted(scenario.states)
     approximate = bool(built.fold_kwargs.get("approximate", False))
     reference = linearized(built.model, built.stats, approximate=approximate)
-    assert nb._rel_error(folded, reference, built.example_input) <= 1e-5
+    assert _rel_error(folded, reference, built.example_input) <= 1e-5
     # a second input, not the one folded on: still the linearized model
     other = scenario.example_input(3, seed=123)
-    assert nb._rel_error(folded, reference, other) <= 1e-5
+    assert _rel_error(folded, reference, other) <= 1e-5
     flops_ratio = count_flops(folded, other) / count_flops(built.model, other)
     if name == "resnet18":  # the four emptied blocks hold ~46 % of the convs' work: folding must not keep it
         assert flops_ratio < 0.6
@@ -66,7 +67,7 @@ def test_latency_planner_on_a_scenario_plans_for_its_batch_and_collapses_the_lin
     assert sorted(report.merges) == sorted(merge for b in blocks for merge in (
         f"{b}.depthwise.conv + {b}.project", f"{b}.expand.conv + {b}.project", f"skip + {b}.project"))
     reference = linearized(built.model, built.stats)
-    assert nb._rel_error(folded, reference, scenario.example_input(3, seed=5)) <= 1e-5
+    assert _rel_error(folded, reference, scenario.example_input(3, seed=5)) <= 1e-5
 
 
 def test_scenarios_are_deterministic():
