@@ -17,14 +17,14 @@ from .errors import NepentheError
 from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save
 from .graph import TraceError
 from .latency import LatencyResult, compare_calls, compare_latency, latency
-from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, prune
+from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, PruningMethod, prune, prune_
 from .ops import MaskedAdamW, MaskedSGD
 from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
     "MaskedSGD", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneConfig", "PruneError",
-    "PruneResult", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__", "compare_calls",
-    "compare_latency", "evaluate", "fold", "export_onnx", "latency", "load", "measure", "ops", "prune", "save",
-    "train",
+    "PruneResult", "PruningMethod", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__",
+    "compare_calls", "compare_latency", "evaluate", "export_onnx", "fold", "latency", "load", "measure", "ops",
+    "prune", "prune_", "save", "train",
 ]

@@ -223,7 +223,7 @@ def test_plain_mlp_folds_to_one_linear():
 
 def test_merge_false_only_drops_activations_and_verify_false_skips_the_check():
     model = forced_chain(nn.ReLU(), [ON_OFF, ON_OFF])
-    gm, _ = check_fold(model, uniform(256, 6, seed=1), uniform(256, 6, seed=2), merge=False)
+    gm, _ = check_fold(model, uniform(256, 6, seed=1), uniform(256, 6, seed=2), planner="none")
     report = gm.fold_report
     assert report.rectifier_layers_removed == 2 and report.ops_merged == 0 and report.merges == []
     assert report.linear_ops_after == report.linear_ops_before == 3

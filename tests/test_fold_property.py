@@ -27,7 +27,6 @@ A failing example prints its ``case`` dict (spec, seed, states, emptied layers, 
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -72,13 +71,8 @@ PROPERTY = dict(deadline=None, derandomize=True, database=None, print_blob=False
 
 
 def fold_all(model: nn.Module, stats, x, *, approximate: bool = False):
-    """``fold`` merging every exact candidate: ``planner="all"`` where it exists, else ``merge=True``."""
-    kwargs = dict(verify=False, approximate=approximate)
-    if "planner" in inspect.signature(nepenthe.fold).parameters:
-        kwargs["planner"] = "all"
-    else:
-        kwargs["merge"] = True
-    return nepenthe.fold(model, stats, x, **kwargs)
+    """``fold`` merging every exact candidate (``planner="all"``)."""
+    return nepenthe.fold(model, stats, x, verify=False, approximate=approximate, planner="all")
 
 
 forced = forced_stats

@@ -90,10 +90,10 @@ def _check_neuron_counts(gm: fx.GraphModule, sites: list[Site], stats: EntropySt
                             "another one) with nepenthe.measure before folding")
 
 
-def _planner_of(planner, merge: bool, threads: int | None, budget_s: float | None) -> Planner:
+def _planner_of(planner, threads: int | None, budget_s: float | None) -> Planner:
     if isinstance(planner, Planner):
         return planner
-    return Planner("none" if not merge else planner, threads=threads, budget_s=budget_s)
+    return Planner(planner, threads=threads, budget_s=budget_s)
 
 
 def _as_args(inputs) -> tuple:
@@ -115,7 +115,6 @@ def fold(
     latency_input=None,
     threads: int | None = None,
     budget_s: float | None = DEFAULT_BUDGET_S,
-    merge: bool = True,
     strict: bool = False,
     verify: bool = True,
     tolerance: float = 1e-5,
@@ -148,8 +147,8 @@ def fold(
       candidates take the FLOP rule and an unfinished whole-model check keeps the fold if it
       has no more FLOPs (the no-merge fold always). ``fold_report.planner`` reports the
       seconds, the budget used and how each candidate was decided (flops / timing / cache / budget).
-    * ``"all"``: every exact merge (the shallowest graph; no timing). ``"none"`` (or
-      ``merge=False``): no merges. Both return the fold without a whole-model check.
+    * ``"all"``: every exact merge (the shallowest graph; no timing). ``"none"``: no merges. Both
+      return the fold without a whole-model check.
 
     A :class:`~nepenthe.fold.planner.Planner` instance may be passed instead (its own budget,
     margin, threads, timer and clock; its timing cache is kept across the folds it plans).
@@ -164,7 +163,7 @@ def fold(
     started = time.perf_counter()
     if not isinstance(stats, EntropyStats):
         raise TypeError(f"stats must be the EntropyStats of nepenthe.measure(model, data), got {type(stats).__name__}")
-    plan = _planner_of(planner, merge, threads, budget_s)
+    plan = _planner_of(planner, threads, budget_s)
     plan.start()
     args = _as_args(example_input)
     timing_args = _first_sample(args) if latency_input is None else _as_args(latency_input)

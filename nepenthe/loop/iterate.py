@@ -1,0 +1,220 @@
+"""``prune``: the iterative loop (SPEC §3) with back-off, checkpoints and resume, and the rule that
+selects the iteration it returns."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import atomic_torch_save, atomic_write_json
+from ..entropy import EntropyStats
+from ..errors import PruneError
+from .config import IterationRecord, PruneConfig, PruneResult
+from .pruner import Pruner, Step, _Snapshot
+
+
+def _checkpoint_path(directory: Path, iteration: int) -> Path:
+    return directory / f"iter_{iteration:03d}.pt"
+
+
+def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
+                     config: PruneConfig) -> None:
+    atomic_torch_save({
+        "format": "nepenthe.checkpoint/2",
+        "identity": config.identity(),
+        "record": record.to_dict(),
+        "linearized": sorted(pruner.replaced),
+        "model": pruner.model.state_dict(),
+        "stats": stats.state_dict(),
+    }, _checkpoint_path(directory, record.iteration))
+
+
+def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
+    found = sorted(directory.glob("iter_*.pt"))
+    checkpoints = []
+    for i, path in enumerate(found):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a file we did not write, or one damaged outside nepenthe
+            raise PruneError(f"cannot read checkpoint {path}: {exc}. "
+                             "Move it away or start in an empty folder.") from exc
+        if ckpt.get("identity") != config.identity():
+            raise PruneError(f"checkpoint {path} was written with {ckpt.get('identity')}, but this run uses "
+                             f"{config.identity()}; use another checkpoint_dir or resume=False.")
+        if ckpt["record"]["iteration"] != i:
+            raise PruneError(f"checkpoints in {directory} are not consecutive (missing iteration {i}); "
+                             "use another checkpoint_dir or resume=False")
+        checkpoints.append(ckpt)
+    return checkpoints
+
+
+def select_iteration(records: Sequence[IterationRecord], rule: str = "depth") -> int:
+    """The iteration the loop returns, among those within tolerance (iteration 0 always is).
+
+    ``"depth"``: the most collapsed rectifier layers (zero entropy, or replaced by EASIER), then
+    the best validation accuracy, then the earliest: a depth reducer gains nothing from sparsity
+    that removes no further layer. When no layer collapsed at all it is ``"last"``: the last
+    iteration within tolerance (the most sparse), as classic iterative pruning reports.
+    """
+    within = [r for r in records if r.within_tolerance]
+    if rule == "last" or max(r.collapsed for r in within) == 0:
+        return within[-1].iteration
+    return max(within, key=lambda r: (r.collapsed, r.accuracy if r.accuracy is not None else -math.inf,
+                                      -r.iteration)).iteration
+
+
+def _next_scale(record: IterationRecord, config: PruneConfig) -> float:
+    """The step size after ``record``: a step that had to back off is kept for the next iteration;
+    one that passed at once grows one notch (back up to ζ), so a single hard iteration does not
+    shrink the rest of the run."""
+    if record.zeta <= 0:  # the dense record, or EASIER (one activation per step, nothing to scale)
+        return 1.0
+    scale = record.zeta / config.zeta
+    return scale if record.backoffs else min(1.0, scale / config.backoff_factor)
+
+
+def _failure(accuracy: float, tolerance: float | None, dense: float, delta: float | None) -> str | None:
+    if not math.isfinite(accuracy):
+        return f"evaluate returned {accuracy}"
+    if tolerance is not None and accuracy < tolerance:
+        return f"accuracy {accuracy:.2f} fell below dense {dense:.2f} - delta {delta}"
+    return None
+
+
+def prune_(
+    model: nn.Module,
+    calib_data: Iterable,
+    *,
+    retrain: Callable[[nn.Module, int], object],
+    evaluate: Callable[[nn.Module], float],
+    config: PruneConfig | None = None,
+    callbacks: Sequence[Callable[[IterationRecord, nn.Module], object]] = (),
+    **measure_kwargs,
+) -> PruneResult:
+    """Run the iterative loop of SPEC §3 on ``model`` **in place** and return what happened.
+
+    Each iteration measures the rectifiers on ``calib_data``, prunes by the method's rule,
+    calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent). A step
+    that ends below dense − ``delta`` or diverges is retried with a smaller amount (see the
+    module docstring); the loop stops when that fails ``max_backoffs`` times, nothing is left to
+    prune, or after ``max_iters``. The model is left as the iteration ``config.select`` picks among
+    those within tolerance (by default the one with the most collapsed layers). With
+    ``checkpoint_dir`` every iteration is saved atomically and a rerun resumes after the last one.
+    Extra keyword arguments go to :func:`nepenthe.measure` (e.g. ``input_fn``, ``device``).
+    """
+    config = config or PruneConfig()
+    pruner = Pruner(model, calib_data, config, measure_kwargs)
+    directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    records: list[IterationRecord] = []
+    stop_reason = f"reached max_iters={config.max_iters}"
+
+    if directory and not config.resume and directory.exists():
+        # starting over: files of an earlier run must not be mixed into a later resume of this one
+        for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
+            stale.unlink(missing_ok=True)
+    checkpoints = _load_checkpoints(directory, config) if directory and config.resume and directory.exists() else []
+    if checkpoints:
+        last = checkpoints[-1]
+        stats = pruner.measure()  # learn call-site module paths before replaying replacements
+        for site in last["linearized"]:
+            pruner.replace_with_identity(site, stats)
+        current = _Snapshot(last["model"], list(last["linearized"]))
+        pruner.restore(current)
+        records = [IterationRecord(**c["record"]) for c in checkpoints]
+        stats = EntropyStats.from_state_dict(last["stats"])
+        selected = select_iteration(records, config.select)
+        keep = checkpoints[selected]
+        best = _Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"]))
+        best_stats = EntropyStats.from_state_dict(keep["stats"])
+        if records[-1].within_tolerance:  # the next iteration starts from the last good one
+            current = _Snapshot(copy.deepcopy(last["model"]), list(last["linearized"]))
+        else:
+            reason = records[-1].failure or "accuracy fell below tolerance"
+            return _finish(pruner, records, selected, f"{reason} (resumed)", best, best_stats)
+    else:
+        started = time.perf_counter()
+        stats = pruner.measure()
+        dense = float(evaluate(model))
+        records.append(pruner.record(0, dense, stats, Step({}, [], {}), True, started, 0.0, []))
+        selected, current, best_stats = 0, pruner.snapshot(), stats
+        best = current
+        if directory:
+            _save_checkpoint(directory, pruner, records[0], stats, config)
+        for cb in callbacks:
+            cb(records[0], model)
+    dense = records[0].accuracy
+    tolerance = None if config.delta is None else dense - config.delta
+    scale = _next_scale(records[-1], config)
+
+    for iteration in range(len(records), config.max_iters + 1):
+        started = time.perf_counter()
+        start = current  # the model as it is now: the last iteration within tolerance
+        attempts: list[dict] = []
+        avoid: list[str] = []
+        while True:
+            attempt_started = time.perf_counter()
+            step = pruner.prune_step(stats, scale, avoid)
+            if step.empty:
+                break
+            failure, accuracy = None, None
+            try:
+                retrain(model, iteration)
+            except FloatingPointError as exc:  # the built-in trainer's NaN/Inf loss, or the user's
+                failure = f"retraining diverged: {exc}"
+            if failure is None and (bad := pruner.nonfinite_parameters()):
+                failure = f"retraining left NaN/Inf in {', '.join(bad[:3])}"
+            if failure is None:
+                accuracy = float(evaluate(model))
+                failure = _failure(accuracy, tolerance, dense, config.delta)
+            if failure is None or len(attempts) >= config.max_backoffs:
+                break
+            attempts.append({"zeta": config.zeta * scale if pruner.method.scalable else None,
+                             "pruned": step.pruned, "linearized": step.linearized, "accuracy": accuracy,
+                             "failure": failure,
+                             "seconds": time.perf_counter() - attempt_started})
+            pruner.restore(start)
+            scale *= config.backoff_factor
+            avoid += step.linearized[:1]  # EASIER: the next-lowest-entropy activation is tried instead
+        if step.empty:
+            stop_reason = ("nothing left to prune (every prunable layer has zero entropy, no weights, or is capped)"
+                           if not attempts else
+                           f"{attempts[-1]['failure']}; no smaller step left after {len(attempts)} back-off(s)")
+            break
+        zeta = config.zeta * scale if pruner.method.scalable else 0.0
+        stats_now = None if failure is not None and failure.startswith("retraining") else pruner.measure()
+        record = pruner.record(iteration, accuracy, stats_now, step, failure is None, started, zeta, attempts, failure)
+        records.append(record)
+        if directory:
+            _save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config)
+        for cb in callbacks:
+            cb(record, model)
+        if failure is not None:
+            stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
+            break
+        stats = stats_now
+        current = pruner.snapshot()
+        if select_iteration(records, config.select) == iteration:
+            selected, best, best_stats = iteration, current, stats
+        scale = _next_scale(record, config)
+    return _finish(pruner, records, selected, stop_reason, best, best_stats)
+
+
+# The in-place verb is prune_ (like torchao's quantize_); prune is the same function, kept for the
+# code written against it.
+prune = prune_
+
+
+def _finish(pruner: Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:
+    """Leave the model as the selected iteration and package the result."""
+    pruner.restore(best)
+    if pruner.config.checkpoint_dir:
+        atomic_write_json({"selected": selected, "stop_reason": stop_reason,
+                           "iterations": [r.to_dict() for r in records]},
+                          Path(pruner.config.checkpoint_dir) / "summary.json")
+    return PruneResult(records, selected, stop_reason, best_stats)

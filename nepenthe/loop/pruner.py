@@ -1,0 +1,221 @@
+"""The state of one run of the loop: the prunable layers, caps and the cut check, snapshots, and
+the helpers pruning methods step with."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import budget
+from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
+from ..errors import PruneError
+from ..graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
+from ..masks import MASK_SUFFIX, get_mask, remaining_weights, remove_masks, restore_masks, set_mask, sparsity
+from .config import IterationRecord, PruneConfig
+
+
+@dataclass
+class Step:
+    """What one pruning step changed."""
+
+    pruned: dict[str, int]
+    linearized: list[str]
+    capped: dict[str, int]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.pruned.values()) and not self.linearized
+
+
+@dataclass
+class _Snapshot:
+    state: dict
+    replaced: list[str]
+
+
+class Pruner:
+    """State of one run of the loop, and the helpers a :class:`~nepenthe.loop.methods.PruningMethod` steps with."""
+
+    def __init__(self, model: nn.Module, calib: Iterable, config: PruneConfig, measure_kwargs: dict):
+        self.model, self.calib, self.config = model, calib, config
+        self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
+        self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
+        self.method = config.strategy
+        self.graph = self._trace()
+        self.site_layers: dict[str, str] = self._site_layers() if self.graph is not None else {}
+        self.layers = self.method.layers(self)
+        if not self.layers and self.method.scalable:
+            raise PruneError(
+                f"{type(model).__name__} has no prunable layer: no Conv/Linear feeds a rectifier"
+                + (" that filter_fn and protect leave prunable" if config.filter_fn or config.protect else "") + ".")
+
+    def _trace(self) -> fx.GraphModule | None:
+        try:
+            return trace(self.model, "finding the layers that feed each rectifier")
+        except TraceError as exc:
+            if self.method.needs_graph:
+                raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
+            # e.g. IMP prunes every Conv/Linear without knowing the graph; only the cut check is lost
+            warnings.warn(f"{exc} {self.method.name.upper()} runs without the cut check: a layer may be emptied even "
+                          "when that disconnects the network (use layer_caps to cap it).", stacklevel=3)
+            return None
+
+    def protected(self, name: str) -> bool:
+        """Whether ``protect`` names module ``name``."""
+        special = {"first": first_linear_ops, "last": last_linear_ops}
+        for pattern in self.config.protect:
+            if pattern in special:
+                if self.graph is not None and name in special[pattern](self.graph):
+                    return True
+            elif fnmatch.fnmatchcase(name, pattern):
+                return True
+        return False
+
+    def _site_layers(self) -> dict[str, str]:
+        """Call site -> the Conv/Linear feeding it (the prunable set L of SPEC §2)."""
+        try:
+            infos = describe_sites(self.model)
+        except TraceError as exc:
+            raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
+        modules = dict(self.model.named_modules())
+        return {name: info.producer for name, info in infos.items()
+                if info.producer is not None and not self.protected(info.producer)
+                and (self.config.filter_fn is None or self.config.filter_fn(modules[info.producer], info.producer))}
+
+    # ----- caps -------------------------------------------------------------------------------
+    def _kept_by_caps(self, name: str, cut: bool) -> int:
+        """Weights of layer ``name`` that its caps keep (0: it may be emptied)."""
+        numel = self.layers[name].weight.numel()
+        keep = 0
+        for pattern, cap in self.config.layer_caps.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                keep = max(keep, math.ceil((1.0 - float(cap)) * numel - 1e-9))
+        if cut and self.config.cut_max_sparsity is not None:
+            keep = max(keep, 1, math.ceil((1.0 - self.config.cut_max_sparsity) * numel - 1e-9))
+        return keep
+
+    def _limits(self, cut: set[str], rate: float | None) -> dict[str, int]:
+        limits = {}
+        for n, m in self.layers.items():
+            remaining = remaining_weights(m)
+            limits[n] = max(remaining - self._kept_by_caps(n, n in cut), 0)
+            if rate is not None and n in cut:
+                limits[n] = min(limits[n], math.floor(rate * remaining))
+        return limits
+
+    def allocate(self, allocate: Callable[[dict[str, int]], dict[str, int]],
+                  cut_rate: float | None = None, scale: float = 1.0) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts from ``allocate(limits)`` times ``scale``, re-run with tighter limits until the
+        layers they would empty leave the output connected to the input (a cut layer is capped,
+        never emptied).
+
+        With ``cut_rate`` every cut layer (one whose emptying alone would disconnect the network)
+        also loses at most that fraction of its remaining weights in the full allocation.
+        """
+        remaining = {n: remaining_weights(m) for n, m in self.layers.items()}
+        check = self.graph is not None and self.config.cut_max_sparsity is not None
+        emptied = {n for n, r in remaining.items() if r == 0}
+        cut: set[str] = set()
+        if check and cut_rate is not None:
+            cut = {n for n in self.layers if n not in emptied and not input_reaches_output(self.graph, emptied | {n})}
+        while True:
+            limits = self._limits(cut, cut_rate if check else None)
+            full = allocate(limits)
+            counts = full if scale >= 1.0 else {n: math.floor(k * scale) for n, k in full.items()}
+            planned = {n for n, k in counts.items() if k > 0 and k >= remaining[n]}
+            if not check or not planned or input_reaches_output(self.graph, emptied | planned):
+                break
+            # cap the planned layers that cut the network on their own (a stem, a classifier); when
+            # only several together do (parallel branches), cap one of them and allocate again
+            newly = ({n for n in planned if not input_reaches_output(self.graph, emptied | {n})}
+                     or {next(n for n in self.layers if n in planned)})
+            if newly <= cut:
+                break
+            cut |= newly
+        capped = {n: remaining[n] - counts.get(n, 0) for n in self.layers
+                  if limits[n] < remaining[n] and full.get(n, 0) == limits[n] and remaining[n] > 0}
+        return counts, capped
+
+    # ----- one round of pruning ---------------------------------------------------------------
+    def layer_entropy(self, stats: EntropyStats) -> dict[str, float]:
+        """H of each prunable layer: its rectifier's, the largest when it feeds several."""
+        out: dict[str, float] = {}
+        entropy = stats.layer_entropy
+        for site, layer in self.site_layers.items():
+            if site in entropy:
+                out[layer] = max(out.get(layer, 0.0), entropy[site])
+        return out
+
+    def prune_step(self, stats: EntropyStats, scale: float, avoid: Sequence[str] = ()) -> Step:
+        return self.method.step(self, stats, scale, avoid)
+
+    def prune_by_magnitude(self, counts: dict[str, int], capped: dict[str, int] | None = None) -> Step:
+        """Mask the ``counts[name]`` smallest remaining weights of each layer; the step's record."""
+        for n, k in counts.items():
+            if k > 0:
+                m = self.layers[n]
+                set_mask(m, budget.magnitude_mask(m.weight, get_mask(m), k))
+        return Step({n: counts.get(n, 0) for n in self.layers}, [], dict(capped or {}))
+
+    def replace_with_identity(self, site: str, stats: EntropyStats) -> None:
+        """Put ``nn.Identity`` in place of the activation module of call site ``site`` (EASIER)."""
+        path = stats.sites[site].module_path if site in stats.sites else None
+        if path is None or "#" in site:
+            raise PruneError(f"EASIER replaces activation modules; call site {site!r} is a functional call or a "
+                             "module used at several places. Give each activation its own nn.Module instance.")
+        parent_name, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        self.replaced[site] = (path, getattr(parent, child))
+        setattr(parent, child, nn.Identity())
+
+    def restore_linearized(self, keep: Sequence[str]) -> None:
+        """Undo EASIER replacements not in ``keep`` (when rolling back to an earlier iteration)."""
+        for site in [s for s in self.replaced if s not in keep]:
+            path, original = self.replaced.pop(site)
+            parent_name, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, original)
+
+    # ----- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> _Snapshot:
+        return _Snapshot(copy.deepcopy(self.model.state_dict()), sorted(self.replaced))
+
+    def restore(self, snap: _Snapshot) -> None:
+        """Put the model back as it was at ``snap``: activations, masks (which only grow, so the
+        later ones are dropped first) and weights."""
+        self.restore_linearized(snap.replaced)
+        remove_masks(self.model)
+        # copies: a mask buffer must not alias the snapshot, which may be restored again later
+        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if k.endswith(MASK_SUFFIX)})
+        self.model.load_state_dict(snap.state)
+
+    def nonfinite_parameters(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+    # ----- bookkeeping ------------------------------------------------------------------------
+    def record(self, iteration: int, accuracy: float | None, stats: EntropyStats | None, step: Step,
+               within: bool, started: float, zeta: float, backoffs: list[dict],
+               failure: str | None = None) -> IterationRecord:
+        overall, per_layer = sparsity(self.layers)
+        entropy = stats.layer_entropy if stats is not None else {}
+        return IterationRecord(
+            iteration=iteration, accuracy=accuracy, sparsity=overall, layer_sparsity=per_layer,
+            layer_entropy=entropy, zero_entropy_layers=[k for k, v in entropy.items() if v == 0.0],
+            pruned=step.pruned, linearized=step.linearized, within_tolerance=within,
+            seconds=time.perf_counter() - started, zeta=zeta, backoffs=backoffs, capped=step.capped, failure=failure,
+            collapsed=sum(v == 0.0 for v in entropy.values()) + len(self.replaced))
+
+    def measure(self) -> EntropyStats:
+        if self.replaced and not describe_sites(self.model):
+            # EASIER replaced every activation: nothing is left to measure, and the next step stops the loop
+            return EntropyStats({}, {}, EntropyOptions(**self.config.entropy_options()))
+        return measure(self.model, self.calib, **self.measure_kwargs)
