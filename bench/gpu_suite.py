@@ -344,7 +344,12 @@ def _time_providers(rec: Recorder, args, section: str, case: str, providers: dic
         results = compare_calls(providers, repeats=args.repeats, warmup=args.warmup, device=args.device,
                                 threads=args.threads)
     except Exception as exc:  # noqa: BLE001 - the case is recorded as failed, the section goes on
-        rec.add(section=section, case=case, provider="*", error=_error_line(exc), bytes=nbytes, **extra)
+        compiled = [k for k in providers if k.startswith("compile")]
+        rec.add(section=section, case=case, provider=",".join(compiled) or "*", error=_error_line(exc), bytes=nbytes,
+                **extra)
+        if compiled:  # torch.compile is the likeliest to fail: time the others without it
+            rec.note(f"{case}: {_error_line(exc)}; timing again without {compiled}")
+            _time_providers(rec, args, section, case, _drop_compile(providers, False), nbytes, **extra)
         return
     for provider, r in results.items():
         rec.add(section=section, case=case, provider=provider, median_ms=r.median_ms, iqr_ms=r.iqr_ms,
@@ -588,7 +593,8 @@ def parse_pytest(text: str) -> dict:
     for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", last[-1] if last else ""):
         counts["errors" if kind.startswith("error") else kind] += int(n)
     return dict(counts, summary=last[-1].strip("= ") if last else "no summary line (killed? see steps.log)",
-                failures=[ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))][:40])
+                failures=[ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))][:40],
+                skips=[ln[:240] for ln in text.splitlines() if ln.startswith("SKIPPED")][:8])  # -rs groups reasons
 
 
 # =============================================================================================================
@@ -735,7 +741,7 @@ class Suite:
         log = self.work / "build.log"
         cmd, extra = self.build_command()
         self.build = {"command": " ".join(cmd), "env": extra, "t0": time.monotonic(), "log": log}
-        self.say(f"build: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(cmd)} (background)")
+        self.say(f"build: {' '.join(f'{k}={v}' for k, v in extra.items() if k != 'PATH')} {' '.join(cmd)} (background)")
         return self.spawn(cmd, log, extra)
 
     def build_command(self) -> tuple[list[str], dict]:
@@ -743,8 +749,11 @@ class Suite:
         nvcc compile check of every .cu in the dry run."""
         if self.args.dry_run:
             return ["bash", str(ROOT / "scripts" / "check_gpu_build.sh")], {"PYTHON": sys.executable}
+        # ninja (torch's BuildExtension) is found on PATH: the python's own bin directory first (a venv's ninja)
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
         return ([sys.executable, "setup.py", "build_ext", "--inplace"],
-                {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(min(16, os.cpu_count() or 1)), "PIP_NO_INDEX": "1"})
+                {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(min(16, os.cpu_count() or 1)), "PIP_NO_INDEX": "1",
+                 "PATH": path})
 
     def finish_build(self, proc: subprocess.Popen | None) -> None:
         if proc is None:
@@ -771,7 +780,7 @@ class Suite:
         self.build.update(status=status, extension=so)
         self.record("build", status, time.monotonic() - self.build.pop("t0"), note)
         with open(self.out / "build.log", "w") as f:
-            settings = " ".join(f"{k}={v}" for k, v in self.build["env"].items())
+            settings = " ".join(f"{k}={v}" for k, v in self.build["env"].items() if k != "PATH")
             f.write(f"# build: {status} (exit {rc}{', timed out' if timed_out else ''})\n"
                     f"# command: {settings} {self.build['command']}\n")
             f.write(f"# first error:\n{self.build['first_error'] or '(none)'}\n# ----- last 150 lines -----\n")
@@ -791,7 +800,7 @@ class Suite:
         cmd = [sys.executable, "-m", "pytest", *paths, "-k", expr, "-q", "-o", "addopts=", "-p", "no:cacheprovider"]
         if collect_only:
             return cmd + ["--collect-only"]
-        cmd += ["-rfE", "--tb=line"]
+        cmd += ["-rfEs", "--tb=line"]
         if self.have("xdist"):
             cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
         if self.have("pytest_timeout"):
@@ -908,7 +917,7 @@ class Suite:
             lines.append(f"== {which}: {info.get('summary', info.get('status'))}")
             if "command" in info:
                 lines.append(f"   python {info['command']}")
-            lines += [f"   {ln}" for ln in info.get("failures", [])]
+            lines += [f"   {ln}" for ln in info.get("failures", []) + info.get("skips", [])]
             lines += [f"   | {ln}" for ln in info.get("tail", [])]
         parity = self.section_data("parity")
         if parity.get("parity"):
@@ -930,41 +939,55 @@ class Suite:
                 f"{env.get('date')}, commit {env.get('git_commit') or '-'}; "
                 f"elapsed {result['elapsed_s']:.0f} s of {result['budget_s']:.0f}")
         out = [head, "", "| step | status | s | note |", "|---|---|---|---|"]
-        out += [f"| {k} | {v['status']} | {v['seconds']:.0f} | {v['note'].replace('|', '/')[:160]} |"
+        out += [f"| {k} | {v['status']} | {v['seconds']:.0f} | {v['note'].replace('|', '/')[:110]} |"
                 for k, v in result["steps"].items()]
         if result["build"].get("first_error"):
             out += ["", "build first error: `" + result["build"]["first_error"].splitlines()[0][:300] + "`"]
         copy = result["copy_gb_per_s"]
         out += ["", f"copy bandwidth (D2D, read + write): {f(copy, '.0f')} GB/s", "",
-                "| case | provider | median ms | GB/s | % copy bw | x nepenthe |", "|---|---|---|---|---|---|"]
+                "| case | provider | ms | GB/s | % bw | x ours |", "|---|---|---|---|---|---|"]
         cases: dict[str, list] = {}
         for r in result["rows"]:
             cases.setdefault(r["case"], []).append(r)
         for case, rs in cases.items():
             ref = next((r["median_ms"] for r in rs if r.get("median_ms") and r["provider"].startswith("nepenthe")),
                        None)
-            for r in rs:
+            for k, r in enumerate(rs):
+                name = case if k == 0 else ""  # the case once, on its first provider's row
                 if r.get("error"):
-                    out.append(f"| {case} | {r['provider']} | error: {r['error'].replace('|', '/')[:120]} | | | |")
+                    out.append(f"| {name} | {r['provider']} | error: {r['error'].replace('|', '/')[:120]} | | | |")
                     continue
                 rel = r["median_ms"] / ref if ref else None
-                out.append(f"| {case} | {r['provider']} | {r['median_ms']:.4f} | {f(r.get('gb_per_s'), '.0f')} | "
+                out.append(f"| {name} | {r['provider']} | {r['median_ms']:.4f} | {f(r.get('gb_per_s'), '.0f')} | "
                            f"{f(r.get('pct_copy_bw'), '.1f')} | {f(rel, '.2f')} |")
+        fold_checks = [t for t in result["targets"] if t["target"].startswith("folded ")]
         if result["fold_rows"]:
-            out += ["", "| fold scenario | batch | mode | before ms | after ms | after/before | fold gave | error |",
-                    "|---|---|---|---|---|---|---|---|"]
+            out += ["", f"| fold | batch | mode | before ms | after ms | after/before (<= {FOLD_TARGET_RATIO:g}) "
+                        "| gave |", "|---|---|---|---|---|---|---|"]
             for r in result["fold_rows"]:
+                ratio = r.get("time_ratio")
+                verdict = "" if ratio is None else (" met" if ratio <= FOLD_TARGET_RATIO else " NOT met")
+                gave = (r.get("returned") or "-") if not r.get("error") else r["error"].replace("|", "/")[:100]
                 out.append(f"| {r.get('scenario')} | {r.get('batch')} | {r.get('mode')} | "
                            f"{f(r.get('before_ms'), '.4f')} | {f(r.get('after_ms'), '.4f')} | "
-                           f"{f(r.get('time_ratio'), '.3f')} | "
-                           f"{r.get('returned') or '-'} | {(r.get('error') or '').replace('|', '/')[:100]} |")
+                           f"{f(ratio, '.3f')}{verdict} | {gave} |")
         out += ["", "| target | backend | measured | bound | |", "|---|---|---|---|---|"]
         for t in result["targets"]:
+            if t in fold_checks:
+                continue
             verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
             out.append(f"| {t['target']} | {t['backend']} | {f(t['measured'], '.3f')} {t['unit']} | "
                        f"{t['bound']:g} | {verdict} |")
+        if fold_checks:
+            slower = [f"{t['target'][len('folded '):-len(' never slower')]} {t['measured']:.3f}"
+                      for t in fold_checks if not t["met"]]
+            verdict = "met" if not slower else "NOT met: " + ", ".join(slower)
+            out.append(f"| folded models never slower ({len(fold_checks) - len(slower)}/{len(fold_checks)} rows) | - | "
+                       f"max {max(t['measured'] for t in fold_checks):.3f} after/before | {FOLD_TARGET_RATIO:g} | "
+                       f"{verdict} |")
         met = sum(t["met"] is True for t in result["targets"])
-        out += ["", f"targets met: {met}/{len(result['targets'])}; files: {', '.join(OUT_FILES)} in {self.out}"]
+        out += ["", f"targets met: {met}/{len(result['targets'])} ({env.get('gpu') or env.get('device', '?')}); "
+                    f"files: {', '.join(OUT_FILES)} in {self.out}"]
         return "\n".join(out)
 
 
@@ -976,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "pytest --collect-only, torch.compile backend eager")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke run)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 470; dry 120)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 470; dry 300)")
     p.add_argument("--only", default=None, help=f"comma-separated steps of {','.join(ALL_STEPS)}")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -1000,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("OUT_DIR is required")
     if args.only and not set(args.only.split(",")) <= set(ALL_STEPS):
         p.error(f"--only takes steps of {','.join(ALL_STEPS)}")
-    args.budget = args.budget or (120.0 if args.dry_run else 470.0)
+    args.budget = args.budget or (300.0 if args.dry_run else 470.0)
     if args.device == "cpu" and not args.dry_run and not args.tiny:
         print("note: --device cpu without --tiny runs the GPU sizes on the CPU (slow)", flush=True)
     return Suite(args).run()

@@ -141,10 +141,15 @@ def test_dry_run_marks_every_target(dry):
         hits = [t for t in targets if t["target"].startswith(kind)]
         assert hits, kind
         assert all(isinstance(t["met"], bool) and t["measured"] > 0 for t in hits), hits
+    fold = [t for t in targets if t["target"].startswith("folded ")]
     for t in targets:
         verdict = "met" if t["met"] else "NOT met"
-        assert f"| {t['target']} | {t['backend']} | {t['measured']:.3f} {t['unit']} | {t['bound']:g} | {verdict} |" \
-            in table
+        row = f"| {t['target']} | {t['backend']} | {t['measured']:.3f} {t['unit']} | {t['bound']:g} | {verdict} |"
+        assert (row in table) != (t in fold), row  # the fold rows are one line of the targets table
+    slower = [t for t in fold if not t["met"]]
+    assert f"| folded models never slower ({len(fold) - len(slower)}/{len(fold)} rows) | - | " in table
+    assert ("NOT met: " in table.split("| folded models never slower")[1]) == bool(slower)
+    assert table.count(" met |") + table.count(" NOT met |") >= len(fold)  # each fold row's own verdict
     assert f"targets met: {sum(t['met'] for t in targets)}/{len(targets)}" in table
 
 
