@@ -51,8 +51,17 @@ Output (OUT_DIR, 6 files): ``summary.md`` (the table, also printed last), ``resu
 timing), ``results.json`` (environment, steps, tests, rows, targets), ``build.log`` (first error + tail),
 ``tests.txt`` (pytest summaries and failures), ``steps.log`` (each step's output tail).
 
-``--dry-run`` (= ``--device cpu --tiny``, torch.compile with the ``eager`` backend) runs every step on CPU
-tensors of tiny sizes and writes the same files; tests/test_gpu_suite.py runs it in the default suite.
+The exit status is 0 whenever the report was written (read the table: failed steps, tests and unmet
+targets are marked there), 2 for bad arguments.
+
+``--dry-run`` (= ``--device cpu --tiny``) runs every step with CPU tensors and writes the same files:
+the build step is ``scripts/check_gpu_build.sh`` (joined last, so that nvcc runs beside the other steps),
+the test steps ``pytest --collect-only`` of the same selections, the benchmark sections the same code on
+tiny sizes (ResNet-18 at width 8, the ``mlp_block`` fold scenario with planner ``all``, torch.compile
+with the ``eager`` backend on the first case of each kind, 2 ms timing blocks, one CPU thread);
+tests/test_gpu_suite.py runs it in the default suite and checks the files. ``--device cpu --tiny`` without
+``--dry-run`` runs the GPU-mode steps on the CPU (the build is then the real ``setup.py build_ext``).
+A rerun on a fresh machine that needs the CUDA C++ backend must include ``build`` in ``--only``.
 """
 
 from __future__ import annotations
@@ -777,6 +786,8 @@ class Suite:
             ok = rc == 0 and bool(so)
             status = "ok" if ok else ("timeout" if timed_out else "FAILED")
             note = ", ".join(so) if ok else (self.build["first_error"] or self.last_error(log)).splitlines()[0][:200]
+        if status in ("ok", "skipped"):  # an "error:" in a successful build's log is no build error
+            self.build["first_error"] = None
         self.build.update(status=status, extension=so)
         self.record("build", status, time.monotonic() - self.build.pop("t0"), note)
         with open(self.out / "build.log", "w") as f:
@@ -932,11 +943,10 @@ class Suite:
         env = result["environment"]
         f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         dry = " (DRY RUN on CPU, tiny sizes: numbers mean nothing)" if result["dry_run"] else ""
-        head = (f"# nepenthe GPU suite{dry}"
-                f"\n\n{env.get('gpu') or env.get('device', '?')}, driver {env.get('driver') or '-'}, "
-                f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
-                f"{env.get('nvcc') or 'no nvcc'}, python {env.get('python')}, {env.get('cpu_count')} CPUs, "
-                f"{env.get('date')}, commit {env.get('git_commit') or '-'}; "
+        g = lambda k: env.get(k) or "-"  # noqa: E731
+        head = (f"# nepenthe GPU suite{dry}\n\n{env.get('gpu') or env.get('device') or '-'}, driver {g('driver')}, "
+                f"torch {g('torch')} (CUDA {g('torch_cuda')}), triton {g('triton')}, {env.get('nvcc') or 'no nvcc'}, "
+                f"python {g('python')}, {g('cpu_count')} CPUs, {g('date')}, commit {g('git_commit')}; "
                 f"elapsed {result['elapsed_s']:.0f} s of {result['budget_s']:.0f}")
         out = [head, "", "| step | status | s | note |", "|---|---|---|---|"]
         out += [f"| {k} | {v['status']} | {v['seconds']:.0f} | {v['note'].replace('|', '/')[:110]} |"
@@ -944,8 +954,9 @@ class Suite:
         if result["build"].get("first_error"):
             out += ["", "build first error: `" + result["build"]["first_error"].splitlines()[0][:300] + "`"]
         copy = result["copy_gb_per_s"]
-        out += ["", f"copy bandwidth (D2D, read + write): {f(copy, '.0f')} GB/s", "",
-                "| case | provider | ms | GB/s | % bw | x ours |", "|---|---|---|---|---|---|"]
+        if result["rows"]:
+            out += ["", f"copy bandwidth (D2D, read + write): {f(copy, '.0f')} GB/s", "",
+                    "| case | provider | ms | GB/s | % bw | x ours |", "|---|---|---|---|---|---|"]
         cases: dict[str, list] = {}
         for r in result["rows"]:
             cases.setdefault(r["case"], []).append(r)
@@ -971,7 +982,8 @@ class Suite:
                 out.append(f"| {r.get('scenario')} | {r.get('batch')} | {r.get('mode')} | "
                            f"{f(r.get('before_ms'), '.4f')} | {f(r.get('after_ms'), '.4f')} | "
                            f"{f(ratio, '.3f')}{verdict} | {gave} |")
-        out += ["", "| target | backend | measured | bound | |", "|---|---|---|---|---|"]
+        if result["targets"]:
+            out += ["", "| target | backend | measured | bound | |", "|---|---|---|---|---|"]
         for t in result["targets"]:
             if t in fold_checks:
                 continue
