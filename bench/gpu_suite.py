@@ -826,8 +826,10 @@ class Suite:
             self.skip(step, "no time left in the budget")
             return
         if not self.have("pytest"):
-            self.tests[which] = {"selection": TEST_SELECTIONS[which], "status": "no pytest",
-                                 "note": "pytest is not installed: the built-in parity step checks every backend"}
+            paths, expr = TEST_SELECTIONS[which]
+            self.tests[which] = {"selection": {"paths": paths, "k": expr},
+                                 "summary": "not run: pytest is not installed here; the fallback is the built-in "
+                                            "parity step (every GPU backend vs the reference) and its race check"}
             self.skip(step, "pytest not installed; fallback: built-in parity checks (step parity)")
             return
         collect = self.args.dry_run
@@ -925,7 +927,7 @@ class Suite:
     def write_tests(self) -> None:
         lines = []
         for which, info in self.tests.items():
-            lines.append(f"== {which}: {info.get('summary', info.get('status'))}")
+            lines.append(f"== {which}: {info['summary']}")
             if "command" in info:
                 lines.append(f"   python {info['command']}")
             lines += [f"   {ln}" for ln in info.get("failures", []) + info.get("skips", [])]

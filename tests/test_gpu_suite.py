@@ -246,3 +246,21 @@ def test_a_failed_build_shows_the_first_error_and_the_suite_goes_on(tmp_path, mo
     log = (out / "build.log").read_text()
     assert log.startswith("# build: FAILED (exit 1)") and "# first error:\ncsrc/cuda/a.cu(7)" in log
     assert sorted(p.name for p in out.iterdir()) == sorted(gs.OUT_FILES)
+
+
+def test_without_pytest_the_test_steps_fall_back_to_the_built_in_parity_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs.Suite, "have", lambda self, module: module != "pytest")
+    out = tmp_path / "out"
+    assert gs.main([str(out), "--device", "cpu", "--tiny", "--only", "tests,tests_cuda", "--budget", "60"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    for step in ("tests", "tests_cuda"):
+        assert result["steps"][step]["status"] == "skipped"
+        assert "fallback: built-in parity" in result["steps"][step]["note"]
+    text = (out / "tests.txt").read_text()
+    assert "== triton: not run: pytest is not installed" in text and "== cuda: not run" in text
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit) as exc:
+        gs.main(["/tmp/unused", "--only", "kernels,gpu"])
+    assert exc.value.code == 2
