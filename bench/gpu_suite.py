@@ -958,7 +958,7 @@ class Suite:
         copy = result["copy_gb_per_s"]
         if result["rows"]:
             out += ["", f"copy bandwidth (D2D, read + write): {f(copy, '.0f')} GB/s", "",
-                    "| case | provider | ms | GB/s | % bw | x ours |", "|---|---|---|---|---|---|"]
+                    "| case | provider | ms | GB/s | % bw | time / ours |", "|---|---|---|---|---|---|"]
         cases: dict[str, list] = {}
         for r in result["rows"]:
             cases.setdefault(r["case"], []).append(r)
