@@ -60,3 +60,21 @@ def torchvision_models():
     finally:
         torch.library.register_fake = register_fake
     return models
+
+
+@pytest.fixture(scope="session")
+def gpu_suite_dry_run(tmp_path_factory):
+    """``bench/gpu_suite.sh OUT --dry-run`` once per session: tests/test_gpu_suite.py checks its files, and
+    tests/test_gpu_build.py its build step (scripts/check_gpu_build.sh: nvcc sm_90 of every .cu), so that the
+    CUDA sources compile once per test run. Returns (completed process, OUT_DIR, seconds)."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("gpu_suite_out")
+    env = dict(os.environ, PYTHON=sys.executable)
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(out), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc, out, time.monotonic() - start
