@@ -484,6 +484,7 @@ def _section_measure(args, rec: Recorder) -> None:
 
 def _section_fold(args, rec: Recorder) -> None:
     from nepenthe import benchmark as nb
+    from nepenthe.benchmark.results import _progress_line
 
     dev = args.device
     if args.tiny:
@@ -508,7 +509,7 @@ def _section_fold(args, rec: Recorder) -> None:
                     continue
                 for row in result["rows"]:
                     rec.add(section="fold", **{k: row.get(k) for k in keep})
-                    print(nb._progress_line(row), flush=True)
+                    print(_progress_line(row), flush=True)
 
 
 SECTIONS = {"env": _section_env, "parity": _section_parity, "kernels": _section_kernels, "optim": _section_optim,
