@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
 
+from ._utils import as_args
 from .environment import device_name
 
 
@@ -41,14 +42,10 @@ class LatencyResult:
         return asdict(self)
 
 
-def _as_args(example_input) -> tuple:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 def _prepare(model: nn.Module, example_input, device: torch.device | None):
     params = next(model.parameters(), None)
     device = device or (params.device if params is not None else torch.device("cpu"))
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _as_args(example_input))
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in as_args(example_input))
     return model.to(device).eval(), args, device
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .._utils import first_tensor
 from ..environment import environment
 from ..fold import count_flops, fold
 from ..fold.preview import linearized
@@ -38,16 +39,10 @@ DEFAULT_BATCHES = (1, 8, 32, 128, 256)
 # one CSV row per scenario x batch x mode; the JSON rows hold these plus samples and the fold report
 
 
-def _first_tensor(out) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
 @torch.no_grad()
 def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     """max|a(x) - b(x)| / max|b(x)|."""
-    ya, yb = _first_tensor(a(x)).double(), _first_tensor(b(x)).double()
+    ya, yb = first_tensor(a(x)).double(), first_tensor(b(x)).double()
     return float((ya - yb).abs().max() / yb.abs().max().clamp_min(1e-30))
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._utils import set_submodule
 from ..activations import Rectifier, rectifier_of_call, rectifier_of_module
 from . import algebra
 
@@ -18,9 +19,7 @@ def module_of(gm: fx.GraphModule, node) -> nn.Module | None:
 
 
 def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, child, module)
+    set_submodule(gm, target, module)
 
 
 def only_user(node: fx.Node) -> fx.Node | None:

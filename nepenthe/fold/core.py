@@ -37,6 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .._utils import as_args, first_tensor
 from ..entropy import EntropyStats
 from ..graph import Site, find_sites, trace
 from ..masks import remove_masks
@@ -67,13 +68,10 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
 
 
 def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if isinstance(out, dict) and out:
-        return _first_tensor(next(iter(out.values())))
-    raise FoldError(f"cannot compare model outputs of type {type(out).__name__}")
+    try:
+        return first_tensor(out)
+    except TypeError as exc:
+        raise FoldError(str(exc)) from None
 
 
 def _check_neuron_counts(gm: fx.GraphModule, sites: list[Site], stats: EntropyStats) -> None:
@@ -94,10 +92,6 @@ def _planner_of(planner, threads: int | None, budget_s: float | None) -> Planner
     if isinstance(planner, Planner):
         return planner
     return Planner(planner, threads=threads, budget_s=budget_s)
-
-
-def _as_args(inputs) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _first_sample(args: tuple) -> tuple:
@@ -165,8 +159,8 @@ def fold(
         raise TypeError(f"stats must be the EntropyStats of nepenthe.measure(model, data), got {type(stats).__name__}")
     plan = _planner_of(planner, threads, budget_s)
     plan.start()
-    args = _as_args(example_input)
-    timing_args = _first_sample(args) if latency_input is None else _as_args(latency_input)
+    args = as_args(example_input)
+    timing_args = _first_sample(args) if latency_input is None else as_args(latency_input)
     param = next(model.parameters(), None)
     if param is not None:  # timed where the model lives
         timing_args = tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in timing_args)

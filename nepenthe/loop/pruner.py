@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import budget
+from .._utils import set_submodule
 from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from ..errors import PruneError
 from ..graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
@@ -172,18 +173,13 @@ class Pruner:
         if path is None or "#" in site:
             raise PruneError(f"EASIER replaces activation modules; call site {site!r} is a functional call or a "
                              "module used at several places. Give each activation its own nn.Module instance.")
-        parent_name, _, child = path.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        self.replaced[site] = (path, getattr(parent, child))
-        setattr(parent, child, nn.Identity())
+        self.replaced[site] = (path, set_submodule(self.model, path, nn.Identity()))
 
     def restore_linearized(self, keep: Sequence[str]) -> None:
         """Undo EASIER replacements not in ``keep`` (when rolling back to an earlier iteration)."""
         for site in [s for s in self.replaced if s not in keep]:
             path, original = self.replaced.pop(site)
-            parent_name, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, original)
+            set_submodule(self.model, path, original)
 
     # ----- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> _Snapshot:

@@ -1,0 +1,38 @@
+"""Support tier, private: idioms several layers repeat (a call's positional inputs, the first tensor
+of a model's output, replacing a submodule by its dotted path)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def as_args(inputs) -> tuple:
+    """Positional model inputs: a tuple as it is, anything else as a 1-tuple."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def first_tensor(out) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, or nested tuples / lists / dicts of them);
+    TypeError when there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return first_tensor(next(iter(out.values())))
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}: no tensor in it")
+
+
+def get_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding the submodule at dotted ``path``, the submodule's attribute name)."""
+    parent_name, _, child = path.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), child
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at dotted ``path`` under ``root``; returns the module that was there."""
+    parent, child = get_parent(root, path)
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
