@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from . import ops
-
 MASK_SUFFIX = "_mask"
 
 
@@ -65,26 +63,6 @@ def masked_parameters(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tens
     return found
 
 
-@torch.no_grad()
-def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Zero every masked parameter entry (and its optimizer state, when an optimizer is given)."""
-    for module, param_name, mask in masked_parameters(model):
-        param = getattr(module, param_name)
-        state = optimizer.state.get(param) if optimizer is not None else None
-        ops.apply_mask_(param, mask, state)
-
-
-def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
-    """Re-apply the model's masks after every ``optimizer.step()``; returns the hook handle.
-
-    Masked weights and their momentum / Adam moments stay exactly zero, whatever the optimizer
-    does in between (weight decay, momentum from earlier gradients).
-    """
-    def hook(opt, args, kwargs):
-        enforce_masks(model, opt)
-    return optimizer.register_step_post_hook(hook)
-
-
 def mask_lookup(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | None]:
     """``parameter -> its current mask buffer (or None)`` for the fused optimizers' ``masks=``.
 
@@ -101,17 +79,6 @@ def mask_lookup(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | Non
         owner = owners.get(id(param))
         return None if owner is None else owner[0]._buffers.get(owner[1])
     return lookup
-
-
-def masked_optimizer(model: nn.Module, name: str = "sgd", params: Iterable | None = None, **kwargs):
-    """A fused masked optimizer (``"sgd"`` or ``"adamw"``) over ``params`` (default: the model's
-    trainable parameters) that keeps the model's ``*_mask`` buffers enforced in its own step."""
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-    if name == "sgd":
-        return ops.MaskedSGD(params, masks=mask_lookup(model), **kwargs)
-    if name == "adamw":
-        return ops.MaskedAdamW(params, masks=mask_lookup(model), **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
 
 
 def restore_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

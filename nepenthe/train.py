@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .masks import masked_optimizer
+from .loop.masked_training import masked_optimizer
 
 
 @dataclass

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nepenthe.loop.masked_training import enforce_masks, keep_masks_after_steps
 from nepenthe.masks import (
-    enforce_masks,
     get_mask,
     get_masks,
-    keep_masks_after_steps,
     mask_buffer_name,
     masked_modules,
     prunable_modules,

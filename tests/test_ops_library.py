@@ -321,9 +321,10 @@ def test_masked_optimizers_state_dicts_are_torch_compatible():
 
 def test_masked_optimizer_follows_masks_replaced_between_steps_and_schedulers():
     from nepenthe import masks as mask_api
+    from nepenthe.loop import masked_training
 
     model = _net()
-    opt = mask_api.masked_optimizer(model, "sgd", lr=0.1, momentum=0.9)
+    opt = masked_training.masked_optimizer(model, "sgd", lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     _train_steps(model, opt, steps=1)
     sched.step()

@@ -9,7 +9,7 @@
 
 The loop knows nothing of kernels or data formats: it calls ``measure``, the budget, the mask
 helpers and the two user functions. ``retrain`` must keep the masks enforced after every
-optimizer step (``nepenthe.masks.keep_masks_after_steps`` or the built-in trainer do it).
+optimizer step (``nepenthe.loop.keep_masks_after_steps`` or the built-in trainer do it).
 
 A step cannot destroy the model:
 
@@ -35,9 +35,11 @@ A step cannot destroy the model:
 from ..errors import PruneError
 from .config import METHODS, SELECT_RULES, IterationRecord, PruneConfig, PruneResult
 from .iterate import prune, prune_, select_iteration
+from .masked_training import enforce_masks, keep_masks_after_steps, masked_optimizer
 from .methods import EASIER, EGP, IMP, Nepenthe, PruningMethod, get_method
 from .pruner import Pruner, Step
 
 __all__ = ["EASIER", "EGP", "IMP", "METHODS", "SELECT_RULES", "IterationRecord", "Nepenthe", "PruneConfig",
-           "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "get_method", "prune", "prune_",
+           "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "enforce_masks", "get_method",
+           "keep_masks_after_steps", "masked_optimizer", "prune", "prune_",
            "select_iteration"]
