@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["ADD_FUNCTIONS", "BATCHNORM_MODULES", "LINEAR_MODULES", "PASS_THROUGH_MODULES", "call_is_inplace",
+           "fused_kind", "Rectifier", "rectifier_of_call", "rectifier_of_module"]
+
 
 @dataclass(frozen=True)
 class Rectifier:

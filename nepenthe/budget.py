@@ -12,6 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
+__all__ = ["NORMALIZATIONS", "fan_in", "global_magnitude_counts", "global_magnitude_masks", "irrelevance",
+           "magnitude_mask", "weights_to_prune"]
+
 NORMALIZATIONS = ("none", "fan_in")
 
 

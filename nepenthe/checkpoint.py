@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+
 
 def _atomic_write(path: Path, write) -> Path:
     path = Path(path)

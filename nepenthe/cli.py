@@ -11,6 +11,8 @@ import sys
 
 from ._version import __version__
 
+__all__ = ["main"]
+
 
 def _run_parser(sub) -> None:
     from .data import available_datasets

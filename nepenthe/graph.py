@@ -29,6 +29,9 @@ from .activations import (
 )
 from .errors import TraceError
 
+__all__ = ["call_site_name", "cut_layers", "default_channel_dim", "find_sites", "first_linear_ops",
+           "input_reaches_output", "last_linear_ops", "main_operand", "producer_of", "Site", "trace"]
+
 
 def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:
     """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`."""

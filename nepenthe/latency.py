@@ -22,6 +22,8 @@ from torch.utils.benchmark import Timer
 from ._utils import as_args
 from .environment import device_name
 
+__all__ = ["compare_calls", "compare_latency", "CudaEventTimer", "latency", "LatencyResult"]
+
 
 @dataclass
 class LatencyResult:

@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+__all__ = ["MASK_SUFFIX", "get_mask", "get_masks", "mask_buffer_name", "mask_lookup", "masked_modules",
+           "masked_parameters", "prunable_modules", "remaining_weights", "remove_masks", "restore_masks", "set_mask",
+           "sparsity"]
+
 MASK_SUFFIX = "_mask"
 
 

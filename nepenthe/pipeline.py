@@ -24,6 +24,8 @@ from .models import build_model
 from .progress import progress_bar
 from .train import TrainConfig, evaluate, train
 
+__all__ = ["run", "RunConfig", "summary"]
+
 
 @dataclass
 class RunConfig:

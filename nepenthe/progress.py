@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+__all__ = ["progress_bar", "progress_enabled"]
+
 
 def progress_enabled() -> bool:
     rank = int(os.environ.get("RANK", "0") or 0)

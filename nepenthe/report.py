@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+__all__ = ["entropy_heatmap", "iteration_table", "new_figure", "plot_entropy", "save_figure"]
+
 
 def iteration_table(records: Sequence[dict], max_layers: int = 12) -> str:
     """A fixed-width text table: one row per iteration, one entropy column (L0, L1, ...) per rectifier

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+__all__ = ["structure_key", "StructureKey"]
+
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.memory_format)
 _PLAIN_TYPES = frozenset(_PLAIN)
 _MAPPINGS = frozenset((dict, OrderedDict))

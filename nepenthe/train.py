@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 
 from .loop.masked_training import masked_optimizer
 
+__all__ = ["evaluate", "make_optimizer", "make_scheduler", "train", "TrainConfig"]
+
 
 @dataclass
 class TrainConfig:

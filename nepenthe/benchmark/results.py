@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["CSV_COLUMNS", "check_targets", "format_table", "plot_speedups", "write_results"]
+
 CSV_COLUMNS = [
     "scenario", "batch", "mode", "device", "threads",
     "before_ms", "before_iqr_ms", "before_min_ms", "before_max_ms",

@@ -15,6 +15,9 @@ from ..fold import fold
 from ..fold.preview import empty_layers, forced_stats
 from ..models import mobilenet_v2_cifar, resnet18_cifar, vgg16_bn_cifar
 
+__all__ = ["SCENARIOS", "available_scenarios", "BuiltScenario", "fold_arguments", "get_scenario", "MLPBlock",
+           "Scenario"]
+
 
 class MLPBlock(nn.Module):
     """A transformer MLP block on tokens: ``fc2(act(fc1(x)))`` with GELU, ``[batch, tokens, dim]``."""

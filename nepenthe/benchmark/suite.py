@@ -31,6 +31,8 @@ from .scenarios import (
     get_scenario,
 )
 
+__all__ = ["DEFAULT_BATCHES", "MODES", "fold_scenario", "main_bench", "run_suite"]
+
 MODES = ("eager", "compile")
 
 

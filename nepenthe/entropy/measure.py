@@ -21,6 +21,8 @@ from .probes import (
 )
 from .stats import EntropyOptions, EntropyStats, SiteInfo
 
+__all__ = ["describe_sites", "measure", "StatsRecorder"]
+
 
 def _batch_call(batch, input_fn: Callable | None):
     """(args, kwargs) for the model from one batch of the calibration data."""

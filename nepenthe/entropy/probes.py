@@ -27,6 +27,8 @@ from ..graph import Site, call_site_name, default_channel_dim, find_sites, trace
 from ..structure import StructureKey, structure_key
 from .stats import EntropyOptions, SiteInfo
 
+__all__ = ["clear_trace_cache"]
+
 
 class _Accumulator:
     """Histogram (and, for the batch-mean estimator, per-batch entropy sums) of one call site.

@@ -12,6 +12,8 @@ from .. import ops
 from ..activations import Rectifier
 from ..errors import MeasureError
 
+__all__ = ["ESTIMATORS", "EntropyOptions", "EntropyStats", "SiteInfo"]
+
 ESTIMATORS = ("pooled", "batch_mean")
 
 

@@ -55,6 +55,9 @@ from ..errors import ConfigError
 from ..loop import METHODS, PruneConfig
 from ..train import TrainConfig
 
+__all__ = ["SHIPPED_DIR", "DataSection", "ExperimentConfig", "FoldSection", "from_dict", "LatencySection",
+           "load_config", "ModelSection", "shipped_configs"]
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10

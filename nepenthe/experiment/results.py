@@ -18,6 +18,9 @@ from pathlib import Path
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ..report import entropy_heatmap, new_figure, save_figure
 
+__all__ = ["METRICS", "markdown_table", "plot_accuracy_vs_removed", "plot_entropy_per_method", "runs_csv",
+           "summarize", "write_results"]
+
 # (key in a run's row, column title, format) of the quantities averaged over seeds
 METRICS = [
     ("folded_test", "top-1 %", "{:.2f}"),

@@ -38,6 +38,9 @@ from ..train import evaluate, train
 from .config import ExperimentConfig
 from .results import summarize, write_results
 
+__all__ = ["Experiment", "fold_and_time", "Inputs", "prepare_inputs", "rectifier_count", "resolve_device",
+           "run_experiment", "weight_sparsity"]
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -17,6 +17,12 @@ import math
 import torch
 import torch.nn as nn
 
+__all__ = ["COMPOSED_CONVS", "LINEAR_MODULES", "absorb_constant_inputs_", "absorb_input_offset_",
+           "absorbs_input_offset", "add_identity", "add_to_bias_", "branches_blocker", "compose_kernels64",
+           "conv_merge_blocker", "dense_weight64", "identity_blocker", "is_composed_conv", "is_foldable",
+           "is_plain_conv", "LinearLike", "merge_branches", "merge_conv_conv", "merge_linear_linear", "output_size",
+           "scale_output_channels_", "select_input_channels", "select_output_channels"]
+
 LinearLike = nn.Linear | nn.Conv1d | nn.Conv2d
 LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what a merge candidate can be made of
 

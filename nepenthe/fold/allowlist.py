@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from ..errors import RecipeError
 
+__all__ = []
+
 
 def _collect(prefix: str, namespace, names: str) -> dict:
     # Fixed names from this file; a name missing from this torch version is simply left out.

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from .algebra import _set, compose_kernels64, conv_merge_blocker, merge_conv_conv
 
+__all__ = ["Conv", "merge_padded", "merge_padded_blocker"]
+
 Conv = nn.Conv1d | nn.Conv2d
 
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d)}

@@ -60,6 +60,8 @@ from .report import (
     variant_of,
 )
 
+__all__ = ["fold"]
+
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     diff = float((out.double() - ref.double()).abs().max()) if ref.numel() else 0.0

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+__all__ = ["export_onnx"]
+
 
 def export_onnx(model: nn.Module, example_input, path: str | Path, *, dynamic_batch: bool = False,
                 opset_version: int | None = None, check: bool = True) -> Path:

@@ -32,6 +32,8 @@ from .border import (
     merge_padded_blocker,
 )
 
+__all__ = ["BorderCorrectedConv", "ChannelAffine", "ChannelOffset", "ConstantChannels", "StateRectifier"]
+
 
 class ConstantChannels(nn.Module):
     """The output of an emptied Conv/Linear (all weights zero): its bias, one value per channel,

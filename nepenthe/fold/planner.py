@@ -50,6 +50,9 @@ import torch.nn as nn
 
 from ..latency import CudaEventTimer
 
+__all__ = ["DEFAULT_BUDGET_S", "PLANNER_MODES", "BenchTimer", "Candidate", "Comparison", "log_interval",
+           "paired_ratio", "Planner"]
+
 PLANNER_MODES = ("latency", "all", "none")
 DEFAULT_BUDGET_S = 3.0
 

@@ -31,6 +31,8 @@ from ..masks import remove_masks
 from .modules import StateRectifier
 from .passes.rectifiers import dead_neuron_producer, region_affine
 
+__all__ = ["STATE_CODES", "NeuronState", "empty_layers", "forced_stats", "linearized"]
+
 
 class NeuronState(enum.IntEnum):
     """Per-neuron state codes of :func:`forced_stats` (not the histogram columns of ``nepenthe.ops``,
@@ -42,7 +44,6 @@ class NeuronState(enum.IntEnum):
     MIXED = 3
 
 
-ON, OFF, SAT, MIXED = NeuronState.ON, NeuronState.OFF, NeuronState.SAT, NeuronState.MIXED  # local shorthands
 STATE_CODES = {state.name.lower(): state for state in NeuronState}
 
 
@@ -54,10 +55,10 @@ def _codes(name: str, state, channels: int, rect: Rectifier) -> torch.Tensor:
         codes = torch.full((channels,), STATE_CODES[state], dtype=torch.long)
     else:
         codes = torch.as_tensor(state, dtype=torch.long).flatten()
-        if codes.numel() != channels or bool(((codes < ON) | (codes > MIXED)).any()):
+        if codes.numel() != channels or bool(((codes < NeuronState.ON) | (codes > NeuronState.MIXED)).any()):
             raise ValueError(f"call site {name!r} has {channels} neurons: give {channels} state codes in "
                              f"0..3 (on, off, sat, mixed), got {tuple(codes.shape)} values")
-    if rect.upper is None and bool((codes == SAT).any()):
+    if rect.upper is None and bool((codes == NeuronState.SAT).any()):
         raise ValueError(f"call site {name!r} ({rect.kind}) has no upper kink: it cannot be saturated")
     return codes
 
@@ -83,9 +84,11 @@ def forced_stats(model: nn.Module, example_input, states: Mapping[str, object] |
             continue
         codes = _codes(name, state, hist.shape[0], stats.sites[name].rectifier)
         forced = torch.zeros_like(hist)
-        forced[:, ops.ON] = ((codes == ON) | (codes == MIXED) | (codes == SAT)).long()  # SAT counts are a subset of ON
-        forced[:, ops.OFF] = ((codes == OFF) | (codes == MIXED)).long()
-        forced[:, ops.SAT] = (codes == SAT).long()
+        on, off = codes == NeuronState.ON, codes == NeuronState.OFF
+        sat, mixed = codes == NeuronState.SAT, codes == NeuronState.MIXED
+        forced[:, ops.ON] = (on | mixed | sat).long()  # the SAT column counts a subset of the ON column
+        forced[:, ops.OFF] = (off | mixed).long()
+        forced[:, ops.SAT] = sat.long()
         stats.histogram[name] = forced
     return stats
 

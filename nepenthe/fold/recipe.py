@@ -67,6 +67,8 @@ from .registry import (
     _qualname,
 )
 
+__all__ = ["FORMAT", "FROM_ORIGINAL", "to_recipe"]
+
 FORMAT = "nepenthe.folded/2"
 
 

@@ -13,6 +13,8 @@ from ..errors import RecipeError
 from . import modules
 from .modules import BorderCorrectedConv, ChannelAffine, StateRectifier
 
+__all__ = ["ModuleSpec", "register_module"]
+
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -15,6 +15,9 @@ from ..errors import FoldError
 from . import algebra
 from ._fx import module_of
 
+__all__ = ["VARIANT_FIELDS", "count_flops", "count_linear_ops", "count_params", "critical_path", "FoldReport",
+           "note_blocked", "original_variant", "set_variant", "skip", "variant_of"]
+
 
 @dataclass
 class FoldReport:

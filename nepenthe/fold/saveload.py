@@ -26,6 +26,8 @@ from .recipe import (
     _source,
 )
 
+__all__ = ["load", "save"]
+
 
 def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
          original: nn.Module | None = None) -> Path:

@@ -13,6 +13,8 @@ from ..entropy import EntropyStats
 from .methods import METHODS as _METHOD_CLASSES
 from .methods import PruningMethod, get_method
 
+__all__ = ["METHODS", "SELECT_RULES", "IterationRecord", "PruneConfig", "PruneResult"]
+
 METHODS = tuple(_METHOD_CLASSES)  # the built-in methods' names
 SELECT_RULES = ("depth", "last")
 

@@ -18,6 +18,8 @@ from ..errors import PruneError
 from .config import IterationRecord, PruneConfig, PruneResult
 from .pruner import Pruner, Step, _Snapshot
 
+__all__ = ["prune", "prune_", "select_iteration"]
+
 
 def _checkpoint_path(directory: Path, iteration: int) -> Path:
     return directory / f"iter_{iteration:03d}.pt"

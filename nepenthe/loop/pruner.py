@@ -23,6 +23,8 @@ from ..graph import TraceError, first_linear_ops, input_reaches_output, last_lin
 from ..masks import MASK_SUFFIX, get_mask, remaining_weights, remove_masks, restore_masks, set_mask, sparsity
 from .config import IterationRecord, PruneConfig
 
+__all__ = ["Pruner", "Step"]
+
 
 @dataclass
 class Step:

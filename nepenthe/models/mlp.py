@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn as nn
 
+__all__ = ["MLP", "ResidualBlock", "ResidualMLP"]
+
 
 class MLP(nn.Module):
     """Plain chain: flatten, ``depth`` hidden Linear+ReLU layers of ``width``, Linear classifier."""

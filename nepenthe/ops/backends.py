@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -62,6 +64,9 @@ import torch
 
 from ..errors import BackendUnavailable
 from . import reference
+
+__all__ = ["BACKENDS", "ENV_VAR", "EXTENSION_OPS", "KERNEL_DTYPES", "PREFERENCE", "available_backends", "load",
+           "requested_backend", "reset_cache", "select", "use_backend"]
 
 log = logging.getLogger("nepenthe.ops")
 
@@ -87,7 +92,7 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("nepenthe
 def _load_extension():
     """``nepenthe._C`` or raise ImportError with a message that says how to fix it."""
     try:
-        from .. import _C  # noqa: F401  (registers torch.ops.nepenthe_ext.*)
+        _C = importlib.import_module("nepenthe._C")  # registers torch.ops.nepenthe_ext.*
     except ImportError as exc:
         raise ImportError(
             f"the compiled extension nepenthe._C is not available ({exc}). Build it against the installed torch: "
@@ -134,16 +139,21 @@ def _load_cuda():
     return extension
 
 
-def _source_tree_kernels() -> None:
-    """In a source checkout used without installing, kernels/ sits beside the package directory;
-    an install maps it to nepenthe.kernels (setup.py's package_dir)."""
-    import importlib.util
-
-    import nepenthe
-    if importlib.util.find_spec("nepenthe.kernels") is None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(nepenthe.__file__)))
-        if os.path.isfile(os.path.join(root, "kernels", "__init__.py")) and root not in nepenthe.__path__:
-            nepenthe.__path__.append(root)
+def _import_kernels():
+    """``nepenthe.kernels`` by its absolute name. An install maps the repository's kernels/ there
+    (setup.py's package_dir); a source checkout used without installing (its root on sys.path) has
+    the same files as the top-level package ``kernels`` beside ``nepenthe/``, which is taken only
+    when it is that folder."""
+    try:
+        return importlib.import_module("nepenthe.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "nepenthe.kernels":
+            raise
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) != here:
+        raise ImportError("nepenthe.kernels is not installed (pip install --no-build-isolation -e .)")
+    return importlib.import_module("kernels")
 
 
 def _load_triton():
@@ -151,8 +161,7 @@ def _load_triton():
         raise ImportError("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU "
                           "through the interpreter, for testing)")
     try:
-        _source_tree_kernels()
-        from .. import kernels
+        kernels = _import_kernels()
     except ImportError as exc:
         raise ImportError(f"Triton is not importable ({exc}); pip install triton") from exc
     if not getattr(kernels, "AVAILABLE", False):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["activation_histogram_", "masked_adamw_", "masked_sgd_", "sign_histogram_"]
+
 _ops = torch.ops.nepenthe_ext
 
 

@@ -23,6 +23,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+__all__ = ["ACTIVATIONS", "AGGREGATES", "GELU", "GELU_TANH", "HARDSWISH", "HISTOGRAM_BINS", "LEAKY_RELU",
+           "NONFINITE", "NUM_STATES", "OFF", "ON", "RELU", "RELU6", "RELU6_UPPER", "SAT", "SILU", "STATE_NAMES",
+           "ZERO", "ZERO_AS", "activation", "activation_backward", "activation_histogram_",
+           "aggregate_layer_entropy", "aggregate_layer_entropy_tensor", "apply_mask_", "as_3d", "binary_entropy",
+           "entropy_from_histogram", "masked_adamw_", "masked_sgd_", "neuron_entropy_from_histogram",
+           "sign_histogram", "sign_histogram_", "state_counts", "upper_kink", "view_3d"]
+
 ON, OFF, ZERO, SAT, NONFINITE = 0, 1, 2, 3, 4
 NUM_STATES = 4
 HISTOGRAM_BINS = (4, 5)

@@ -11,6 +11,8 @@ from .. import algebra
 from .._fx import module_of, only_user, rectifier_at, set_module
 from ..report import FoldReport
 
+__all__ = ["remove_constant_channels"]
+
 
 def remove_constant_channels(gm: fx.GraphModule, report: FoldReport) -> None:
     for node in list(gm.graph.nodes):

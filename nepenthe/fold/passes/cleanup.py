@@ -13,6 +13,8 @@ from ...activations import BATCHNORM_MODULES, PASS_THROUGH_MODULES
 from .._fx import module_of, only_user, set_module
 from ..report import FoldReport
 
+__all__ = ["fuse_batchnorm", "remove_noops"]
+
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout)
 
 

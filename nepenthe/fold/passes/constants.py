@@ -24,6 +24,8 @@ from .._fx import (
 )
 from ..report import FoldReport
 
+__all__ = ["absorb_constant_addends", "collapse_constant_additions", "delete_empty_ops"]
+
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops that keep the shape of their only tensor input (the chain walk passes through them)."""

@@ -12,6 +12,8 @@ from .._fx import erase, linear_op, module_of, only_user, set_module
 from ..planner import Candidate, Planner
 from ..report import FoldReport, note_blocked
 
+__all__ = ["merge_linear_ops"]
+
 
 def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
     """``x + m(x)`` -> one op (identity added into m), and ``a(x) + b(x)`` -> one op."""

@@ -14,6 +14,8 @@ from .. import algebra, modules
 from .._fx import is_inplace, model_dtype, module_of, only_user, same_channel_dim
 from ..report import FoldReport, skip
 
+__all__ = ["approximation_errors", "dead_neuron_producer", "linearize_rectifiers", "region_affine"]
+
 
 def region_affine(rect: Rectifier, off: torch.Tensor, sat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (slope, offset) of a linearized rectifier."""
