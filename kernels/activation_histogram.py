@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nepenthe.ops.constants import ACTIVATIONS
+
 from .sign_histogram import (
     ALIGNED_TILE_ARGS,
     GPU_NUM_WARPS,
@@ -35,10 +37,6 @@ from .sign_histogram import (
     upcast,
     upper_bits_for,
 )
-
-# Same numbering as nepenthe.ops.reference.ACTIVATIONS (tests check it).
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "gelu", "gelu_tanh", "silu", "hardswish")
-RELU, RELU6, LEAKY_RELU, GELU, GELU_TANH, SILU, HARDSWISH = range(len(ACTIVATIONS))
 
 
 @triton.jit

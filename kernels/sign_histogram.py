@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-ON, OFF, ZERO, SAT, NONFINITE = range(5)
+from nepenthe.ops.constants import KERNEL_DTYPES  # shared with csrc/ and ops/
+
 UNIT_NONE, UNIT_C, UNIT_N = 0, 1, 2
 UNITS = (UNIT_NONE, UNIT_C, UNIT_N)
 
@@ -46,7 +47,6 @@ PROGRAMS_PER_SM = 16
 # big tiles cheaply, so cover small tensors with one program of one large tile.
 INTERPRETER_MAX_TILE = 16384
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----- device helpers shared with activation_histogram -----------------------------------------------

@@ -18,9 +18,9 @@ environment variable ``NEPENTHE_BACKEND=triton|cuda|cpp|torch``) wins, and raise
 the device's preference list that loads and supports the dtype is used (CUDA: cuda, triton, torch;
 CPU: cpp, torch); a backend that fails to load is skipped with one warning saying why.
 
-**The backend contract.** A backend is any object with these four functions; the public ops in
-:mod:`nepenthe.ops.library` validate arguments and lay tensors out before calling them, so a
-backend may rely on what is written here and nothing more:
+**The backend contract.** A backend is any object with these four functions; the public ops (one
+module each: ``sign_histogram``, ``activation_histogram``, ...) validate arguments and lay tensors
+out before calling them, so a backend may rely on what is written here and nothing more:
 
 ``sign_histogram_(hist, x3, upper)``
     Add the sign counts of ``x3`` into ``hist``. ``x3``: a 3-D ``[outer, C, inner]`` tensor of
@@ -32,7 +32,7 @@ backend may rely on what is written here and nothing more:
 ``activation_histogram_(x3, y3, hist, kind, negative_slope, upper)``
     ``y3 = φ(x3)`` and the counts of ``x3`` added into ``hist``, reading ``x3`` once. ``y3`` has
     the shape and dtype of ``x3``, its own arbitrary strides, and may be the very same memory as
-    ``x3`` (an inplace activation). ``kind``: int index into ``reference.ACTIVATIONS``;
+    ``x3`` (an inplace activation). ``kind``: int index into ``constants.ACTIVATIONS``;
     ``negative_slope`` is used by leaky_relu only. Compute in fp32 (fp64 for fp64 input).
 ``masked_sgd_(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay,
 nesterov, maximize, first_step)``
@@ -57,22 +57,23 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import BackendUnavailable
 from . import reference
+from .constants import KERNEL_DTYPES
 
-__all__ = ["BACKENDS", "ENV_VAR", "EXTENSION_OPS", "KERNEL_DTYPES", "PREFERENCE", "available_backends", "load",
-           "requested_backend", "reset_cache", "select", "use_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "EXTENSION_OPS", "KERNEL_DTYPES", "PREFERENCE", "TABLE", "Backend",
+           "available_backends", "load", "requested_backend", "reset_cache", "select", "use_backend"]
 
 log = logging.getLogger("nepenthe.ops")
 
-BACKENDS = ("cuda", "triton", "cpp", "torch")
-PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BACKENDS = ("cuda", "triton", "cpp", "torch")  # the rows of TABLE (below, after the loaders)
+PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}  # automatic choice, by device type
+
 ENV_VAR = "NEPENTHE_BACKEND"
 
 
@@ -169,16 +170,40 @@ def _load_triton():
     return kernels
 
 
-_LOADERS = {"torch": lambda: reference, "cpp": _load_cpp, "cuda": _load_cuda, "triton": _load_triton}
+@dataclass(frozen=True)
+class Backend:
+    """A backend as data: its name, the device types it runs on (None: any), the dtypes it has kernels
+    for (None: any) and how it is loaded (returns the implementation or raises ImportError)."""
+
+    name: str
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...] | None
+    loader: Callable[[], object]
+
+    def runs_on(self, device: torch.device) -> bool:
+        if self.name == "triton" and device.type == "cpu":  # Triton's interpreter runs CPU tensors (tests)
+            return os.environ.get("TRITON_INTERPRET") == "1"
+        return self.devices is None or device.type in self.devices
+
+    def has_kernels_for(self, dtypes: tuple[torch.dtype, ...]) -> bool:
+        return self.dtypes is None or all(d in self.dtypes for d in dtypes)
+
+
+TABLE: dict[str, Backend] = {b.name: b for b in (
+    Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda),
+    Backend("triton", ("cuda",), KERNEL_DTYPES, _load_triton),
+    Backend("cpp", ("cpu",), KERNEL_DTYPES, _load_cpp),
+    Backend("torch", None, None, lambda: reference),
+)}
 
 
 def load(name: str) -> object:
     """The backend's implementation; :class:`BackendUnavailable` (saying why) when it cannot load."""
-    if name not in _LOADERS:
+    if name not in TABLE:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     if name not in _loaded:
         try:
-            _loaded[name] = _Loaded(_LOADERS[name](), None)
+            _loaded[name] = _Loaded(TABLE[name].loader(), None)
         except Exception as exc:  # a broken .so or a missing package must never break `import nepenthe`
             _loaded[name] = _Loaded(None, str(exc))
     entry = _loaded[name]
@@ -220,30 +245,20 @@ def use_backend(name: str | None) -> Iterator[None]:
         _override.reset(token)
 
 
-def _device_ok(name: str, device: torch.device) -> bool:
-    if name == "torch":
-        return True
-    if name == "cpp":
-        return device.type == "cpu"
-    if name == "cuda":
-        return device.type == "cuda"
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def select(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> tuple[str, object]:
     """(name, implementation) of the backend that runs ``op`` on tensors of ``device``/``dtypes``."""
     requested = requested_backend()
     if requested is not None:
         impl = load(requested)
-        if not _device_ok(requested, device):
+        if not TABLE[requested].runs_on(device):
             raise BackendUnavailable(f"backend {requested!r} was requested for {op} but cannot run on {device} "
                                      f"tensors; unset {ENV_VAR} / use_backend or move the tensors")
-        if requested != "torch" and any(d not in KERNEL_DTYPES for d in dtypes):
+        if not TABLE[requested].has_kernels_for(dtypes):
             raise BackendUnavailable(f"backend {requested!r} was requested for {op} but has no kernel for "
                                      f"{[str(d) for d in dtypes]}; supported: fp32, fp16, bf16, fp64")
         return requested, impl
     for name in PREFERENCE.get(device.type, ("torch",)):
-        if name != "torch" and any(d not in KERNEL_DTYPES for d in dtypes):
+        if not TABLE[name].has_kernels_for(dtypes):
             continue
         try:
             return name, load(name)

@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .library import masked_adamw_, masked_sgd_
+from .masked_optim import masked_adamw_, masked_sgd_
+
+__all__ = ["MaskedAdamW", "MaskedSGD"]
 
 MaskSource = Mapping[Tensor, Tensor] | Callable[[Tensor], Tensor | None] | None
 
