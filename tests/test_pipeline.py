@@ -65,7 +65,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_run_on_an_image_dataset_with_augmentation(tmp_path, capsys):
-    from test_data_formats import write_cifar10
+    from tests.data.test_data_formats import write_cifar10
 
     write_cifar10(tmp_path / "data")
     out = tmp_path / "out"

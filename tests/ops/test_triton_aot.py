@@ -23,7 +23,7 @@ import torch
 
 from nepenthe.ops import backends, reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "aot_triton.py")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

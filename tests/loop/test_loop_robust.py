@@ -10,12 +10,21 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from test_loop import Scripted, Snapshots, assert_same_state, data, make_model, make_retrain, records_without_time, run
 
 from nepenthe import PruneConfig, prune
 from nepenthe.budget import magnitude_mask
 from nepenthe.masks import get_mask, get_masks
 from nepenthe.train import TrainConfig, train
+from tests.loop.test_loop import (
+    Scripted,
+    Snapshots,
+    assert_same_state,
+    data,
+    make_model,
+    make_retrain,
+    records_without_time,
+    run,
+)
 
 __all__ = ["data"]  # the shared fixture
 
