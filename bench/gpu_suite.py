@@ -59,7 +59,7 @@ the build step is ``scripts/check_gpu_build.sh`` (joined last, so that nvcc runs
 the test steps ``pytest --collect-only`` of the same selections, the benchmark sections the same code on
 tiny sizes (ResNet-18 at width 8, the ``mlp_block`` fold scenario with planner ``all``, torch.compile
 with the ``eager`` backend on the first case of each kind, 2 ms timing blocks, one CPU thread);
-tests/test_gpu_suite.py runs it in the default suite and checks the files. ``--device cpu --tiny`` without
+tests/ops/test_gpu_suite.py runs it in the default suite and checks the files. ``--device cpu --tiny`` without
 ``--dry-run`` runs the GPU-mode steps on the CPU (the build is then the real ``setup.py build_ext``).
 A rerun on a fresh machine that needs the CUDA C++ backend must include ``build`` in ``--only``.
 """
@@ -86,8 +86,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # pytest selections of the GPU run (the dry run collects exactly these)
 TEST_SELECTIONS = {
-    "triton": (["tests/test_backends.py", "tests/test_triton_aot.py"], "triton and not compiles_for_sm90"),
-    "cuda": (["tests/test_backends.py"], "cuda"),
+    "triton": (["tests/ops/test_backends.py", "tests/ops/test_triton_aot.py"], "triton and not compiles_for_sm90"),
+    "cuda": (["tests/ops/test_backends.py"], "cuda"),
 }
 STEP_BUDGETS = {"env": 30, "build": 240, "tests": 150, "tests_cuda": 90, "parity": 60, "kernels": 90, "optim": 80,
                 "measure": 45, "fold": 180}

@@ -64,8 +64,8 @@ def torchvision_models():
 
 @pytest.fixture(scope="session")
 def gpu_suite_dry_run(tmp_path_factory):
-    """``bench/gpu_suite.sh OUT --dry-run`` once per session: tests/test_gpu_suite.py checks its files, and
-    tests/test_gpu_build.py its build step (scripts/check_gpu_build.sh: nvcc sm_90 of every .cu), so that the
+    """``bench/gpu_suite.sh OUT --dry-run`` once per session: tests/ops/test_gpu_suite.py checks its files, and
+    tests/ops/test_gpu_build.py its build step (scripts/check_gpu_build.sh: nvcc sm_90 of every .cu), so that the
     CUDA sources compile once per test run. Returns (completed process, OUT_DIR, seconds)."""
     import subprocess
     import time

@@ -13,11 +13,13 @@ import os
 import pytest
 import torch
 
+from nepenthe import testing
 from nepenthe.ops import backends, reference
 from nepenthe.ops.reference import ACTIVATIONS
+from nepenthe.testing import signed_values, tolerance
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ALL_DTYPES = DTYPES + [torch.float64]
+DTYPES = list(testing.DTYPES)
+ALL_DTYPES = list(testing.ALL_DTYPES)
 
 
 def _device_for(name: str) -> torch.device:
@@ -46,13 +48,8 @@ def _small(name: str) -> bool:
 
 
 def _signed_values(shape, dtype, device, *, upper=None, seed=0) -> torch.Tensor:
-    """Random values with exact zeros and (when given) exact ties at the upper kink."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 4
-    x[torch.rand(shape, generator=g) < 0.15] = 0.0
-    if upper is not None:
-        x[torch.rand(shape, generator=g) < 0.1] = upper
-    return x.to(dtype=dtype, device=device)
+    """Random values with exact zeros (+0.0 and -0.0) and (when given) exact ties at the upper kink."""
+    return signed_values(shape, dtype, device, upper=upper, seed=seed)
 
 
 def _hist(x3: torch.Tensor, bins: int) -> torch.Tensor:
@@ -242,8 +239,8 @@ def _clone(lists):
 
 
 def _opt_tolerance(dtype):
-    return {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
-            torch.float64: (1e-12, 1e-12)}[dtype]
+    tol = tolerance(dtype)
+    return tol["rtol"], tol["atol"]
 
 
 def _assert_masked_zero(tensors, masks):

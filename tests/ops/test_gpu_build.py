@@ -2,9 +2,9 @@
 csrc/cuda/*.cu and a host-compiler syntax check of the ATen glue csrc/cuda/ops_cuda.cpp.
 
 The script runs once per test session, as the build step of the GPU suite's dry run (the shared fixture
-``gpu_suite_dry_run`` of conftest.py; tests/test_gpu_suite.py checks the rest of that run). Skipped where
+``gpu_suite_dry_run`` of conftest.py; tests/ops/test_gpu_suite.py checks the rest of that run). Skipped where
 nvcc is absent (the script itself would only print SKIP). Running the kernels needs a GPU:
-tests/test_backends.py covers that with the "cuda" backend, and bench/gpu_suite.sh on a GPU machine.
+tests/ops/test_backends.py covers that with the "cuda" backend, and bench/gpu_suite.sh on a GPU machine.
 """
 
 from __future__ import annotations

@@ -77,9 +77,9 @@ def test_dry_run_collects_the_gpu_test_selections(dry):
     # the selections hold the GPU backends' tests and nothing else
     cuda_ids, triton_ids = result["tests"]["cuda"]["node_ids"], result["tests"]["triton"]["node_ids"]
     assert len(cuda_ids) == result["tests"]["cuda"]["collected"]
-    assert all(i.startswith("tests/test_backends.py::") and ("[cuda-" in i or "[cuda]" in i) for i in cuda_ids)
-    assert all("[triton-" in i or "[triton]" in i or i.startswith("tests/test_triton_aot.py::") for i in triton_ids)
-    assert any(i.startswith("tests/test_triton_aot.py::test_gpu_plans") for i in triton_ids)
+    assert all(i.startswith("tests/ops/test_backends.py::") and ("[cuda-" in i or "[cuda]" in i) for i in cuda_ids)
+    assert all("[triton-" in i or "[triton]" in i or i.startswith("tests/ops/test_triton_aot.py::") for i in triton_ids)
+    assert any(i.startswith("tests/ops/test_triton_aot.py::test_gpu_plans") for i in triton_ids)
     assert not any("compiles_for_sm90" in i for i in triton_ids)  # the AOT compile runs in the default suite
 
 
@@ -166,8 +166,8 @@ def test_first_error_finds_the_compiler_error():
 
 
 def test_parse_pytest_summary():
-    text = "....F.s\nFAILED tests/test_backends.py::test_x[cuda-nchw] - AssertionError\n" \
-           "ERROR tests/test_backends.py::test_y[triton]\n= 1 failed, 600 passed, 3 skipped, 1 error in 41.2s ="
+    text = "....F.s\nFAILED tests/ops/test_backends.py::test_x[cuda-nchw] - AssertionError\n" \
+           "ERROR tests/ops/test_backends.py::test_y[triton]\n= 1 failed, 600 passed, 3 skipped, 1 error in 41.2s ="
     got = gs.parse_pytest(text)
     assert (got["passed"], got["failed"], got["skipped"], got["errors"]) == (600, 1, 3, 1)
     assert got["summary"] == "1 failed, 600 passed, 3 skipped, 1 error in 41.2s"

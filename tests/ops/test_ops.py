@@ -14,6 +14,7 @@ import torch
 
 from nepenthe import ops
 from nepenthe.ops import OFF, ON, SAT, ZERO
+from nepenthe.testing import signed_values
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -41,13 +42,7 @@ def loop_histogram(x: torch.Tensor, channel_dim: int = 1, upper: float | None = 
 
 def sample(shape, seed: int = 0, dtype=torch.float32, scale: float = 4.0) -> torch.Tensor:
     """Random values with plenty of exact zeros and values around the ReLU6 kink (6 exactly too)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * scale
-    pick = torch.rand(shape, generator=g)
-    x = torch.where(pick < 0.15, torch.zeros_like(x), x)
-    x = torch.where((pick >= 0.15) & (pick < 0.2), torch.full_like(x, 6.0), x)
-    x = torch.where((pick >= 0.2) & (pick < 0.25), torch.full_like(x, -0.0), x)
-    return x.to(dtype)
+    return signed_values(shape, dtype, seed=seed, scale=scale, upper=6.0)
 
 
 def hist(rows) -> torch.Tensor:
