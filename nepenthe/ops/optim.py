@@ -54,7 +54,23 @@ def _mask_for(getter, p: Tensor, who: str) -> Tensor | None:
         return None
     if mask.shape != p.shape:
         raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape {tuple(p.shape)}")
-    return mask.to(device=p.device, dtype=torch.bool).contiguous()
+    if mask.dtype is not torch.bool or mask.device != p.device:  # (skip two calls per parameter and step)
+        mask = mask.to(device=p.device, dtype=torch.bool)
+    return mask if mask.is_contiguous() else mask.contiguous()
+
+
+def _increment_steps(states: list[dict]) -> list[int]:
+    """Add 1 to every ``state["step"]`` and return the new counts: one foreach add and one read for
+    the usual float32 CPU step tensors (as torch.optim.AdamW keeps them), one at a time otherwise."""
+    steps = [state["step"] for state in states]
+    if steps and all(type(t) is Tensor and t.device.type == "cpu" and t.dim() == 0 for t in steps):
+        torch._foreach_add_(steps, 1)
+        return [int(x) for x in torch.stack(steps).tolist()]
+    counts = []
+    for state in states:
+        state["step"] += 1
+        counts.append(int(state["step"]))
+    return counts
 
 
 class MaskedSGD(torch.optim.Optimizer):
@@ -122,19 +138,18 @@ class MaskedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             beta1, beta2 = group["betas"]
-            by_step: dict[int, tuple[list, ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            stepped = [p for p in group["params"] if p.grad is not None]
+            states = [self.state[p] for p in stepped]
+            for p, state in zip(stepped, states):
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                lists = by_step.setdefault(int(state["step"]), ([], [], [], [], [], []))
+            by_step: dict[int, tuple[list, ...]] = {}
+            for p, state, step in zip(stepped, states, _increment_steps(states)):
+                lists = by_step.setdefault(step, ([], [], [], [], [], []))
                 for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
                                               state.get("max_exp_avg_sq"),
                                               _mask_for(self._mask_of, p, "MaskedAdamW"))):
