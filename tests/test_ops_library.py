@@ -406,3 +406,21 @@ def test_masked_adamw_steps_count_per_parameter():
     opt.step()
     assert [int(opt.state[p]["step"]) for p in params] == [2] + [3] * (len(params) - 1)
     assert all(opt.state[p]["step"].dtype == torch.float32 for p in params)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masked_optimizers_see_masks_edited_in_place(cpu_backend, mask_dtype):
+    """Masks are looked up every step; an in-place edit (a pruning round growing the mask) is applied
+    at the next step, also for a mask that needs converting to bool."""
+    model = _net()
+    masks = {p: torch.ones(p.shape, dtype=mask_dtype) for p in model.parameters() if p.dim() > 1}
+    for opt in (ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks),
+                ops.MaskedAdamW(model.parameters(), lr=1e-2, masks=masks)):
+        for m in masks.values():
+            m.fill_(1)
+        _train_steps(model, opt, steps=1)
+        for m in masks.values():
+            m[0, :2] = 0
+        _train_steps(model, opt, steps=1)
+        for p, m in masks.items():
+            assert bool((p[0, :2] == 0).all()) and bool((p[m.bool()] != 0).all())

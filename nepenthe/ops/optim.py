@@ -48,24 +48,35 @@ def _evaluate_closure(closure) -> Tensor | None:
         return closure()
 
 
-def _mask_for(getter, p: Tensor, who: str) -> Tensor | None:
+def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor | None:
+    """The bool mask of ``p`` on its device (None: unmasked). ``ready`` (id(p) -> mask) skips the checks
+    while the getter keeps returning the same mask object that needed no conversion: its dtype and
+    device cannot change in place, and the kernels re-check shape and layout. (A converted copy is
+    made afresh at every step, so in-place edits of the mask are always seen.)"""
     mask = getter(p)
     if mask is None:
         return None
+    if ready is not None:
+        if ready.get(id(p)) is mask:
+            return mask
     if mask.shape != p.shape:
         raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape {tuple(p.shape)}")
-    if mask.dtype is not torch.bool or mask.device != p.device:  # (skip two calls per parameter and step)
-        mask = mask.to(device=p.device, dtype=torch.bool)
-    return mask if mask.is_contiguous() else mask.contiguous()
+    prepared = mask.to(device=p.device, dtype=torch.bool).contiguous()
+    if ready is not None and prepared is mask:
+        ready[id(p)] = mask
+    return prepared
 
 
 def _increment_steps(states: list[dict]) -> list[int]:
     """Add 1 to every ``state["step"]`` and return the new counts: one foreach add and one read for
     the usual float32 CPU step tensors (as torch.optim.AdamW keeps them), one at a time otherwise."""
     steps = [state["step"] for state in states]
-    if steps and all(type(t) is Tensor and t.device.type == "cpu" and t.dim() == 0 for t in steps):
+    if steps and all(type(t) is Tensor for t in steps):
         torch._foreach_add_(steps, 1)
-        return [int(x) for x in torch.stack(steps).tolist()]
+        try:
+            return [int(x) for x in torch.stack(steps).tolist()]
+        except RuntimeError:  # steps on several devices (or not scalars): read one at a time
+            return [int(t) for t in steps]
     counts = []
     for state in states:
         state["step"] += 1
@@ -91,6 +102,7 @@ class MaskedSGD(torch.optim.Optimizer):
                         maximize=maximize)
         super().__init__(params, defaults)
         self._mask_of = _mask_getter(masks)
+        self._masks_ready: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +123,7 @@ class MaskedSGD(torch.optim.Optimizer):
                 grads.append(_grad_of(p, "MaskedSGD"))
                 if momentum != 0:
                     bufs.append(state["momentum_buffer"])
-                masks.append(_mask_for(self._mask_of, p, "MaskedSGD"))
+                masks.append(_mask_for(self._mask_of, p, "MaskedSGD", self._masks_ready))
             for first, (params, grads, bufs, masks) in batches.items():
                 if params:
                     masked_sgd_(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
@@ -131,6 +143,7 @@ class MaskedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize)
         self._mask_of = _mask_getter(masks)
+        self._masks_ready: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -152,7 +165,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 lists = by_step.setdefault(step, ([], [], [], [], [], []))
                 for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
                                               state.get("max_exp_avg_sq"),
-                                              _mask_for(self._mask_of, p, "MaskedAdamW"))):
+                                              _mask_for(self._mask_of, p, "MaskedAdamW", self._masks_ready))):
                     seq.append(value)
             for step, (params, grads, exp_avgs, exp_avg_sqs, maxes, masks) in by_step.items():
                 masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes if amsgrad else [], masks,
