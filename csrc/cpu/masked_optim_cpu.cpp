@@ -165,8 +165,14 @@ struct AdamKernel {
 // once over a lane type V: V8 (AVX2 + FMA, 8 lanes) and V16 (AVX-512 F/BW/VL/DQ, 16 lanes; what
 // torch's own fused steps use where the CPU has it). The last n % V::N elements go through the same
 // body on zero-padded copies, so every element of a tensor gets the same arithmetic wherever a
-// thread's share of the tensor starts or ends.
-#if NEP_X86
+// thread's share of the tensor starts or ends. gcc only (the per-ISA copies are made with `#pragma
+// GCC target`); other compilers build the portable loops.
+#if NEP_X86 && !defined(__clang__)
+#define NEP_OPTIM_SIMD 1
+#else
+#define NEP_OPTIM_SIMD 0
+#endif
+#if NEP_OPTIM_SIMD
 #define NEP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define NEP_AVX2_INLINE NEP_TARGET_AVX2 inline __attribute__((always_inline))
 #define NEP_AVX512_INLINE NEP_TARGET_AVX512 inline __attribute__((always_inline))
@@ -279,7 +285,7 @@ using V = V16;
 #include "masked_optim_simd.h"
 }  // namespace avx512
 #pragma GCC pop_options
-#endif  // NEP_X86
+#endif  // NEP_OPTIM_SIMD
 
 // fp32 and bf16 on an AVX2 / AVX-512 machine: the SIMD kernels; otherwise (and for fp16 / fp64)
 // the portable loops above (their AVX2 clone where gcc vectorises them).
@@ -288,7 +294,7 @@ constexpr bool kHasSimdKernel = std::is_same_v<T, float> || std::is_same_v<T, c1
 
 template <class T, bool HAS_BUF, bool HAS_MASK>
 void sgd_piece(T* p, const T* g, T* b, const uint8_t* mk, int64_t n, const SgdScalars* s) {
-#if NEP_X86
+#if NEP_OPTIM_SIMD
   if constexpr (kHasSimdKernel<T>) {
     if (cpu_has_avx512()) return avx512::run_simd<avx512::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
     if (cpu_has_avx2()) return avx2::run_simd<avx2::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
@@ -299,7 +305,7 @@ void sgd_piece(T* p, const T* g, T* b, const uint8_t* mk, int64_t n, const SgdSc
 
 template <class T, bool AMSGRAD, bool HAS_MASK>
 void adam_piece(T* p, const T* g, T* m, T* v, T* vmax, const uint8_t* mk, int64_t n, const AdamScalars* s) {
-#if NEP_X86
+#if NEP_OPTIM_SIMD
   if constexpr (kHasSimdKernel<T>) {
     if (cpu_has_avx512()) return avx512::run_simd<avx512::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
     if (cpu_has_avx2()) return avx2::run_simd<avx2::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
