@@ -95,7 +95,11 @@ def sgd_case(device="cpu", dtype=torch.float32, weight_decay=5e-4) -> Case:
     """One SGD step (momentum 0.9) over the ResNet-18 parameters in ``dtype`` (fp32 / bf16 params,
     state in the same dtype). ``torch_fused_unmasked``: torch.optim.SGD(fused=True), torch's fastest
     step (CPU too), the target; ``torch_unmasked``: foreach=True; ``torch+mask``: foreach step then
-    the masks multiplied in."""
+    the masks multiplied in.
+
+    Caveat (torch 2.13 CPU): SGD(fused=True) on bf16 parameters is wrong: its vector loop never
+    stores the parameter (only each tensor's scalar tail, size % 32 here, is updated) and reads the
+    bf16 momentum buffer as fp32, so it moves ~8 bytes per element where a correct step moves 10."""
     params, masks = resnet18_parameters(device, dtype)
     kwargs = dict(SGD_KWARGS, weight_decay=weight_decay)
     ours = ops.MaskedSGD(params, masks=masks, **kwargs)
