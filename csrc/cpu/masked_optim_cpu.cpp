@@ -158,6 +158,162 @@ struct AdamKernel {
   }
 };
 
+// ----- SIMD kernels for fp32 and bf16 storage ------------------------------------------------------------
+// One pass with explicit intrinsics (gcc does not vectorise the bf16 rounding, the mask widening or
+// the square root around a division well): load, the step's arithmetic in fp32 lanes, the mask
+// (masked lanes become exactly +0.0 whatever the arithmetic gave), store. The kernels are written
+// once over a lane type V: V8 (AVX2 + FMA, 8 lanes) and V16 (AVX-512 F/BW/VL/DQ, 16 lanes; what
+// torch's own fused steps use where the CPU has it). The last n % V::N elements go through the same
+// body on zero-padded copies, so every element of a tensor gets the same arithmetic wherever a
+// thread's share of the tensor starts or ends. gcc only (the per-ISA copies are made with `#pragma
+// GCC target`); other compilers build the portable loops.
+#if NEP_X86 && !defined(__clang__)
+#define NEP_OPTIM_SIMD 1
+#else
+#define NEP_OPTIM_SIMD 0
+#endif
+#if NEP_OPTIM_SIMD
+#define NEP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define NEP_AVX2_INLINE NEP_TARGET_AVX2 inline __attribute__((always_inline))
+#define NEP_AVX512_INLINE NEP_TARGET_AVX512 inline __attribute__((always_inline))
+
+// NEPENTHE_CPU_NO_AVX512=1 keeps these kernels on AVX2 (to test that path on an AVX-512 machine).
+inline bool cpu_has_avx512() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         !(std::getenv("NEPENTHE_CPU_NO_AVX512") && std::getenv("NEPENTHE_CPU_NO_AVX512")[0] == '1');
+  return ok;
+}
+
+// bf16 rounding as c10 does it: nearest even, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+struct V8 {
+  static constexpr int N = 8;
+  using R = __m256;
+  using K = __m256;  // all-ones lanes = keep
+  static NEP_AVX2_INLINE R set1(float x) { return _mm256_set1_ps(x); }
+  static NEP_AVX2_INLINE R zero() { return _mm256_setzero_ps(); }
+  static NEP_AVX2_INLINE R sign_mask(bool neg) {
+    return _mm256_castsi256_ps(_mm256_set1_epi32(neg ? int32_t(0x80000000u) : 0));
+  }
+  static NEP_AVX2_INLINE R ld(const float* p) { return _mm256_loadu_ps(p); }
+  static NEP_AVX2_INLINE R ld(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the bits shifted up
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static NEP_AVX2_INLINE void st(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static NEP_AVX2_INLINE void st(c10::BFloat16* p, R v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // every lane is in [0, 0xFFFF], so the unsigned-saturating pack is exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  static NEP_AVX2_INLINE K keep(const uint8_t* mk) {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mk)));
+    return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
+  }
+  static NEP_AVX2_INLINE R apply(K k, R v) { return _mm256_and_ps(v, k); }
+  static NEP_AVX2_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static NEP_AVX2_INLINE R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static NEP_AVX2_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static NEP_AVX2_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static NEP_AVX2_INLINE R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static NEP_AVX2_INLINE R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static NEP_AVX2_INLINE R sqrt(R a) { return _mm256_sqrt_ps(a); }
+  static NEP_AVX2_INLINE R bxor(R a, R b) { return _mm256_xor_ps(a, b); }
+  // torch.maximum(old, v): the larger, a NaN in either wins
+  static NEP_AVX2_INLINE R maximum_nan(R old, R v) {
+    const R m = _mm256_blendv_ps(v, old, _mm256_cmp_ps(old, v, _CMP_GE_OQ));
+    return _mm256_blendv_ps(m, old, _mm256_cmp_ps(old, old, _CMP_UNORD_Q));
+  }
+};
+
+struct V16 {
+  static constexpr int N = 16;
+  using R = __m512;
+  using K = __mmask16;  // bit set = keep
+  static NEP_AVX512_INLINE R set1(float x) { return _mm512_set1_ps(x); }
+  static NEP_AVX512_INLINE R zero() { return _mm512_setzero_ps(); }
+  static NEP_AVX512_INLINE R sign_mask(bool neg) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(neg ? int32_t(0x80000000u) : 0));
+  }
+  static NEP_AVX512_INLINE R ld(const float* p) { return _mm512_loadu_ps(p); }
+  static NEP_AVX512_INLINE R ld(const c10::BFloat16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static NEP_AVX512_INLINE void st(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static NEP_AVX512_INLINE void st(c10::BFloat16* p, R v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));  // lanes <= 0xFFFF: exact
+  }
+  static NEP_AVX512_INLINE K keep(const uint8_t* mk) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mk));
+    return _mm_test_epi8_mask(b, b);
+  }
+  static NEP_AVX512_INLINE R apply(K k, R v) { return _mm512_maskz_mov_ps(k, v); }
+  static NEP_AVX512_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static NEP_AVX512_INLINE R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
+  static NEP_AVX512_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static NEP_AVX512_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static NEP_AVX512_INLINE R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static NEP_AVX512_INLINE R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static NEP_AVX512_INLINE R sqrt(R a) { return _mm512_sqrt_ps(a); }
+  static NEP_AVX512_INLINE R bxor(R a, R b) { return _mm512_xor_ps(a, b); }
+  static NEP_AVX512_INLINE R maximum_nan(R old, R v) {
+    const R m = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(old, v, _CMP_GE_OQ), old);
+    return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q), old);
+  }
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = V8;
+#include "masked_optim_simd.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+using V = V16;
+#include "masked_optim_simd.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // NEP_OPTIM_SIMD
+
+// fp32 and bf16 on an AVX2 / AVX-512 machine: the SIMD kernels; otherwise (and for fp16 / fp64)
+// the portable loops above (their AVX2 clone where gcc vectorises them).
+template <class T>
+constexpr bool kHasSimdKernel = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+template <class T, bool HAS_BUF, bool HAS_MASK>
+void sgd_piece(T* p, const T* g, T* b, const uint8_t* mk, int64_t n, const SgdScalars* s) {
+#if NEP_OPTIM_SIMD
+  if constexpr (kHasSimdKernel<T>) {
+    if (cpu_has_avx512()) return avx512::run_simd<avx512::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
+    if (cpu_has_avx2()) return avx2::run_simd<avx2::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
+  }
+#endif
+  run_opt<T, SgdKernel<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
+}
+
+template <class T, bool AMSGRAD, bool HAS_MASK>
+void adam_piece(T* p, const T* g, T* m, T* v, T* vmax, const uint8_t* mk, int64_t n, const AdamScalars* s) {
+#if NEP_OPTIM_SIMD
+  if constexpr (kHasSimdKernel<T>) {
+    if (cpu_has_avx512()) return avx512::run_simd<avx512::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
+    if (cpu_has_avx2()) return avx2::run_simd<avx2::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
+  }
+#endif
+  run_opt<T, AdamKernel<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
+}
+
 // ----- checks and the multi-tensor driver ---------------------------------------------------------------
 void check_list_len(size_t got, size_t want, const char* op, const char* name, const char* why) {
   TORCH_CHECK(got == want, op, ": ", name, " has ", got, " tensors but params has ", want, "; pass one per parameter",
@@ -254,11 +410,11 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         const T* g = ptr<T>(grads[i]) + off;
         T* b = has_buf ? ptr<T>(momentum_buffers[i]) + off : nullptr;
         if (has_buf) {
-          if (mk) run_opt<T, SgdKernel<T, true, true>>(p, g, b, mk, len, &s);
-          else run_opt<T, SgdKernel<T, true, false>>(p, g, b, mk, len, &s);
+          if (mk) sgd_piece<T, true, true>(p, g, b, mk, len, &s);
+          else sgd_piece<T, true, false>(p, g, b, mk, len, &s);
         } else {
-          if (mk) run_opt<T, SgdKernel<T, false, true>>(p, g, b, mk, len, &s);
-          else run_opt<T, SgdKernel<T, false, false>>(p, g, b, mk, len, &s);
+          if (mk) sgd_piece<T, false, true>(p, g, b, mk, len, &s);
+          else sgd_piece<T, false, false>(p, g, b, mk, len, &s);
         }
       });
     });
@@ -308,11 +464,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
         T* v = ptr<T>(exp_avg_sqs[i]) + off;
         T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs[i]) + off : nullptr;
         if (amsgrad) {
-          if (mk) run_opt<T, AdamKernel<T, true, true>>(p, g, m, v, vmax, mk, len, &s);
-          else run_opt<T, AdamKernel<T, true, false>>(p, g, m, v, vmax, mk, len, &s);
+          if (mk) adam_piece<T, true, true>(p, g, m, v, vmax, mk, len, &s);
+          else adam_piece<T, true, false>(p, g, m, v, vmax, mk, len, &s);
         } else {
-          if (mk) run_opt<T, AdamKernel<T, false, true>>(p, g, m, v, vmax, mk, len, &s);
-          else run_opt<T, AdamKernel<T, false, false>>(p, g, m, v, vmax, mk, len, &s);
+          if (mk) adam_piece<T, false, true>(p, g, m, v, vmax, mk, len, &s);
+          else adam_piece<T, false, false>(p, g, m, v, vmax, mk, len, &s);
         }
       });
     });

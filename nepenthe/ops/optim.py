@@ -50,13 +50,40 @@ def _evaluate_closure(closure) -> Tensor | None:
         return closure()
 
 
-def _mask_for(getter, p: Tensor, who: str) -> Tensor | None:
+def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor | None:
+    """The bool mask of ``p`` on its device (None: unmasked). ``ready`` (id(p) -> mask) skips the checks
+    while the getter keeps returning the same mask object that needed no conversion: its dtype and
+    device cannot change in place, and the kernels re-check shape and layout. (A converted copy is
+    made afresh at every step, so in-place edits of the mask are always seen.)"""
     mask = getter(p)
     if mask is None:
         return None
+    if ready is not None:
+        if ready.get(id(p)) is mask:
+            return mask
     if mask.shape != p.shape:
         raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape {tuple(p.shape)}")
-    return mask.to(device=p.device, dtype=torch.bool).contiguous()
+    prepared = mask.to(device=p.device, dtype=torch.bool).contiguous()
+    if ready is not None and prepared is mask:
+        ready[id(p)] = mask
+    return prepared
+
+
+def _increment_steps(states: list[dict]) -> list[int]:
+    """Add 1 to every ``state["step"]`` and return the new counts: one foreach add and one read for
+    the usual float32 CPU step tensors (as torch.optim.AdamW keeps them), one at a time otherwise."""
+    steps = [state["step"] for state in states]
+    if steps and all(type(t) is Tensor for t in steps):
+        torch._foreach_add_(steps, 1)
+        try:
+            return [int(x) for x in torch.stack(steps).tolist()]
+        except RuntimeError:  # steps on several devices (or not scalars): read one at a time
+            return [int(t) for t in steps]
+    counts = []
+    for state in states:
+        state["step"] += 1
+        counts.append(int(state["step"]))
+    return counts
 
 
 class MaskedSGD(torch.optim.Optimizer):
@@ -77,6 +104,7 @@ class MaskedSGD(torch.optim.Optimizer):
                         maximize=maximize)
         super().__init__(params, defaults)
         self._mask_of = _mask_getter(masks)
+        self._masks_ready: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -97,7 +125,7 @@ class MaskedSGD(torch.optim.Optimizer):
                 grads.append(_grad_of(p, "MaskedSGD"))
                 if momentum != 0:
                     bufs.append(state["momentum_buffer"])
-                masks.append(_mask_for(self._mask_of, p, "MaskedSGD"))
+                masks.append(_mask_for(self._mask_of, p, "MaskedSGD", self._masks_ready))
             for first, (params, grads, bufs, masks) in batches.items():
                 if params:
                     masked_sgd_(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
@@ -117,6 +145,7 @@ class MaskedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize)
         self._mask_of = _mask_getter(masks)
+        self._masks_ready: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -124,22 +153,21 @@ class MaskedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             beta1, beta2 = group["betas"]
-            by_step: dict[int, tuple[list, ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            stepped = [p for p in group["params"] if p.grad is not None]
+            states = [self.state[p] for p in stepped]
+            for p, state in zip(stepped, states):
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                lists = by_step.setdefault(int(state["step"]), ([], [], [], [], [], []))
+            by_step: dict[int, tuple[list, ...]] = {}
+            for p, state, step in zip(stepped, states, _increment_steps(states)):
+                lists = by_step.setdefault(step, ([], [], [], [], [], []))
                 for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
                                               state.get("max_exp_avg_sq"),
-                                              _mask_for(self._mask_of, p, "MaskedAdamW"))):
+                                              _mask_for(self._mask_of, p, "MaskedAdamW", self._masks_ready))):
                     seq.append(value)
             for step, (params, grads, exp_avgs, exp_avg_sqs, maxes, masks) in by_step.items():
                 masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes if amsgrad else [], masks,

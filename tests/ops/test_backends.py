@@ -316,3 +316,111 @@ def test_masked_sgd_many_parameters_one_call(backend):
         impl.masked_sgd_([one[0][i]], [one[1][i]], [one[2][i]], [masks[i]], 0.05, 0.9, 0.0, 1e-4, False, False, False)
     for a, b in zip(params + bufs, one[0] + one[2]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# Sizes around the SIMD widths of the cpp kernels (8 lanes AVX2, 16 AVX-512): tail only, exact
+# vectors, vectors plus a padded tail.
+TAIL_SHAPES = [(1,), (7,), (8,), (9,), (15,), (16,), (17,), (33,), (3, 5, 7)]
+
+
+def _tail_lists(dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {k: [] for k in ("params", "grads", "buf", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masks")}
+    for shape in TAIL_SHAPES:
+        for key in ("params", "grads", "buf", "exp_avg"):
+            out[key].append(torch.randn(shape, generator=g).to(dtype=dtype, device=device))
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            out[key].append(torch.rand(shape, generator=g).to(dtype=dtype, device=device))
+        out["masks"].append((torch.rand(shape, generator=g) > 0.5).to(device))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("variant", ["plain", "nesterov_maximize", "amsgrad"])
+def test_masked_steps_vector_tails(backend, dtype, weight_decay, variant):
+    """SGD and AdamW on sizes around the vector widths, fp32 and bf16, with and without weight decay."""
+    name, impl, device = backend
+    lists = _tail_lists(dtype, device)
+    expected = _clone(lists)
+    nesterov = maximize = variant == "nesterov_maximize"
+    amsgrad = variant == "amsgrad"
+    sgd_args = (0.1, 0.9, 0.0, weight_decay, nesterov, maximize, False)
+    reference.masked_sgd_(expected["params"], expected["grads"], expected["buf"], expected["masks"], *sgd_args)
+    impl.masked_sgd_(lists["params"], lists["grads"], lists["buf"], lists["masks"], *sgd_args)
+    maxes, emaxes = (lists["max_exp_avg_sq"], expected["max_exp_avg_sq"]) if amsgrad else ([], [])
+    adam_args = (1e-2, 0.9, 0.999, 1e-8, weight_decay, 4, amsgrad, maximize)
+    reference.masked_adamw_(expected["params"], expected["grads"], expected["exp_avg"], expected["exp_avg_sq"],
+                            emaxes, expected["masks"], *adam_args)
+    impl.masked_adamw_(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"], maxes,
+                       lists["masks"], *adam_args)
+    rtol, atol = _opt_tolerance(dtype)
+    keys = ["params", "buf", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    for key in keys:
+        for got, want in zip(lists[key], expected[key]):
+            torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=atol)
+        _assert_masked_zero(lists[key], lists["masks"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_steps_do_not_depend_on_where_a_piece_starts(dtype):
+    """The cpp kernels give each element the same arithmetic in a full vector and in the padded tail:
+    a tensor stepped whole equals its two halves stepped as separate tensors, bit for bit."""
+    try:
+        impl = backends.load("cpp")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    g = torch.Generator().manual_seed(5)
+    n, cut = 1031, 517
+    p, gr, m = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
+    v, keep = torch.rand(n, generator=g).to(dtype), torch.rand(n, generator=g) > 0.3
+    whole = [t.clone() for t in (p, m, v)]
+    halves = [t.clone() for t in (p, m, v)]
+    split = [list(t.split([cut, n - cut])) for t in halves]
+    gs, ks = list(gr.split([cut, n - cut])), list(keep.split([cut, n - cut]))
+    impl.masked_sgd_([whole[0]], [gr], [whole[1]], [keep], 0.1, 0.9, 0.0, 1e-3, True, False, False)
+    impl.masked_sgd_(split[0], gs, split[1], ks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
+    adam = (1e-2, 0.9, 0.999, 1e-8, 1e-2, 3, False, False)
+    impl.masked_adamw_([whole[0]], [gr], [whole[1]], [whole[2]], [], [keep], *adam)
+    impl.masked_adamw_(split[0], gs, split[1], split[2], [], ks, *adam)
+    for a, b in zip(whole, halves):
+        assert torch.equal(a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+_ISA_CHECK = """
+import torch
+from nepenthe.ops import backends, reference
+impl = backends.load("cpp")
+g = torch.Generator().manual_seed(1)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for wd in (0.0, 1e-2):
+        for n in (1, 7, 9, 16, 17, 40, 1031):
+            p, gr, b, m = (torch.randn(n, generator=g).to(dtype) for _ in range(4))
+            v, x = (torch.rand(n, generator=g).to(dtype) for _ in range(2))
+            keep = torch.rand(n, generator=g) > 0.5
+            ours, ref = [[t.clone() for t in (p, b, m, v, x)] for _ in range(2)]
+            for fn, s in ((impl, ours), (reference, ref)):
+                fn.masked_sgd_([s[0]], [gr], [s[1]], [keep], 0.1, 0.9, 0.0, wd, True, True, False)
+                fn.masked_adamw_([s[0]], [gr], [s[2]], [s[3]], [s[4]], [keep], 1e-2, 0.9, 0.999, 1e-8, wd, 2, True,
+                                 False)
+            for a, r in zip(ours, ref):
+                torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+                assert bool((a[~keep] == 0).all()) and not bool(torch.signbit(a[~keep]).any())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", ["NEPENTHE_CPU_NO_AVX512", "NEPENTHE_CPU_BASELINE"])
+def test_masked_steps_on_every_cpu_code_path(env):
+    """The AVX2 kernels (on an AVX-512 machine) and the portable loops (on any x86-64), as a CPU without
+    those instruction sets would run them: the switches are read once per process, hence a subprocess."""
+    try:
+        backends.load("cpp")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, env: "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -350,3 +350,79 @@ def test_masked_optimizer_argument_checks():
     q = nn.Parameter(torch.randn(3))
     q.grad = None  # parameters without a gradient are skipped, like torch.optim does
     ops.MaskedAdamW([q], lr=0.1).step()
+
+
+# ----- the eager CPU path of the optimizers (straight to the cpp kernel) -----------------------------------
+def _cpp_or_skip():
+    try:
+        backends.load("cpp")
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_masked_steps_bump_version_counters_on_the_eager_path():
+    """Like torch's own in-place ops, a step bumps the versions of everything it writes (autograd
+    then refuses a backward through a tensor saved before the step)."""
+    _cpp_or_skip()
+    model = _net()
+    for opt in (ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9), ops.MaskedAdamW(model.parameters(), lr=1e-2)):
+        _train_steps(model, opt, steps=1)
+        before = [p._version for p in model.parameters()]
+        state_before = [[t._version for t in opt.state[p].values() if t.dim() > 0] for p in model.parameters()]
+        _train_steps(model, opt, steps=1)
+        assert all(p._version > b for p, b in zip(model.parameters(), before))
+        for p, vs in zip(model.parameters(), state_before):
+            assert all(t._version > b for t, b in zip([t for t in opt.state[p].values() if t.dim() > 0], vs))
+
+
+def test_masked_steps_eager_path_hands_odd_calls_to_the_full_path():
+    """What the kernel rejects (a non-contiguous mask, a float mask, mismatched lists) is redone on the
+    full path: the odd tensors step through the reference, bad arguments raise the Python errors."""
+    _cpp_or_skip()
+    torch.manual_seed(0)
+    p = torch.randn(6, 6)
+    g = torch.randn(6, 6)
+    keep = (torch.rand(6, 6) > 0.5).t()  # not contiguous
+    ours, theirs = p.clone(), p.clone()
+    with torch.no_grad(), ops.use_backend("cpp"):
+        ops.masked_sgd_([ours], [g], [torch.zeros(6, 6)], [keep], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    reference.masked_sgd_([theirs], [g], [torch.zeros(6, 6)], [keep], 0.1, 0.9, 0.0, 1e-2, False, False, False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    p0 = p.clone()
+    with torch.no_grad(), pytest.raises(ValueError, match="bool tensor"):
+        ops.masked_sgd_([p], [g], [], [torch.ones(6, 6)], lr=0.1)
+    with torch.no_grad(), pytest.raises(ValueError, match="grads has 0 tensors"):
+        ops.masked_adamw_([p], [], [torch.zeros(6, 6)], [torch.zeros(6, 6)], [], [None], lr=0.1, step=1)
+    assert torch.equal(p, p0)  # nothing written by a rejected call
+
+
+def test_masked_adamw_steps_count_per_parameter():
+    """Step counts are incremented together (one foreach add) but still group parameters by count."""
+    model = _net()
+    params = list(model.parameters())
+    opt = ops.MaskedAdamW(params, lr=1e-2)
+    _train_steps(model, opt, steps=2)
+    params[0].grad = None  # the first parameter skips a step
+    for p in params[1:]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert [int(opt.state[p]["step"]) for p in params] == [2] + [3] * (len(params) - 1)
+    assert all(opt.state[p]["step"].dtype == torch.float32 for p in params)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masked_optimizers_see_masks_edited_in_place(cpu_backend, mask_dtype):
+    """Masks are looked up every step; an in-place edit (a pruning round growing the mask) is applied
+    at the next step, also for a mask that needs converting to bool."""
+    model = _net()
+    masks = {p: torch.ones(p.shape, dtype=mask_dtype) for p in model.parameters() if p.dim() > 1}
+    for opt in (ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks),
+                ops.MaskedAdamW(model.parameters(), lr=1e-2, masks=masks)):
+        for m in masks.values():
+            m.fill_(1)
+        _train_steps(model, opt, steps=1)
+        for m in masks.values():
+            m[0, :2] = 0
+        _train_steps(model, opt, steps=1)
+        for p, m in masks.items():
+            assert bool((p[0, :2] == 0).all()) and bool((p[m.bool()] != 0).all())
