@@ -1,7 +1,7 @@
 """The kernel numbers in RESULTS.md: every provider of a case timed in interleaved blocks.
 
     .venv/bin/python bench/compare_kernels.py [--threads 2] [--repeats 15] [--quick] [--csv bench/compare_kernels.csv]
-        [--only histogram,activation,optim,measure]
+        [--only histogram,activation,optim,measure] [--providers torch_sum,torch_activation_only]
 
 Prints a markdown table per case (median and IQR in ms, and each provider's time relative to
 nepenthe's; GB/s read for the histograms) and checks the issue's CPU targets: sign_histogram >= 5x the
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--csv", default=None)
     parser.add_argument("--only", default="histogram,activation,optim,measure",
                         help="comma-separated groups of cases to run")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers to time (default: all; nepenthe is always kept)")
     args = parser.parse_args()
     groups = set(args.only.split(","))
     torch.set_num_threads(args.threads)
@@ -71,6 +73,9 @@ def main() -> None:
         providers = build()
         if args.quick:
             providers = {k: v for k, v in providers.items() if not k.startswith("compile")}
+        if args.providers:
+            keep = set(args.providers.split(","))
+            providers = {k: v for k, v in providers.items() if k in keep or k.startswith("nepenthe")}
         results = compare_calls(providers, repeats=args.repeats, threads=args.threads, device=device)
         ref = results[next(k for k in results if k.startswith("nepenthe"))].median_ms
         gb = nbytes.get(name)

@@ -116,8 +116,9 @@ template <class T>
 NEP_INLINE T store(acc_t<T> a) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const uint32_t u = f32_bits(a);
-    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(a != a ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+    // NaN selected on the 32-bit lanes, before the narrowing (cheaper once vectorised)
+    const uint32_t r = a != a ? 0x7FC00000u : u + (((u >> 16) & 1u) + 0x7FFFu);
+    return c10::BFloat16(static_cast<uint16_t>(r >> 16), c10::BFloat16::from_bits());
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     return c10::Half(c10::detail::fp16_ieee_from_fp32_value(a), c10::Half::from_bits());
   } else {
@@ -241,8 +242,10 @@ NEP_INLINE float select(bool c, float a, float b) {
 // 2^n stays a normal number, built from the low bits of the rounding constant 1.5 * 2^23 + n.
 // Outside the clamp the result is e^88 or e^-87, which the sigmoids below treat explicitly or only
 // add to 1.
+template <bool NONNEG = false>  // NONNEG: w >= 0 or NaN is known (no lower clamp needed)
 NEP_INLINE float exp_neg(float w) {
-  float wc = w > -88.0f ? w : -88.0f;
+  float wc = w;
+  if constexpr (!NONNEG) wc = wc > -88.0f ? wc : -88.0f;
   wc = wc < 87.0f ? wc : 87.0f;
   const float k = mad(wc, -1.44269504f, 12582912.0f);
   const float nf = k - 12582912.0f;  // n, exactly
@@ -272,7 +275,7 @@ NEP_INLINE float gelu_erf(float x) {
   p = mad(p, t, 0.5f * 1.421413741f);
   p = mad(p, t, 0.5f * -0.284496736f);
   p = mad(p, t, 0.5f * 0.254829592f);
-  const float h = p * t * exp_neg(az * az);
+  const float h = p * t * exp_neg<true>(az * az);
   return x * select(z < 0.0f, h, 1.0f - h);
 }
 // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function as
@@ -507,6 +510,30 @@ struct RowKernel {
     out[ON] += on, out[OFF] += off, out[ZERO] += zero, out[SAT] += sat, out[NONFINITE] += nf;
   }
   static NEP_INLINE void run(const T* x, T* y, int64_t n, int64_t xs, int64_t ys, A upper, A slope, int64_t* out) {
+#if NEP_X86
+    // bf16 activations: count each block on the 16-bit patterns (count16_run), then activate it
+    // (a loop without the counters, which gcc vectorises better); the block is still in L1.
+    if constexpr (std::is_same_v<T, c10::BFloat16> && XCONTIG && (MODE == CONTIG || MODE == INPLACE)) {
+      const uint16_t U = static_cast<uint16_t>(f32_bits(upper) >> 16);  // upper is a bf16 value (+Inf: none)
+      if (cpu_has_avx2() && U >= 1 && U <= exp_mask16<T>()) {
+        constexpr int64_t kBlock = 2048;
+        const T* src = MODE == INPLACE ? y : x;
+        for (int64_t b = 0; b < n; b += kBlock) {
+          const int64_t len = std::min(n - b, kBlock);
+          count16_run<T, true>(reinterpret_cast<const uint16_t*>(src + b), len, U, out);
+          const T* __restrict__ xi = src + b;
+          T* __restrict__ yo = y + b;
+          if constexpr (MODE == INPLACE) {
+            T* p = y + b;
+            for (int64_t j = 0; j < len; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+          } else {
+            for (int64_t j = 0; j < len; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+          }
+        }
+        return;
+      }
+    }
+#endif
     if constexpr (std::is_same_v<T, c10::Half> && XCONTIG) {  // fp16: through fp32 scratch (see half_to_float)
       using F = RowKernel<float, KIND, MODE == NOOUT ? NOOUT : CONTIG, true>;
       alignas(64) float xb[kStage], yb[kStage];
