@@ -438,13 +438,15 @@ NEP_TARGET_AVX2 void count16_run(const uint16_t* x, int64_t n, uint16_t U, int64
 }
 
 // Path B: nrows rows of len patterns, row r at x + r * stride; position j adds into cnt[col * L + j]
-// (int32). Rows go in tiles that stay in L1/L2 while each 16-position column of the tile is counted
-// in registers.
+// (int32). Rows go in tiles of ~4 KiB (16 rows of 64 channels) while each 16-position column of
+// the tile is counted in registers: measured on 256x64x56x56 channels_last, 4 KiB tiles read at
+// ~90% of torch.sum's rate, 16 KiB tiles at ~75%, 64 KiB at ~50% (the column walk over a large
+// tile defeats the prefetchers).
 template <class T, bool SAT_>
 NEP_TARGET_AVX2 void count16_rows(const uint16_t* x, int64_t nrows, int64_t len, int64_t stride, uint16_t U,
                                   int32_t* cnt, int64_t L) {
   const Tests16 t(exp_mask16<T>(), U);
-  const int64_t tile = std::clamp<int64_t>(8192 / std::max<int64_t>(len, 1), 32, kLanes16);
+  const int64_t tile = std::clamp<int64_t>(2048 / std::max<int64_t>(len, 1), 16, kLanes16);
   const int64_t vec_end = len / 16 * 16;
   for (int64_t r0 = 0; r0 < nrows; r0 += tile) {
     const int64_t r1 = std::min(nrows, r0 + tile);
@@ -534,6 +536,26 @@ struct RowKernel {
       }
     }
 #endif
+    // fp32 GELU / SiLU: counting and activating in one loop keeps too many registers live (the
+    // counters and the polynomial constants); count a block, then activate it while it is in L1.
+    if constexpr (std::is_same_v<T, float> && XCONTIG && (MODE == CONTIG || MODE == INPLACE) &&
+                  (KIND == GELU || KIND == GELU_TANH || KIND == SILU)) {
+      constexpr int64_t kBlock = 2048;
+      const T* src = MODE == INPLACE ? y : x;
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t len = std::min(n - b, kBlock);
+        RowKernel<T, NONE, NOOUT, true>::chunk(src + b, nullptr, len, 1, 1, upper, slope, out);
+        const T* __restrict__ xi = src + b;
+        T* __restrict__ yo = y + b;
+        if constexpr (MODE == INPLACE) {
+          T* p = y + b;
+          for (int64_t j = 0; j < len; ++j) p[j] = activate<KIND>(p[j], slope);
+        } else {
+          for (int64_t j = 0; j < len; ++j) yo[j] = activate<KIND>(xi[j], slope);
+        }
+      }
+      return;
+    }
     if constexpr (std::is_same_v<T, c10::Half> && XCONTIG) {  // fp16: through fp32 scratch (see half_to_float)
       using F = RowKernel<float, KIND, MODE == NOOUT ? NOOUT : CONTIG, true>;
       alignas(64) float xb[kStage], yb[kStage];
