@@ -9,7 +9,8 @@
   range (the low-precision rule of tests/test_backends.py) and PyTorch's NaN / Inf results.
 
 Sizes are odd so that every vector loop has a tail. With NEPENTHE_CPU_BASELINE=1 the same tests
-run the baseline (non-AVX2) copies.
+run the baseline (non-AVX2) copies, with NEPENTHE_CPU_NO_AVX512=1 the AVX2 copies of the activation
+blocks (both are also run here in a subprocess).
 """
 
 from __future__ import annotations
@@ -204,12 +205,16 @@ def test_activation_inplace_and_strided_output(kind):
         assert torch.equal(torch.isnan(got), torch.isnan(reference.activation(x.double(), kind)))
 
 
-@pytest.mark.skipif(os.environ.get("NEPENTHE_CPU_BASELINE") == "1", reason="already the baseline copies")
-def test_baseline_copies_in_a_subprocess():
-    """The non-AVX2 copies (NEPENTHE_CPU_BASELINE=1) pass the pattern and special-value tests too."""
-    env = dict(os.environ, NEPENTHE_CPU_BASELINE="1")
+@pytest.mark.skipif(os.environ.get("NEPENTHE_CPU_BASELINE") == "1" or os.environ.get("NEPENTHE_CPU_NO_AVX512") == "1",
+                    reason="already in a subprocess with other copies")
+@pytest.mark.parametrize("switch", ["NEPENTHE_CPU_BASELINE", "NEPENTHE_CPU_NO_AVX512"])
+def test_other_copies_in_a_subprocess(switch):
+    """The non-AVX2 copies (NEPENTHE_CPU_BASELINE=1) and, on an AVX-512 machine, the AVX2 copies of
+    the activation blocks (NEPENTHE_CPU_NO_AVX512=1) pass the pattern and activation tests too."""
+    env = dict(os.environ, **{switch: "1"})
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "every_pattern and (nchw or linear_c19 or rows_sliced) or special_values or odd_sizes"]
+           "-k", "every_pattern and (nchw or linear_c19 or rows_sliced) or special_values or odd_sizes or "
+                 "(dense_range and contiguous) or inplace"]
     proc = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -483,6 +483,50 @@ constexpr bool is_16bit() {
   return std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 }
 
+// The activation half of the split bf16 / fp32 GELU / SiLU loops (count a block, then activate it):
+// y[j] = φ(x[j]) over a block. Where the CPU has AVX-512 (as ATen's own kernels use it there), an
+// AVX-512 copy with 512-bit vectors halves the instructions of the polynomial code; the arithmetic
+// per element is the same (same FMAs), so the results are identical to the AVX2 copy.
+#if NEP_X86
+inline bool cpu_has_avx512() {
+  // NEPENTHE_CPU_NO_AVX512=1 keeps the AVX2 copies (to test them on an AVX-512 machine)
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         !(std::getenv("NEPENTHE_CPU_NO_AVX512") && std::getenv("NEPENTHE_CPU_NO_AVX512")[0] == '1');
+  return ok;
+}
+#define NEP_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512"), noinline))
+template <class T, int KIND>
+NEP_TARGET_AVX512 void activate_block_avx512(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = store<T>(activate<KIND>(load<T>(x[j]), acc_t<T>(0)));
+}
+template <class T, int KIND>
+NEP_TARGET_AVX512 void activate_block_avx512_inplace(T* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), acc_t<T>(0)));
+}
+#endif
+// y = φ(x) over n elements (MODE INPLACE: y is x), inlined into the caller's copy unless AVX-512.
+template <class T, int KIND, int MODE>
+NEP_INLINE void activate_block(const T* __restrict__ xi, T* __restrict__ yo, int64_t n, acc_t<T> slope) {
+#if NEP_X86
+  if (cpu_has_avx512()) {
+    if constexpr (MODE == INPLACE) {
+      activate_block_avx512_inplace<T, KIND>(yo, n);
+    } else {
+      activate_block_avx512<T, KIND>(xi, yo, n);
+    }
+    return;
+  }
+#endif
+  if constexpr (MODE == INPLACE) {
+    T* p = yo;
+    for (int64_t j = 0; j < n; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+  } else {
+    for (int64_t j = 0; j < n; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+  }
+}
+
 // Path A: one run of `n` elements of one channel (x at element stride xs; XCONTIG: xs == 1). Adds
 // the 5 counts into out[0..4] (int64). y written per MODE. Pointers are __restrict__ function
 // parameters, which is what lets gcc vectorise without run-time alias checks.
@@ -523,13 +567,17 @@ struct RowKernel {
         for (int64_t b = 0; b < n; b += kBlock) {
           const int64_t len = std::min(n - b, kBlock);
           count16_run<T, true>(reinterpret_cast<const uint16_t*>(src + b), len, U, out);
-          const T* __restrict__ xi = src + b;
-          T* __restrict__ yo = y + b;
-          if constexpr (MODE == INPLACE) {
-            T* p = y + b;
-            for (int64_t j = 0; j < len; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+          if constexpr (KIND == GELU || KIND == GELU_TANH || KIND == SILU) {
+            activate_block<T, KIND, MODE>(src + b, y + b, len, slope);
           } else {
-            for (int64_t j = 0; j < len; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+            const T* __restrict__ xi = src + b;
+            T* __restrict__ yo = y + b;
+            if constexpr (MODE == INPLACE) {
+              T* p = y + b;
+              for (int64_t j = 0; j < len; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+            } else {
+              for (int64_t j = 0; j < len; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+            }
           }
         }
         return;
@@ -545,14 +593,7 @@ struct RowKernel {
       for (int64_t b = 0; b < n; b += kBlock) {
         const int64_t len = std::min(n - b, kBlock);
         RowKernel<T, NONE, NOOUT, true>::chunk(src + b, nullptr, len, 1, 1, upper, slope, out);
-        const T* __restrict__ xi = src + b;
-        T* __restrict__ yo = y + b;
-        if constexpr (MODE == INPLACE) {
-          T* p = y + b;
-          for (int64_t j = 0; j < len; ++j) p[j] = activate<KIND>(p[j], slope);
-        } else {
-          for (int64_t j = 0; j < len; ++j) yo[j] = activate<KIND>(xi[j], slope);
-        }
+        activate_block<T, KIND, MODE>(src + b, y + b, len, slope);
       }
       return;
     }
