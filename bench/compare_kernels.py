@@ -80,7 +80,8 @@ def main() -> None:
         ref = results[next(k for k in results if k.startswith("nepenthe"))].median_ms
         gb = nbytes.get(name)
         rate = " | GB/s read" if gb else ""
-        print(f"\n#### {name}\n\n| provider | median ms (IQR) | time / nepenthe{rate} |\n|---|---|---|{'---|' if gb else ''}")
+        print(f"\n#### {name}\n\n| provider | median ms (IQR) | time / nepenthe{rate} |\n"
+              f"|---|---|---|{'---|' if gb else ''}")
         for provider, r in results.items():
             extra = f" | {gb / r.median_ms / 1e6:.1f}" if gb else ""
             print(f"| {provider} | {r.median_ms:.3f} ({r.iqr_ms:.3f}) | {r.median_ms / ref:.2f}{extra} |")
@@ -88,9 +89,11 @@ def main() -> None:
                              relative_to_nepenthe=r.median_ms / ref, gb_per_s=gb / r.median_ms / 1e6 if gb else "",
                              device=r.device, threads=args.threads))
         if gb and "torch_sum" in results:
-            print(f"\nnepenthe reads at {results['torch_sum'].median_ms / ref * 100:.0f}% of torch.sum's rate (target >= 85%)")
+            share = results["torch_sum"].median_ms / ref * 100
+            print(f"\nnepenthe reads at {share:.0f}% of torch.sum's rate (target >= 85%)")
         if "torch_activation_only" in results:
-            print(f"\nfused / plain activation: {ref / results['torch_activation_only'].median_ms:.2f} (target <= 1.10)")
+            ratio = ref / results["torch_activation_only"].median_ms
+            print(f"\nfused / plain activation: {ratio:.2f} (target <= 1.10)")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
