@@ -30,20 +30,32 @@ def _size(benchmark, size: str):
     return SIZES[size]
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("provider", ["nepenthe", "torch", "torch_2pass", "compile"])
-def test_sign_histogram(benchmark, size, layout, provider):
-    case = histogram_case(_size(benchmark, size), channels_last=layout == "channels_last", device=DEVICE)
-    _run(benchmark, case, provider, f"sign_histogram {size} {layout}")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _hist_shape(size, layout):
+    n, c, h, w = SIZES[size]
+    return (n * h * w, c) if layout == "2d" else (n, c, h, w)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("kind", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("provider", ["nepenthe", "torch", "torch_2pass", "torch_sum", "compile"])
+def test_sign_histogram(benchmark, size, dtype, layout, provider):
+    _size(benchmark, size)
+    case = histogram_case(_hist_shape(size, layout), DTYPES[dtype], channels_last=layout == "channels_last",
+                          device=DEVICE)
+    _run(benchmark, case, provider, f"sign_histogram {size} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("provider", ["nepenthe", "torch_activation_only", "torch+histogram", "compile"])
-def test_activation_histogram(benchmark, size, kind, provider):
-    case = activation_case(kind, _size(benchmark, size), device=DEVICE)
-    _run(benchmark, case, provider, f"activation+histogram {kind} {size}")
+def test_activation_histogram(benchmark, size, dtype, kind, provider):
+    case = activation_case(kind, _size(benchmark, size), DTYPES[dtype], device=DEVICE)
+    _run(benchmark, case, provider, f"activation+histogram {kind} {size} {dtype}")
 
 
 OPTIM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

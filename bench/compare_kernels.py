@@ -1,15 +1,16 @@
 """The kernel numbers in RESULTS.md: every provider of a case timed in interleaved blocks.
 
     .venv/bin/python bench/compare_kernels.py [--threads 2] [--repeats 15] [--quick] [--csv bench/compare_kernels.csv]
-        [--only optim] [--providers nepenthe,torch_fused_unmasked]
+        [--only histogram,activation,optim,measure] [--providers torch_sum,torch_activation_only,torch_fused_unmasked]
 
 Prints a markdown table per case (median and IQR in ms, and each provider's time relative to
-nepenthe's) and checks the issue's CPU targets: sign_histogram >= 5x the best plain eager PyTorch
-expression on 256x64x56x56 fp32; measure of the CIFAR ResNet-18 (batch 64) <= 1.15x the eval
-forwards; masked SGD / AdamW steps (ResNet-18 parameters, fp32 and bf16, with and without weight
-decay) <= 1.05x torch's fused unmasked step (``torch_fused_unmasked``: SGD/AdamW(fused=True)); the
-optimizer cases end with a summary table of nepenthe / torch_fused_unmasked. ``--only optim`` runs
-the optimizer cases alone.
+nepenthe's; GB/s read for the histograms) and checks the issue's CPU targets: sign_histogram >= 5x the
+best plain eager PyTorch expression on 256x64x56x56 fp32, and >= 85% of torch.sum's read rate for
+fp32/bf16/fp16 (NCHW, channels_last, Linear-like [rows, C]); the fused GELU / GELU-tanh / SiLU +
+histogram <= 1.10x the plain activation alone (fp32 and bf16); measure of the CIFAR ResNet-18
+(batch 64 and batch 1) <= 1.15x the eval forwards; masked SGD / AdamW steps (ResNet-18 parameters,
+fp32 and bf16, with and without weight decay) <= 1.05x torch's fused unmasked step
+(``torch_fused_unmasked``: SGD/AdamW(fused=True)); the optimizer cases end with a summary table.
 """
 
 import argparse
@@ -26,7 +27,7 @@ from nepenthe.ops import backends
 FUSED_TARGET = 1.05  # masked optimizer step / torch's fused unmasked step (issue 11)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_cases import activation_case, adamw_case, histogram_case, measure_case, sgd_case  # noqa: E402
+from kernel_cases import activation_case, adamw_case, bytes_read, histogram_case, measure_case, sgd_case  # noqa: E402
 
 
 def main() -> None:
@@ -35,31 +36,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small sizes, no torch.compile (a smoke run)")
     parser.add_argument("--csv", default=None)
-    parser.add_argument("--only", choices=["optim"], default=None, help="run the masked optimizer cases only")
+    parser.add_argument("--only", default="histogram,activation,optim,measure",
+                        help="comma-separated groups of cases to run")
     parser.add_argument("--providers", default=None,
-                        help="comma-separated providers to time (default all), e.g. nepenthe,torch_fused_unmasked")
+                        help="comma-separated providers to time (default: all; nepenthe is always kept)")
     args = parser.parse_args()
+    groups = set(args.only.split(","))
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     big = (16, 16, 28, 28) if args.quick else (256, 64, 56, 56)
-    cases = {}
-    for size in ([big] if args.quick else [(32, 64, 28, 28), big]):
-        for layout in ("nchw", "channels_last"):
-            name = f"sign_histogram {'x'.join(map(str, size))} {layout}"
-            cases[name] = lambda s=size, cl=layout == "channels_last": histogram_case(s, channels_last=cl,
-                                                                                      device=device)
-    for kind in ("relu", "gelu"):
-        cases[f"activation+histogram {kind} {'x'.join(map(str, big))}"] = \
-            lambda k=kind: activation_case(k, big, device=device)
-    cases["measure ResNet-18 batch 64 (4 batches)"] = lambda: measure_case(64 if not args.quick else 4, 4, device)
-    cases["measure ResNet-18 batch 1 (16 batches)"] = lambda: measure_case(1, 16 if not args.quick else 2, device)
-    if args.only == "optim":
-        cases = {}
-    for opt, build_case, wd in (("SGD", sgd_case, 5e-4), ("AdamW", adamw_case, 1e-2)):
-        for dtype in (torch.float32, torch.bfloat16):
-            for decay in (wd, 0.0):
-                name = f"masked {opt} step (ResNet-18 params, {str(dtype).split('.')[-1]}, weight_decay {decay:g})"
-                cases[name] = lambda b=build_case, d=dtype, w=decay: b(device, d, w)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    cases, nbytes = {}, {}
+    if "histogram" in groups:
+        for size in ([big] if args.quick else [(32, 64, 28, 28), big]):
+            for dname, dtype in dtypes.items():
+                if size != big and dname != "fp32":
+                    continue
+                rows = (size[0] * size[2] * size[3], size[1])  # Linear-like [rows, C], the same elements
+                for layout, shape in (("nchw", size), ("channels_last", size), ("2d", rows)):
+                    name = f"sign_histogram {'x'.join(map(str, shape))} {dname} {layout}"
+                    cases[name] = lambda s=shape, d=dtype, cl=layout == "channels_last": histogram_case(
+                        s, d, channels_last=cl, device=device)
+                    nbytes[name] = bytes_read(shape, dtype)
+    if "activation" in groups:
+        for dname in ("fp32", "bf16"):
+            for kind in ("relu", "gelu", "gelu_tanh", "silu"):
+                cases[f"activation+histogram {kind} {'x'.join(map(str, big))} {dname}"] = \
+                    lambda k=kind, d=dtypes[dname]: activation_case(k, big, d, device=device)
+    if "optim" in groups:
+        for opt, build_case, wd in (("SGD", sgd_case, 5e-4), ("AdamW", adamw_case, 1e-2)):
+            for dtype in (torch.float32, torch.bfloat16):
+                for decay in (wd, 0.0):
+                    name = f"masked {opt} step (ResNet-18 params, {str(dtype).split('.')[-1]}, weight_decay {decay:g})"
+                    cases[name] = lambda b=build_case, d=dtype, w=decay: b(device, d, w)
+    if "measure" in groups:
+        cases["measure ResNet-18 batch 64 (4 batches)"] = lambda: measure_case(64 if not args.quick else 4, 4, device)
+        cases["measure ResNet-18 batch 1 (16 batches)"] = lambda: measure_case(1, 16 if not args.quick else 2, device)
 
     print(f"device {device}, threads {args.threads}, torch {torch.__version__}, nepenthe {nepenthe.__version__}, "
           f"backends {[k for k, v in backends.available_backends().items() if v is None]}")
@@ -70,15 +82,26 @@ def main() -> None:
         if args.quick:
             providers = {k: v for k, v in providers.items() if not k.startswith("compile")}
         if args.providers:
-            wanted = args.providers.split(",")
-            providers = {k: v for k, v in providers.items() if k in wanted or k.startswith("nepenthe")}
+            keep = set(args.providers.split(","))
+            providers = {k: v for k, v in providers.items() if k in keep or k.startswith("nepenthe")}
         results = compare_calls(providers, repeats=args.repeats, threads=args.threads, device=device)
         ref = results[next(k for k in results if k.startswith("nepenthe"))].median_ms
-        print(f"\n#### {name}\n\n| provider | median ms (IQR) | time / nepenthe |\n|---|---|---|")
+        gb = nbytes.get(name)
+        rate = " | GB/s read" if gb else ""
+        print(f"\n#### {name}\n\n| provider | median ms (IQR) | time / nepenthe{rate} |\n"
+              f"|---|---|---|{'---|' if gb else ''}")
         for provider, r in results.items():
-            print(f"| {provider} | {r.median_ms:.3f} ({r.iqr_ms:.3f}) | {r.median_ms / ref:.2f} |")
+            extra = f" | {gb / r.median_ms / 1e6:.1f}" if gb else ""
+            print(f"| {provider} | {r.median_ms:.3f} ({r.iqr_ms:.3f}) | {r.median_ms / ref:.2f}{extra} |")
             rows.append(dict(case=name, provider=provider, median_ms=r.median_ms, iqr_ms=r.iqr_ms,
-                             relative_to_nepenthe=r.median_ms / ref, device=r.device, threads=args.threads))
+                             relative_to_nepenthe=r.median_ms / ref, gb_per_s=gb / r.median_ms / 1e6 if gb else "",
+                             device=r.device, threads=args.threads))
+        if gb and "torch_sum" in results:
+            share = results["torch_sum"].median_ms / ref * 100
+            print(f"\nnepenthe reads at {share:.0f}% of torch.sum's rate (target >= 85%)")
+        if "torch_activation_only" in results:
+            ratio = ref / results["torch_activation_only"].median_ms
+            print(f"\nfused / plain activation: {ratio:.2f} (target <= 1.10)")
         if "torch_fused_unmasked" in results:
             fused = results["torch_fused_unmasked"].median_ms
             summary.append((name, ref, fused))

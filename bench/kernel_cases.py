@@ -45,17 +45,37 @@ def plain_sign_histogram_2pass(x: torch.Tensor) -> torch.Tensor:
 
 
 def histogram_case(shape, dtype=torch.float32, channels_last=False, device="cpu") -> Case:
-    x = activation_tensor(shape, dtype, channels_last, device)
+    """sign_histogram over channel dim 1 of an activation tensor (N×C×H×W, or a Linear-like [rows, C]).
+
+    ``torch_sum`` is ``x.sum()``: not the same work, but the read-rate reference (one pass over the
+    same bytes) the histogram is held to; see :func:`bytes_read`.
+    """
+    x = activation_tensor(shape, dtype, channels_last and len(shape) == 4, device)
     compiled = torch.compile(plain_sign_histogram, dynamic=False)
     return {"nepenthe": lambda: ops.sign_histogram(x, 1),
             "torch": lambda: plain_sign_histogram(x),
             "torch_2pass": lambda: plain_sign_histogram_2pass(x),
+            "torch_sum": lambda: x.sum(),
             "compile": lambda: compiled(x)}
 
 
+def bytes_read(shape, dtype=torch.float32) -> int:
+    """Bytes one pass over an activation tensor of this shape and dtype reads (for GB/s)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+PLAIN_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "gelu": F.gelu,
+                     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "hardswish": F.hardswish}
+
+
 def activation_case(kind, shape, dtype=torch.float32, channels_last=False, device="cpu") -> Case:
+    """The fused activation + histogram vs the plain activation alone (the 1.10x target) and vs the
+    activation followed by the plain histogram."""
     x = activation_tensor(shape, dtype, channels_last, device)
-    act = {"relu": F.relu, "gelu": F.gelu, "relu6": F.relu6, "silu": F.silu}[kind]
+    act = PLAIN_ACTIVATIONS[kind]
 
     def unfused():
         return act(x), plain_sign_histogram(x)

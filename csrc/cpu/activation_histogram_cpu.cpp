@@ -30,6 +30,17 @@ void activation_histogram_cpu(const at::Tensor& x, const at::Tensor& out, const 
     TORCH_CHECK(at::get_overlap_status(x, out) != at::MemOverlapStatus::Partial, op,
                 ": out partially overlaps x; pass out = x itself (inplace) or a separate tensor");
   }
+  if (!inplace && out.is_non_overlapping_and_dense() && out.nbytes() >= (int64_t(1) << 24)) {
+    // A fresh output (empty_like) is not mapped yet: its first-touch page faults, taken one by one
+    // inside the pass, cost ~25% more than faulting the pages in first (measured on a 205 MB fp32
+    // output). One store per 4 KiB page of out's own bytes (dense, so every byte is an element that
+    // the pass overwrites); on an already mapped output this is ~50k stores.
+    auto* bytes = static_cast<volatile char*>(static_cast<char*>(out.data_ptr()));
+    const int64_t pages = (static_cast<int64_t>(out.nbytes()) + 4095) / 4096;
+    at::parallel_for(0, pages, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) bytes[i * 4096] = 0;
+    });
+  }
   Geometry g{x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2),
              out.stride(0), out.stride(1), out.stride(2)};
   int64_t* h = hist.data_ptr<int64_t>();

@@ -5,7 +5,10 @@
 // Vectorisation: the extension is built for baseline x86-64 (SSE2), so every hot loop is compiled
 // twice — once as is, once inside a function with __attribute__((target("avx2,fma"))) — and the
 // AVX2 copy is taken at run time when the CPU has it. The loops themselves are plain C++ that gcc
-// auto-vectorises at -O3 (int32 counters `on += v > 0`, flushed to int64 long before they overflow).
+// auto-vectorises at -O3 (int32 counters `on += v > 0`, flushed to int64 long before they overflow),
+// except two hand-vectorised pieces: the fp16/bf16 counts on the 16-bit patterns (AVX2 intrinsics,
+// count16_*), and an AVX-512 copy of the GELU/SiLU activation blocks (activate_block) where the CPU
+// has AVX-512, as ATen's own kernels use it there.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -115,8 +119,9 @@ template <class T>
 NEP_INLINE T store(acc_t<T> a) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const uint32_t u = f32_bits(a);
-    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(a != a ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+    // NaN selected on the 32-bit lanes, before the narrowing (cheaper once vectorised)
+    const uint32_t r = a != a ? 0x7FC00000u : u + (((u >> 16) & 1u) + 0x7FFFu);
+    return c10::BFloat16(static_cast<uint16_t>(r >> 16), c10::BFloat16::from_bits());
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     return c10::Half(c10::detail::fp16_ieee_from_fp32_value(a), c10::Half::from_bits());
   } else {
@@ -220,10 +225,80 @@ enum Col : int { ON = 0, OFF = 1, ZERO = 2, SAT = 3, NONFINITE = 4, NCOLS = 5 };
 enum Kind : int { RELU = 0, RELU6 = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, HARDSWISH = 6, NONE = 7 };
 constexpr int kNumKinds = 7;
 
+// ----- branch-free fp32 math for the activations ---------------------------------------------------------
+// erf / tanh / exp are libm calls that gcc cannot vectorise, which made the fused GELU/SiLU 4x slower
+// than ATen's vectorised ones. These are written so that gcc vectorises the loops around them (no
+// branches, no calls: selects, bit casts, float->int conversion). mad() is an FMA in the AVX2+FMA
+// clones (the build is ISO C++, so gcc does not contract a*b+c by itself) and a libm fma in the
+// baseline copies, which then stay scalar (only for CPUs without AVX2, or NEPENTHE_CPU_BASELINE=1).
+NEP_INLINE float mad(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+// c ? a : b on the bits: a ternary whose arms compute (and could raise an FP flag) is a branch to gcc
+// (-ftrapping-math), which stops vectorisation; this computes both and selects.
+NEP_INLINE float select(bool c, float a, float b) {
+  const uint32_t m = 0u - uint32_t(c);
+  return bits_f32((f32_bits(a) & m) | (f32_bits(b) & ~m));
+}
+
+// e^-w: 2^n e^-s with n = round(-w / ln 2), s = w + n ln 2 in [-ln2/2, ln2/2] (one FMA with ln 2
+// rounded to fp32: |n| <= 127 keeps its error under 2.5e-7 relative), e^-s = 1 - s (1 - s P(s)) with
+// P a cubic fit (relative error 1.2e-7 on the interval). w is clamped to [-88, 87] first (NaN -> -88):
+// 2^n stays a normal number, built from the low bits of the rounding constant 1.5 * 2^23 + n.
+// Outside the clamp the result is e^88 or e^-87, which the sigmoids below treat explicitly or only
+// add to 1.
+template <bool NONNEG = false>  // NONNEG: w >= 0 or NaN is known (no lower clamp needed)
+NEP_INLINE float exp_neg(float w) {
+  float wc = w;
+  if constexpr (!NONNEG) wc = wc > -88.0f ? wc : -88.0f;
+  wc = wc < 87.0f ? wc : 87.0f;
+  const float k = mad(wc, -1.44269504f, 12582912.0f);
+  const float nf = k - 12582912.0f;  // n, exactly
+  const float sr = mad(nf, 0.693147182f, wc);
+  float p = mad(-8.333841339e-3f, sr, 4.189882800e-2f);
+  p = mad(p, sr, -1.666688621e-1f);
+  p = mad(p, sr, 4.999914169e-1f);
+  p = mad(-p, sr, 1.0f);
+  p = mad(-p, sr, 1.0f);
+  return p * bits_f32((f32_bits(k) + 127u) << 23);  // * 2^n
+}
+// x / (1 + e^-t) (x sigmoid(t)); e^-t is +inf for t < -88, so that x = -inf gives NaN (-inf / inf)
+// and a large negative x gives -0, like PyTorch's silu.
+NEP_INLINE float x_sigmoid(float x, float t) {
+  const float e = exp_neg(t);
+  return x / (1.0f + select(t < -88.0f, std::numeric_limits<float>::infinity(), e));
+}
+// 0.5 x (1 + erf(x / sqrt 2)). erf(|z|) = 1 - q with q = t P(t) e^{-z^2}, t = 1 / (1 + p|z|)
+// (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7, the approximation ATen vectorises too);
+// with h = q / 2 the result is x h for z < 0 and x (1 - h) otherwise, without cancellation in the
+// tail. +-inf: t = 0, h = 0, so +inf -> +inf and -inf -> -inf * 0 = NaN (PyTorch's fp64 / libm result).
+NEP_INLINE float gelu_erf(float x) {
+  const float z = x * 0.707106781186547524f;
+  const float az = bits_f32(f32_bits(z) & 0x7FFFFFFFu);
+  const float t = 1.0f / mad(0.3275911f, az, 1.0f);
+  float p = mad(0.5f * 1.061405429f, t, 0.5f * -1.453152027f);  // P / 2
+  p = mad(p, t, 0.5f * 1.421413741f);
+  p = mad(p, t, 0.5f * -0.284496736f);
+  p = mad(p, t, 0.5f * 0.254829592f);
+  const float h = p * t * exp_neg<true>(az * az);
+  return x * select(z < 0.0f, h, 1.0f - h);
+}
+// 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function as
+// PyTorch's tanh form, without tanh (+inf -> +inf, -inf -> NaN, like PyTorch's).
+NEP_INLINE float gelu_tanh(float x) {
+  const float two_beta = 1.59576912160573071f, kappa = 0.044715f;
+  return x_sigmoid(x, two_beta * x * mad(kappa * x, x, 1.0f));
+}
+
 // φ(v) with PyTorch's CPU formulas (NaN propagates like PyTorch's: every branch keeps a NaN).
+// fp32 (and fp16/bf16, computed in fp32) GELU/SiLU use the vectorisable forms above, fp64 libm.
 template <int KIND, class A>
 NEP_INLINE A activate(A v, A slope) {
-  if constexpr (KIND == RELU) {
+  if constexpr (std::is_same_v<A, float> && KIND == GELU) {
+    return gelu_erf(v);
+  } else if constexpr (std::is_same_v<A, float> && KIND == GELU_TANH) {
+    return gelu_tanh(v);
+  } else if constexpr (std::is_same_v<A, float> && KIND == SILU) {
+    return x_sigmoid(v, v);
+  } else if constexpr (KIND == RELU) {
     return v < A(0) ? A(0) : v;
   } else if constexpr (KIND == RELU6) {
     return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
@@ -247,13 +322,12 @@ NEP_INLINE A activate(A v, A slope) {
 // STRIDED (y with its own element stride).
 enum Mode : int { NOOUT = 0, CONTIG = 1, INPLACE = 2, STRIDED = 3 };
 
-// Loops gcc vectorises gain from an AVX2 copy; the others (erf/tanh/exp are scalar libm calls, a
-// strided output is written element by element) are compiled once, and so are fp64 activations
-// (rare; their baseline SSE2 loops are vectorised too), which keeps the build short.
+// Loops gcc vectorises gain from an AVX2 copy; the others (a strided output is written element by
+// element; fp64 GELU/SiLU call libm) are compiled once, and so are all fp64 activations (rare; their
+// baseline SSE2 loops are vectorised where they can be), which keeps the build short.
 template <class T>
 constexpr bool worth_avx2_clone(int kind, int mode) {
-  return (kind == RELU || kind == RELU6 || kind == LEAKY_RELU || kind == HARDSWISH || kind == NONE) && mode != STRIDED &&
-         (kind == NONE || !std::is_same_v<T, double>);
+  return mode != STRIDED && (kind == NONE || !std::is_same_v<T, double>);
 }
 template <bool CLONE, class K, class... A>
 NEP_INLINE void run_kernel(A... a) {
@@ -281,6 +355,230 @@ NEP_INLINE void count1(A v, A upper, int32_t& on, int32_t& off, int32_t& zero, i
 template <class T>
 NEP_INLINE T* offset(T* y, int64_t off) {
   return y ? y + off : y;
+}
+
+// ----- fp16 / bf16 counts on the 16-bit patterns (AVX2) --------------------------------------------------
+// Converting to fp32 made the 16-bit count compute-bound (half the bytes of fp32, the same time). The
+// five tests are exact on the bit patterns u (sign-magnitude; E = the all-ones exponent, 0x7F80 bf16,
+// 0x7C00 fp16; a = u & 0x7FFF):
+//   ON    0 < u <= E             (positive, not zero, not NaN; +Inf included)
+//   OFF   0x8000 < u <= 0x8000+E (negative, likewise)
+//   ZERO  a == 0                 NONFINITE  a >= E
+//   SAT   U <= u <= E            where U = the bits of upper in the input dtype, for 0 < upper <= +Inf
+//                                (any other threshold goes through the fp32 loops)
+// A range test lo <= u <= hi is one add and one signed compare: (int16)(u + 0x8000 - lo) <
+// (int16)(0x8000 + hi - lo + 1). Lanes count in int16 for at most kLanes16 vectors, then widen.
+template <class T>
+constexpr uint16_t exp_mask16() {
+  return std::is_same_v<T, c10::BFloat16> ? 0x7F80 : 0x7C00;
+}
+// The bits of upper in T when the 16-bit counts can test it (0 < upper <= +Inf), else 0; 1 without upper.
+template <class T>
+inline uint16_t upper_bits16(std::optional<double> upper_opt) {
+  if (!upper_opt) return 1;
+  const uint16_t u = static_cast<T>(*upper_opt).x;
+  return u >= 1 && u <= exp_mask16<T>() ? u : 0;
+}
+constexpr int64_t kLanes16 = 16384;  // int16 lane counts stay below 2^15
+
+template <class T>
+NEP_INLINE void count1_16(uint16_t u, uint16_t U, int64_t* out) {  // the tests above, one element
+  constexpr uint16_t E = exp_mask16<T>();
+  const uint16_t a = u & 0x7FFF;
+  out[ON] += u >= 1 && u <= E;
+  out[OFF] += u >= 0x8001 && u <= 0x8000 + E;
+  out[ZERO] += a == 0;
+  out[SAT] += u >= U && u <= E;
+  out[NONFINITE] += a >= E;
+}
+
+#if NEP_X86
+struct Tests16 {
+  __m256i mag, em1, on_add, off_add, bound, sat_add, sat_bound;
+  NEP_TARGET_AVX2 NEP_INLINE Tests16(uint16_t E, uint16_t U) {
+    mag = _mm256_set1_epi16(0x7FFF);
+    em1 = _mm256_set1_epi16(static_cast<int16_t>(E - 1));
+    on_add = _mm256_set1_epi16(0x7FFF);                        // lo = 1
+    off_add = _mm256_set1_epi16(-1);                           // lo = 0x8001
+    bound = _mm256_set1_epi16(static_cast<int16_t>(0x8000 + E));  // hi - lo + 1 = E for both
+    sat_add = _mm256_set1_epi16(static_cast<int16_t>(0x8000 - U));
+    sat_bound = _mm256_set1_epi16(static_cast<int16_t>(0x8000 + E - U + 1));
+  }
+  // acc[ON..NONFINITE] += the tests of 16 patterns (int16 lanes).
+  template <bool SAT_>
+  NEP_TARGET_AVX2 NEP_INLINE void add(__m256i v, __m256i* acc) const {
+    const __m256i a = _mm256_and_si256(v, mag);
+    acc[ON] = _mm256_sub_epi16(acc[ON], _mm256_cmpgt_epi16(bound, _mm256_add_epi16(v, on_add)));
+    acc[OFF] = _mm256_sub_epi16(acc[OFF], _mm256_cmpgt_epi16(bound, _mm256_add_epi16(v, off_add)));
+    acc[ZERO] = _mm256_sub_epi16(acc[ZERO], _mm256_cmpeq_epi16(a, _mm256_setzero_si256()));
+    acc[NONFINITE] = _mm256_sub_epi16(acc[NONFINITE], _mm256_cmpgt_epi16(a, em1));
+    if constexpr (SAT_) acc[SAT] = _mm256_sub_epi16(acc[SAT], _mm256_cmpgt_epi16(sat_bound, _mm256_add_epi16(v, sat_add)));
+  }
+};
+
+// Path A: n contiguous patterns of one channel; adds the counts into out[0..4].
+template <class T, bool SAT_>
+NEP_TARGET_AVX2 void count16_run(const uint16_t* x, int64_t n, uint16_t U, int64_t* out) {
+  const Tests16 t(exp_mask16<T>(), U);
+  int64_t j = 0;
+  while (j + 16 <= n) {
+    const int64_t end = j + std::min<int64_t>((n - j) / 16, kLanes16) * 16;
+    __m256i acc[NCOLS];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    for (; j + 32 <= end; j += 32) {
+      t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), acc);
+      t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16)), acc);
+    }
+    for (; j < end; j += 16) t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), acc);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int col = 0; col < NCOLS; ++col) {  // 16 int16 lanes -> 8 int32 -> int64
+      alignas(32) int32_t w[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_madd_epi16(acc[col], ones));
+      out[col] += int64_t(w[0]) + w[1] + w[2] + w[3] + w[4] + w[5] + w[6] + w[7];
+    }
+  }
+  for (; j < n; ++j) count1_16<T>(x[j], U, out);  // (without a threshold U = 1 and SAT is ignored)
+}
+
+// Path B: nrows rows of len patterns, row r at x + r * stride; position j adds into cnt[col * L + j]
+// (int32). Rows go in tiles of ~4 KiB (16 rows of 64 channels) while each 16-position column of
+// the tile is counted in registers: measured on 256x64x56x56 channels_last, 4 KiB tiles read at
+// ~90% of torch.sum's rate, 16 KiB tiles at ~75%, 64 KiB at ~50% (the column walk over a large
+// tile defeats the prefetchers).
+template <class T, bool SAT_>
+NEP_TARGET_AVX2 void count16_rows(const uint16_t* x, int64_t nrows, int64_t len, int64_t stride, uint16_t U,
+                                  int32_t* cnt, int64_t L) {
+  const Tests16 t(exp_mask16<T>(), U);
+  const int64_t tile = std::clamp<int64_t>(2048 / std::max<int64_t>(len, 1), 16, kLanes16);
+  const int64_t vec_end = len / 16 * 16;
+  for (int64_t r0 = 0; r0 < nrows; r0 += tile) {
+    const int64_t r1 = std::min(nrows, r0 + tile);
+    for (int64_t j = 0; j < vec_end; j += 16) {
+      __m256i acc[NCOLS];
+      for (auto& a : acc) a = _mm256_setzero_si256();
+      const uint16_t* p = x + r0 * stride + j;
+      int64_t r = r0;
+      for (; r + 2 <= r1; r += 2, p += 2 * stride) {
+        t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), acc);
+        t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + stride)), acc);
+      }
+      if (r < r1) t.add<SAT_>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), acc);
+      for (int col = 0; col < NCOLS; ++col) {
+        if (!SAT_ && col == SAT) continue;
+        __m256i* c = reinterpret_cast<__m256i*>(cnt + col * L + j);
+        const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[col]));
+        const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[col], 1));
+        _mm256_storeu_si256(c, _mm256_add_epi32(_mm256_loadu_si256(c), lo));
+        _mm256_storeu_si256(c + 1, _mm256_add_epi32(_mm256_loadu_si256(c + 1), hi));
+      }
+    }
+    for (int64_t j = vec_end; j < len; ++j) {  // positions past the last full vector
+      int64_t h[NCOLS] = {0, 0, 0, 0, 0};
+      for (int64_t r = r0; r < r1; ++r) count1_16<T>(x[r * stride + j], U, h);
+      for (int col = 0; col < NCOLS; ++col) cnt[col * L + j] += static_cast<int32_t>(h[col]);
+    }
+  }
+}
+#endif
+
+template <class T>
+constexpr bool is_16bit() {
+  return std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+}
+
+// The activation half of the split bf16 / fp32 GELU / SiLU loops (count a block, then activate it):
+// y[j] = φ(x[j]) over a block. Where the CPU has AVX-512 (as ATen's own kernels use it there), an
+// AVX-512 copy with 512-bit vectors halves the instructions of the polynomial code; the arithmetic
+// per element is the same (same FMAs), so the results are identical to the AVX2 copy.
+#if NEP_X86
+inline bool cpu_has_avx512() {
+  // NEPENTHE_CPU_NO_AVX512=1 keeps the AVX2 copies (to test them on an AVX-512 machine)
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         !(std::getenv("NEPENTHE_CPU_NO_AVX512") && std::getenv("NEPENTHE_CPU_NO_AVX512")[0] == '1');
+  return ok;
+}
+#define NEP_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512"), noinline))
+// GELU (erf form) on 16 lanes: gelu_erf() with 1 / (1 + p|z|) as rcp14 + one Newton step instead of
+// a division (a 512-bit division is the slowest instruction of the loop on AMD Zen 4); the
+// reciprocal's relative error (~1e-8) is far below the approximation's own. Above |z| = 1e4 (erf is
+// 1 there in fp32) t is set to exactly 0, as 1 / (1 + p|z|) rounds to for |z| = Inf, so that
+// -Inf -> -Inf * 0 = NaN as in gelu_erf() (rcp14's Newton step would give NaN at +Inf itself).
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) inline __m512 gelu_erf16(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.707106781186547524f));
+  const __m512 az = _mm512_abs_ps(z);
+  const __mmask16 moderate = _mm512_cmp_ps_mask(az, _mm512_set1_ps(1e4f), _CMP_LE_OQ);  // false for Inf, NaN
+  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), _mm512_min_ps(az, _mm512_set1_ps(1e4f)),
+                                   _mm512_set1_ps(1.0f));
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 t = _mm512_maskz_mul_ps(moderate, r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0f)));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.5f * 1.061405429f), t, _mm512_set1_ps(0.5f * -1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f * 1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f * -0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f * 0.254829592f));
+  // e^-w, w = az^2 in [0, 1e8]: exp_neg<true>
+  const __m512 w = _mm512_min_ps(_mm512_mul_ps(az, az), _mm512_set1_ps(87.0f));  // NaN -> 87 (x keeps the NaN)
+  const __m512 k = _mm512_fmadd_ps(w, _mm512_set1_ps(-1.44269504f), _mm512_set1_ps(12582912.0f));
+  const __m512 nf = _mm512_sub_ps(k, _mm512_set1_ps(12582912.0f));
+  const __m512 sr = _mm512_fmadd_ps(nf, _mm512_set1_ps(0.693147182f), w);
+  __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(-8.333841339e-3f), sr, _mm512_set1_ps(4.189882800e-2f));
+  e = _mm512_fmadd_ps(e, sr, _mm512_set1_ps(-1.666688621e-1f));
+  e = _mm512_fmadd_ps(e, sr, _mm512_set1_ps(4.999914169e-1f));
+  e = _mm512_fnmadd_ps(e, sr, _mm512_set1_ps(1.0f));
+  e = _mm512_fnmadd_ps(e, sr, _mm512_set1_ps(1.0f));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(127)), 23);
+  e = _mm512_mul_ps(e, _mm512_castsi512_ps(scale));
+  const __m512 h = _mm512_mul_ps(_mm512_mul_ps(p, t), e);
+  const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 f = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.0f), h), h);
+  return _mm512_mul_ps(x, f);
+}
+template <class T, int KIND>
+NEP_TARGET_AVX512 void activate_block_avx512(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  int64_t j = 0;
+  if constexpr (KIND == GELU && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+    for (; j + 16 <= n; j += 16) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(y + j, gelu_erf16(_mm512_loadu_ps(x + j)));
+      } else {
+        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)));
+        const __m512 v = gelu_erf16(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+        // round to nearest even, NaN -> 0x7FC0 (store<bf16>)
+        const __m512i b = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+      }
+    }
+  }
+  for (; j < n; ++j) y[j] = store<T>(activate<KIND>(load<T>(x[j]), acc_t<T>(0)));
+}
+template <class T, int KIND>
+NEP_TARGET_AVX512 void activate_block_avx512_inplace(T* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), acc_t<T>(0)));
+}
+#endif
+// y = φ(x) over n elements (MODE INPLACE: y is x), inlined into the caller's copy unless AVX-512.
+template <class T, int KIND, int MODE>
+NEP_INLINE void activate_block(const T* __restrict__ xi, T* __restrict__ yo, int64_t n, acc_t<T> slope) {
+#if NEP_X86
+  if (cpu_has_avx512()) {
+    if constexpr (MODE == INPLACE) {
+      activate_block_avx512_inplace<T, KIND>(yo, n);
+    } else {
+      activate_block_avx512<T, KIND>(xi, yo, n);
+    }
+    return;
+  }
+#endif
+  if constexpr (MODE == INPLACE) {
+    T* p = yo;
+    for (int64_t j = 0; j < n; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+  } else {
+    for (int64_t j = 0; j < n; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+  }
 }
 
 // Path A: one run of `n` elements of one channel (x at element stride xs; XCONTIG: xs == 1). Adds
@@ -312,6 +610,47 @@ struct RowKernel {
     out[ON] += on, out[OFF] += off, out[ZERO] += zero, out[SAT] += sat, out[NONFINITE] += nf;
   }
   static NEP_INLINE void run(const T* x, T* y, int64_t n, int64_t xs, int64_t ys, A upper, A slope, int64_t* out) {
+#if NEP_X86
+    // bf16 activations: count each block on the 16-bit patterns (count16_run), then activate it
+    // (a loop without the counters, which gcc vectorises better); the block is still in L1.
+    if constexpr (std::is_same_v<T, c10::BFloat16> && XCONTIG && (MODE == CONTIG || MODE == INPLACE)) {
+      const uint16_t U = static_cast<uint16_t>(f32_bits(upper) >> 16);  // upper is a bf16 value (+Inf: none)
+      if (cpu_has_avx2() && U >= 1 && U <= exp_mask16<T>()) {
+        constexpr int64_t kBlock = 2048;
+        const T* src = MODE == INPLACE ? y : x;
+        for (int64_t b = 0; b < n; b += kBlock) {
+          const int64_t len = std::min(n - b, kBlock);
+          count16_run<T, true>(reinterpret_cast<const uint16_t*>(src + b), len, U, out);
+          if constexpr (KIND == GELU || KIND == GELU_TANH || KIND == SILU) {
+            activate_block<T, KIND, MODE>(src + b, y + b, len, slope);
+          } else {
+            const T* __restrict__ xi = src + b;
+            T* __restrict__ yo = y + b;
+            if constexpr (MODE == INPLACE) {
+              T* p = y + b;
+              for (int64_t j = 0; j < len; ++j) p[j] = store<T>(activate<KIND>(load<T>(p[j]), slope));
+            } else {
+              for (int64_t j = 0; j < len; ++j) yo[j] = store<T>(activate<KIND>(load<T>(xi[j]), slope));
+            }
+          }
+        }
+        return;
+      }
+    }
+#endif
+    // fp32 GELU / SiLU: counting and activating in one loop keeps too many registers live (the
+    // counters and the polynomial constants); count a block, then activate it while it is in L1.
+    if constexpr (std::is_same_v<T, float> && XCONTIG && (MODE == CONTIG || MODE == INPLACE) &&
+                  (KIND == GELU || KIND == GELU_TANH || KIND == SILU)) {
+      constexpr int64_t kBlock = 2048;
+      const T* src = MODE == INPLACE ? y : x;
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t len = std::min(n - b, kBlock);
+        RowKernel<T, NONE, NOOUT, true>::chunk(src + b, nullptr, len, 1, 1, upper, slope, out);
+        activate_block<T, KIND, MODE>(src + b, y + b, len, slope);
+      }
+      return;
+    }
     if constexpr (std::is_same_v<T, c10::Half> && XCONTIG) {  // fp16: through fp32 scratch (see half_to_float)
       using F = RowKernel<float, KIND, MODE == NOOUT ? NOOUT : CONTIG, true>;
       alignas(64) float xb[kStage], yb[kStage];
@@ -559,6 +898,13 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
   const A slope = static_cast<A>(negative_slope);
   Merger merger{hist, bins, g.C, g.mult, upper_opt.has_value(), {}};
   const int64_t C = g.C;
+  // fp16 / bf16 count-only calls: the 16-bit pattern tests (AVX2), when the threshold allows them.
+  uint16_t U16 = 0;
+  if constexpr (is_16bit<T>() && KIND == NONE) {
+    if (NEP_X86 && cpu_has_avx2()) U16 = upper_bits16<T>(upper_opt);
+  }
+  const bool fast16 = U16 != 0;
+  const bool sat16 = upper_opt.has_value();
 
   const bool path_a = g.inner > 1 && g.xsi == 1;
   const bool path_b = !path_a && g.xsc == 1;
@@ -579,6 +925,15 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
         const T* xr = x + o * g.xso + c * g.xsc + i0 * g.xsi;
         T* yr = has_output ? y + o * g.yso + c * g.ysc + i0 * g.ysi : nullptr;
         int64_t* out = local.data() + c * NCOLS;
+#if NEP_X86
+        if constexpr (is_16bit<T>() && KIND == NONE) {
+          if (path_a && fast16) {
+            const auto* xu = reinterpret_cast<const uint16_t*>(xr);
+            sat16 ? count16_run<T, true>(xu, n, U16, out) : count16_run<T, false>(xu, n, U16, out);
+            continue;
+          }
+        }
+#endif
         if (path_a && mode != STRIDED) {
           with_mode<KIND>(mode, [&](auto m) {
             constexpr int M = decltype(m)::value;
@@ -602,7 +957,11 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
   // ----- path B: channel-contiguous rows (channels_last, Linear [rows, C]) -----
   const int64_t rows = g.outer * g.inner;
   const bool flat = g.xsi == C && (!has_output || (g.ysi == C && g.ysc == 1));
-  const int64_t k = flat ? std::max<int64_t>(1, (kFlatRun + C - 1) / C) : 1;
+  int64_t k = flat ? std::max<int64_t>(1, (kFlatRun + C - 1) / C) : 1;
+  if (flat && fast16) {  // runs of whole vectors: L a multiple of 16 (and >= kFlatRun)
+    const int64_t step = 16 / std::gcd<int64_t>(C, 16);
+    k = std::max<int64_t>(1, (kFlatRun + step * C - 1) / (step * C)) * step;
+  }
   const int64_t L = k * C;
   const int mode = !has_output ? NOOUT : inplace ? INPLACE : g.ysc == 1 ? CONTIG : STRIDED;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
@@ -628,6 +987,28 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
       }
       const T* xr = x + o * g.xso + i0 * g.xsi;
       T* yr = has_output ? y + o * g.yso + i0 * g.ysi : nullptr;
+#if NEP_X86
+      if constexpr (is_16bit<T>() && KIND == NONE) {
+        if (fast16) {
+          const auto* xu = reinterpret_cast<const uint16_t*>(xr);
+          const int64_t groups = flat ? nrows / k : nrows;
+          auto rows16 = [&](const uint16_t* p, int64_t nr, int64_t len, int64_t stride) {
+            sat16 ? count16_rows<T, true>(p, nr, len, stride, U16, cnt.data(), L)
+                  : count16_rows<T, false>(p, nr, len, stride, U16, cnt.data(), L);
+          };
+          if (flat) {
+            rows16(xu, groups, L, L);                        // k rows at a time as one run of L
+            const int64_t tail = (nrows - groups * k) * C;   // the last < k rows: one short run
+            if (tail) rows16(xu + groups * L, 1, tail, L);
+          } else {
+            rows16(xu, nrows, C, g.xsi);
+          }
+          since_flush += nrows;
+          r += nrows;
+          continue;
+        }
+      }
+#endif
       with_mode<KIND>(mode, [&](auto m) {
         constexpr int M = decltype(m)::value;
         run_kernel<worth_avx2_clone<T>(KIND, M), ChannelBlock<T, KIND, M>>(xr, yr, nrows, C, k, g.xsi, g.ysi, g.ysc, flat,
