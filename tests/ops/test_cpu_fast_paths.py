@@ -6,7 +6,7 @@
   strided), with thresholds the pattern test takes (6, +Inf, a subnormal, the largest finite) and
   those it hands to the fp32 loops (0, -1, -Inf, NaN). Counts must be equal, not close.
 * GELU (erf and tanh forms) and SiLU use branch-free polynomial exp / erf: accuracy over a dense
-  range (the low-precision rule of tests/test_backends.py) and PyTorch's NaN / Inf results.
+  range (the low-precision rule of tests/ops/test_backends.py) and PyTorch's NaN / Inf results.
 
 Sizes are odd so that every vector loop has a tail. With NEPENTHE_CPU_BASELINE=1 the same tests
 run the baseline (non-AVX2) copies, with NEPENTHE_CPU_NO_AVX512=1 the AVX2 copies of the activation
@@ -124,7 +124,7 @@ def test_16bit_counts_large_runs_and_threads():
 
 # ----- fused activations ----------------------------------------------------------------------------------
 def _tolerance(kind, x, got):
-    from test_backends import _activation_tolerance
+    from tests.ops.test_backends import _activation_tolerance
     _activation_tolerance(kind, x, got, 0.01)
 
 
@@ -186,6 +186,7 @@ def test_activation_special_values(kind, dtype):
 
 @pytest.mark.parametrize("kind", ["gelu", "silu"])
 def test_activation_inplace_and_strided_output(kind):
+    torch.manual_seed(0)
     x = torch.randn(3, 19, 5, 7) * 5
     x[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
     want = reference.activation(x, kind)
@@ -199,9 +200,14 @@ def test_activation_inplace_and_strided_output(kind):
     y = torch.empty(x.shape)
     CPP.activation_histogram_(reference.as_3d(xc, 1), reference.as_3d(y, 1), torch.zeros(19, 5, dtype=torch.int64),
                               ACTIVATIONS.index(kind), 0.01, None)
+    exact = reference.activation(x.double(), kind)
+    # against fp64, within twice PyTorch's own fp32 error (its GELU is off by up to ~1.1e-6 in the
+    # negative tail, where a comparison with its fp32 result would blame the more exact kernel)
+    own = (want.double() - exact).abs()
     for got in (z, y):
         ok = torch.isfinite(want)
-        torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-6)
+        err = (got.double() - exact).abs()[ok]
+        assert bool((err <= torch.clamp(2 * own[ok], min=1e-6) + 1e-5 * exact.abs()[ok]).all()), float(err.max())
         assert torch.equal(torch.isnan(got), torch.isnan(reference.activation(x.double(), kind)))
 
 
