@@ -17,14 +17,9 @@ import torch.nn.functional as F
 import nepenthe
 from nepenthe import ops
 from nepenthe.models import resnet18_cifar
+from nepenthe.testing import activation_tensor  # shared with the tests
 
 Case = dict[str, Callable[[], object]]
-
-
-def activation_tensor(shape, dtype=torch.float32, channels_last=False, device="cpu", seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
 def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
