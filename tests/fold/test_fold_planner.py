@@ -232,7 +232,10 @@ def test_budget_is_respected_with_a_slow_timer():
     wall = time.perf_counter() - start
     p = folded.fold_report.planner
     assert p["seconds"] <= budget + 0.15  # one warm-up pair may start just before the end
-    assert wall <= budget + all_s + 0.5
+    # fold's own work in latency mode (the unmerged copy, shape propagation, FLOPs of two variants) is
+    # about twice the planner='all' fold's; an unbounded planner would take seconds here (9 candidates,
+    # 30 ms a timing block)
+    assert wall <= budget + 2 * all_s + 1.0
     assert p["budget_exhausted"] and p["decided_by_budget"] >= 1
     by = [d["by"] for d in p["decisions"]]
     assert by[-1] == "budget" and by == sorted(by, key=lambda b: b == "budget")  # timing, then budget
