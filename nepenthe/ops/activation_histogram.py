@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import reference
 from ._args import (
     _check_activation_input,
     _check_bins,
@@ -21,7 +20,7 @@ from ._args import (
     view_3d,
 )
 from .backends import select
-from .constants import ACTIVATIONS, RELU6_UPPER
+from .constants import ACTIVATIONS, RELU6_UPPER, upper_kink
 
 __all__ = ["accumulate_activation_histogram", "activation_backward", "activation_histogram", "activation_histogram_"]
 
@@ -48,7 +47,7 @@ def _run_activation(x: Tensor, y: Tensor, hist: Tensor, kind: str, channel_dim: 
     """y = φ(x) and the counts of x into hist, on the selected backend (y may be x itself)."""
     _, impl = select("activation_histogram", x.device, (x.dtype,))
     buf, temporary = _contiguous_hist(hist)
-    upper = reference.upper_kink(kind)
+    upper = upper_kink(kind)
     x3 = as_3d(x, channel_dim)
     y3 = view_3d(y, channel_dim)  # None only for strides no 3-d view fits (then x3 is a copy too)
     if y3 is not None:
