@@ -173,17 +173,11 @@ struct AdamKernel {
 #define NEP_OPTIM_SIMD 0
 #endif
 #if NEP_OPTIM_SIMD
-#define NEP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+// (common.h's NEP_TARGET_AVX512 is noinline, for whole activation blocks; these lane helpers inline)
 #define NEP_AVX2_INLINE NEP_TARGET_AVX2 inline __attribute__((always_inline))
-#define NEP_AVX512_INLINE NEP_TARGET_AVX512 inline __attribute__((always_inline))
-
-// NEPENTHE_CPU_NO_AVX512=1 keeps these kernels on AVX2 (to test that path on an AVX-512 machine).
-inline bool cpu_has_avx512() {
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         !(std::getenv("NEPENTHE_CPU_NO_AVX512") && std::getenv("NEPENTHE_CPU_NO_AVX512")[0] == '1');
-  return ok;
-}
+#define NEP_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) inline \
+  __attribute__((always_inline))
+// cpu_has_avx512() (common.h): NEPENTHE_CPU_NO_AVX512=1 keeps these kernels on AVX2 too.
 
 // bf16 rounding as c10 does it: nearest even, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
 struct V8 {
