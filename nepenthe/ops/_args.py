@@ -54,6 +54,9 @@ _INFRA_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE"
                      if hasattr(torch._C._TorchDispatchModeKey, k))
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when a call can skip the ``torch.library`` dispatch and run its implementation directly.
 
@@ -62,6 +65,7 @@ def _plain_eager(*tensors: Tensor) -> bool:
     something must see the op as a node: compiling, tracing (fx proxies are not tensors; make_fx /
     export run under dispatch modes), fake or subclass tensors, functorch transforms and modes.
     Autograd is the caller's check (the ops that need it test ``requires_grad`` themselves).
+    ``nn.Parameter`` counts as a plain tensor (it only disables ``__torch_function__``).
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -70,7 +74,7 @@ def _plain_eager(*tensors: Tensor) -> bool:
         return False
     if any(torch._C._get_dispatch_mode(key) is not None for key in _INFRA_MODES):
         return False
-    return all(type(t) is Tensor for t in tensors)
+    return all(type(t) in _PLAIN_TYPES for t in tensors)
 
 
 def _contiguous_hist(hist: Tensor) -> tuple[Tensor, bool]:

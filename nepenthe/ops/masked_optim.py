@@ -82,24 +82,25 @@ def _pick(seq, idx):
     return [seq[i] for i in idx]
 
 
-def _eager_cpp(op: str, params: list[Tensor]):
-    """The ``cpp`` backend when an optimizer call may go straight to its kernel, skipping the custom-op
-    machinery (whose per-call Python cost, ~0.5 ms for a ResNet-18's 62 parameters, is a tenth of the
-    step itself): a plain eager call (see ``_plain_eager``; parameters may be ``nn.Parameter``), grad
-    mode off (as inside ``Optimizer.step``), CPU parameters and ``cpp`` the backend selected for
-    them. None otherwise. The kernel validates every tensor before it writes any, so a call it
-    rejects (bad arguments, non-contiguous or mixed tensors) is simply redone on the full path,
-    which raises the Python error or handles the odd tensors."""
-    if torch.is_grad_enabled() or not _plain_eager():
-        return None
-    p = params[0]
-    if p.device.type != "cpu" or not all(type(t) in _EAGER_TYPES for t in params):
-        return None
-    name, impl = select(op, p.device, (p.dtype,))
-    return impl if name == "cpp" else None
-
-
-_EAGER_TYPES = (Tensor, torch.nn.Parameter)
+def _eager_step(op: str, params: list[Tensor], mutated: list[Tensor], call) -> bool:
+    """Run a plain eager CPU step straight on the ``cpp`` kernel, skipping the custom-op machinery
+    (whose per-call Python cost, ~0.5 ms for a ResNet-18's 62 parameters, is a tenth of the step
+    itself): ``call(impl)`` when the call is plain eager (``_plain_eager``), grad mode is off (as
+    inside ``Optimizer.step``), the parameters are on the CPU and ``cpp`` is the backend selected
+    for them. True when it ran. The kernel validates every tensor before it writes any, so a call it
+    rejects (bad arguments, non-contiguous or mixed tensors) returns False, to be redone on the full
+    path, which raises the Python error or handles the odd tensors."""
+    if not params or torch.is_grad_enabled() or params[0].device.type != "cpu" or not _plain_eager(*params):
+        return False
+    name, impl = select(op, params[0].device, (params[0].dtype,))
+    if name != "cpp":
+        return False
+    try:
+        call(impl)
+    except RuntimeError:
+        return False  # rejected before any write
+    torch._C._increment_version(mutated)  # as the custom op does for its mutated arguments
+    return True
 
 
 @custom_op("nepenthe::masked_sgd_", mutates_args=("params", "momentum_buffers"))
@@ -134,21 +135,15 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
         named["momentum_buffers"] = momentum_buffers
     elif momentum_buffers:
         raise ValueError("masked_sgd_: momentum_buffers must be empty when momentum == 0")
-    impl = _eager_cpp("masked_sgd_", params) if params else None
-    if impl is not None:
-        bufs = list(momentum_buffers)
-        try:
-            impl.masked_sgd_(params, grads, bufs, masks, float(lr), float(momentum), float(dampening),
-                             float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
-        except RuntimeError:
-            pass  # rejected before any write: the full path below
-        else:
-            torch._C._increment_version(params + bufs)  # as the custom op does for its mutated arguments
-            return
+    bufs = list(momentum_buffers)
+    if _eager_step("masked_sgd_", params, list(params) + bufs, lambda impl: impl.masked_sgd_(
+            params, grads, bufs, masks, float(lr), float(momentum), float(dampening), float(weight_decay),
+            bool(nesterov), bool(maximize), bool(first_step))):
+        return
     _check_lists("masked_sgd_", params, named, masks)
     if not params:
         return
-    _masked_sgd(params, grads, list(momentum_buffers), list(masks), float(lr), float(momentum), float(dampening),
+    _masked_sgd(params, grads, bufs, list(masks), float(lr), float(momentum), float(dampening),
                 float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
 
 
@@ -182,20 +177,15 @@ def masked_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     named = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         named["max_exp_avg_sqs"] = max_exp_avg_sqs
-    impl = _eager_cpp("masked_adamw_", params) if params else None
-    if impl is not None:
-        maxes = list(max_exp_avg_sqs) if amsgrad else []
-        try:
-            impl.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes, masks, float(lr), float(beta1),
-                               float(beta2), float(eps), float(weight_decay), int(step), bool(amsgrad), bool(maximize))
-        except RuntimeError:
-            pass  # rejected before any write: the full path below
-        else:
-            torch._C._increment_version(list(params) + list(exp_avgs) + list(exp_avg_sqs) + maxes)
-            return
+    maxes = list(max_exp_avg_sqs) if amsgrad else []
+    if _eager_step("masked_adamw_", params, list(params) + list(exp_avgs) + list(exp_avg_sqs) + maxes,
+                   lambda impl: impl.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes, masks, float(lr),
+                                                   float(beta1), float(beta2), float(eps), float(weight_decay),
+                                                   int(step), bool(amsgrad), bool(maximize))):
+        return
     _check_lists("masked_adamw_", params, named, masks)
     if not params:
         return
-    _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs) if amsgrad else [], list(masks),
+    _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, maxes, list(masks),
                   float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), bool(amsgrad),
                   bool(maximize))
