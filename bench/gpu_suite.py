@@ -444,6 +444,7 @@ def _section_optim(args, rec: Recorder) -> None:
             continue
         try:
             providers = build(device=dev, dtype=dtype)
+            providers.pop("nepenthe_packed", None)  # the GPU kernels read bool masks (packed ones get unpacked)
             ours = getattr(providers.get("nepenthe"), "__self__", None)  # the bound MaskedSGD/AdamW.step
             if ours is None:
                 raise RuntimeError("kernel_cases' 'nepenthe' provider is no optimizer's bound step")

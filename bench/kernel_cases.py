@@ -118,6 +118,7 @@ def sgd_case(device="cpu", dtype=torch.float32, weight_decay=5e-4) -> Case:
     params, masks = resnet18_parameters(device, dtype)
     kwargs = dict(SGD_KWARGS, weight_decay=weight_decay)
     ours = ops.MaskedSGD(params, masks=masks, **kwargs)
+    packed = ops.MaskedSGD(params, masks=masks, pack_masks=True, **kwargs)
     fused = torch.optim.SGD(params, fused=True, **kwargs)
     plain = torch.optim.SGD(params, foreach=True, **kwargs)
     then_mask = _mask_multiply(masks)
@@ -126,8 +127,8 @@ def sgd_case(device="cpu", dtype=torch.float32, weight_decay=5e-4) -> Case:
     def plain_then_mask():
         plain.step()
         then_mask()
-    return {"nepenthe": ours.step, "torch_fused_unmasked": fused.step, "torch_unmasked": plain.step,
-            "torch+mask": plain_then_mask, "compile_unmasked": compiled_step}
+    return {"nepenthe": ours.step, "nepenthe_packed": packed.step, "torch_fused_unmasked": fused.step,
+            "torch_unmasked": plain.step, "torch+mask": plain_then_mask, "compile_unmasked": compiled_step}
 
 
 def adamw_case(device="cpu", dtype=torch.float32, weight_decay=1e-2) -> Case:
@@ -136,6 +137,7 @@ def adamw_case(device="cpu", dtype=torch.float32, weight_decay=1e-2) -> Case:
     params, masks = resnet18_parameters(device, dtype)
     kwargs = dict(ADAMW_KWARGS, weight_decay=weight_decay)
     ours = ops.MaskedAdamW(params, masks=masks, **kwargs)
+    packed = ops.MaskedAdamW(params, masks=masks, pack_masks=True, **kwargs)
     fused = torch.optim.AdamW(params, fused=True, **kwargs)
     plain = torch.optim.AdamW(params, foreach=True, **kwargs)
     then_mask = _mask_multiply(masks)
@@ -143,8 +145,8 @@ def adamw_case(device="cpu", dtype=torch.float32, weight_decay=1e-2) -> Case:
     def plain_then_mask():
         plain.step()
         then_mask()
-    return {"nepenthe": ours.step, "torch_fused_unmasked": fused.step, "torch_unmasked": plain.step,
-            "torch+mask": plain_then_mask}
+    return {"nepenthe": ours.step, "nepenthe_packed": packed.step, "torch_fused_unmasked": fused.step,
+            "torch_unmasked": plain.step, "torch+mask": plain_then_mask}
 
 
 def measure_case(batch=64, batches=4, device="cpu") -> Case:

@@ -14,6 +14,29 @@ namespace nepenthe_cpu {
 namespace {
 
 constexpr int64_t kOptimGrain = 16384;  // elements; smaller steps run on one thread
+// A thread's piece of a tensor starts at a multiple of this many elements, so that a bit-packed mask
+// piece starts on a byte (and the SIMD blocks on a whole lane word).
+constexpr int64_t kPieceAlign = 64;
+
+// How a parameter's mask is stored: none, one bool byte per element, or one bit per element (packed
+// least significant bit first, as nepenthe/ops/mask_bits.py writes it).
+enum MaskKind : int { kNoMask = 0, kByteMask = 1, kBitMask = 2 };
+
+// The keep flag (0 / 1) of element j of a piece whose mask starts at `mask`.
+template <int MK>
+NEP_INLINE uint8_t keep_at(const uint8_t* mask, int64_t j) {
+  if constexpr (MK == kBitMask) {
+    return (mask[j >> 3] >> (j & 7)) & 1;
+  } else {
+    return mask[j];
+  }
+}
+
+// The mask of a piece's elements from j on (j a multiple of 8 when the mask is packed).
+template <int MK>
+NEP_INLINE const uint8_t* mask_from(const uint8_t* mask, int64_t j) {
+  return MK == kBitMask ? mask + (j >> 3) : mask + j;
+}
 
 // AVX2 copy where the loop vectorises (fp16 <-> fp32 conversions stay scalar without F16C).
 template <class T, class K, class... A>
@@ -31,7 +54,7 @@ struct SgdScalars {
   bool nesterov, maximize, first_step;
 };
 
-template <class T, bool HAS_BUF, bool HAS_MASK>
+template <class T, bool HAS_BUF, int MK>
 struct SgdKernel {
   static NEP_INLINE void run(T* __restrict__ p, const T* __restrict__ gr, T* __restrict__ buf,
                              const uint8_t* __restrict__ mask, int64_t n, const SgdScalars* s) {
@@ -51,9 +74,10 @@ struct SgdKernel {
         g = nesterov ? g + mom * b : b;
       }
       A np = pv + neg_lr * g;
-      if constexpr (HAS_MASK) {
-        np = keep_or_zero(mask[j], np);
-        b = keep_or_zero(mask[j], b);
+      if constexpr (MK != kNoMask) {
+        const uint8_t keep = keep_at<MK>(mask, j);
+        np = keep_or_zero(keep, np);
+        b = keep_or_zero(keep, b);
       }
       p[j] = store<T>(np);
       if constexpr (HAS_BUF) buf[j] = store<T>(b);
@@ -86,7 +110,7 @@ NEP_INLINE void sqrt_inplace(A* buf, int64_t n) {
   for (; j < n; ++j) buf[j] = std::sqrt(buf[j]);
 }
 
-template <class T, bool AMSGRAD, bool HAS_MASK>
+template <class T, bool AMSGRAD, int MK>
 struct AdamKernel {
   using A = acc_t<T>;
   static constexpr int64_t kBlock = 256;  // elements per pass; the three scratch rows stay in L1
@@ -119,8 +143,8 @@ struct AdamKernel {
       pbuf[j] = load<T>(p[j]) * decay;
       mbuf[j] = mv;
       root[j] = vm;
-      if constexpr (HAS_MASK) {
-        const uint8_t keep = mask[j];
+      if constexpr (MK != kNoMask) {
+        const uint8_t keep = keep_at<MK>(mask, j);
         m[j] = store<T>(keep_or_zero(keep, mv));
         v[j] = store<T>(keep_or_zero(keep, vv));
         if constexpr (AMSGRAD) vmax[j] = store<T>(keep_or_zero(keep, vm));
@@ -138,8 +162,8 @@ struct AdamKernel {
     for (int64_t j = 0; j < n; ++j) {
       const A denom = root[j] / bc2 + eps;
       const A pv = pbuf[j] + neg_step * (mbuf[j] / denom);
-      if constexpr (HAS_MASK) {
-        p[j] = store<T>(keep_or_zero(mask[j], pv));
+      if constexpr (MK != kNoMask) {
+        p[j] = store<T>(keep_or_zero(keep_at<MK>(mask, j), pv));
       } else {
         p[j] = store<T>(pv);
       }
@@ -150,7 +174,7 @@ struct AdamKernel {
     alignas(64) A pbuf[kBlock], mbuf[kBlock], root[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t len = std::min(kBlock, n - b);
-      const uint8_t* mk = HAS_MASK ? mask + b : nullptr;
+      const uint8_t* mk = MK != kNoMask ? mask_from<MK>(mask, b) : nullptr;  // b: a multiple of 256
       moments(p + b, gr + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, mk, len, s, pbuf, mbuf, root);
       sqrt_inplace(root, len);
       update(p + b, mk, len, s, pbuf, mbuf, root);
@@ -208,6 +232,10 @@ struct V8 {
     const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mk)));
     return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
   }
+  static NEP_AVX2_INLINE K keep_bits(const uint8_t* mk) {  // the 8 bits of one byte
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(*mk), bit), bit));
+  }
   static NEP_AVX2_INLINE R apply(K k, R v) { return _mm256_and_ps(v, k); }
   static NEP_AVX2_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static NEP_AVX2_INLINE R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
@@ -250,6 +278,11 @@ struct V16 {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mk));
     return _mm_test_epi8_mask(b, b);
   }
+  static NEP_AVX512_INLINE K keep_bits(const uint8_t* mk) {  // two bytes are the lane mask itself
+    uint16_t bits;
+    std::memcpy(&bits, mk, sizeof bits);
+    return static_cast<K>(bits);
+  }
   static NEP_AVX512_INLINE R apply(K k, R v) { return _mm512_maskz_mov_ps(k, v); }
   static NEP_AVX512_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static NEP_AVX512_INLINE R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
@@ -286,26 +319,26 @@ using V = V16;
 template <class T>
 constexpr bool kHasSimdKernel = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
-template <class T, bool HAS_BUF, bool HAS_MASK>
+template <class T, bool HAS_BUF, int MK>
 void sgd_piece(T* p, const T* g, T* b, const uint8_t* mk, int64_t n, const SgdScalars* s) {
 #if NEP_OPTIM_SIMD
   if constexpr (kHasSimdKernel<T>) {
-    if (cpu_has_avx512()) return avx512::run_simd<avx512::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
-    if (cpu_has_avx2()) return avx2::run_simd<avx2::SgdSimd<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
+    if (cpu_has_avx512()) return avx512::run_simd<avx512::SgdSimd<T, HAS_BUF, MK>>(p, g, b, mk, n, s);
+    if (cpu_has_avx2()) return avx2::run_simd<avx2::SgdSimd<T, HAS_BUF, MK>>(p, g, b, mk, n, s);
   }
 #endif
-  run_opt<T, SgdKernel<T, HAS_BUF, HAS_MASK>>(p, g, b, mk, n, s);
+  run_opt<T, SgdKernel<T, HAS_BUF, MK>>(p, g, b, mk, n, s);
 }
 
-template <class T, bool AMSGRAD, bool HAS_MASK>
+template <class T, bool AMSGRAD, int MK>
 void adam_piece(T* p, const T* g, T* m, T* v, T* vmax, const uint8_t* mk, int64_t n, const AdamScalars* s) {
 #if NEP_OPTIM_SIMD
   if constexpr (kHasSimdKernel<T>) {
-    if (cpu_has_avx512()) return avx512::run_simd<avx512::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
-    if (cpu_has_avx2()) return avx2::run_simd<avx2::AdamSimd<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
+    if (cpu_has_avx512()) return avx512::run_simd<avx512::AdamSimd<T, AMSGRAD, MK>>(p, g, m, v, vmax, mk, n, s);
+    if (cpu_has_avx2()) return avx2::run_simd<avx2::AdamSimd<T, AMSGRAD, MK>>(p, g, m, v, vmax, mk, n, s);
   }
 #endif
-  run_opt<T, AdamKernel<T, AMSGRAD, HAS_MASK>>(p, g, m, v, vmax, mk, n, s);
+  run_opt<T, AdamKernel<T, AMSGRAD, MK>>(p, g, m, v, vmax, mk, n, s);
 }
 
 // ----- checks and the multi-tensor driver ---------------------------------------------------------------
@@ -335,19 +368,44 @@ void check_param(const at::Tensor& p, const char* op, size_t i) {
               "); the fused optimizer needs contiguous parameters");
 }
 
-const uint8_t* checked_mask(const c10::List<std::optional<at::Tensor>>& masks, size_t i, const at::Tensor& p,
-                         const char* op) {
+struct MaskArg {
+  const uint8_t* data = nullptr;  // null: no mask
+  int kind = kNoMask;
+};
+
+MaskArg checked_mask(const c10::List<std::optional<at::Tensor>>& masks, size_t i, const at::Tensor& p, const char* op) {
   const std::optional<at::Tensor> mo = masks.get(i);
-  if (!mo.has_value() || !mo->defined()) return nullptr;
+  if (!mo.has_value() || !mo->defined()) return {};
   const at::Tensor& mk = *mo;
   TORCH_CHECK(mk.device().is_cpu(), op, ": masks[", i, "] is on ", mk.device(), "; keep the masks on the CPU too");
-  TORCH_CHECK(mk.scalar_type() == at::kBool, op, ": masks[", i, "] must be a bool tensor (True = keep), got ",
-              mk.scalar_type());
+  const int64_t packed_bytes = (p.numel() + 7) / 8;
+  if (mk.scalar_type() == at::kByte) {
+    TORCH_CHECK(mk.dim() == 1 && mk.numel() == packed_bytes, op, ": masks[", i, "] is uint8 of shape ", mk.sizes(),
+                "; a packed mask of params[", i, "] (", p.numel(), " elements) must be 1-d with ", packed_bytes,
+                " bytes (nepenthe.ops.pack_mask)");
+    TORCH_CHECK(mk.is_contiguous(), op, ": masks[", i, "] (packed) is not contiguous; pass mask.contiguous()");
+    return {mk.const_data_ptr<uint8_t>(), kBitMask};
+  }
+  TORCH_CHECK(mk.scalar_type() == at::kBool, op, ": masks[", i, "] must be a bool tensor (True = keep) or a packed ",
+              "uint8 one (nepenthe.ops.pack_mask), got ", mk.scalar_type());
   TORCH_CHECK(mk.sizes() == p.sizes(), op, ": masks[", i, "] has shape ", mk.sizes(), " but params[", i,
               "] has ", p.sizes());
   TORCH_CHECK(mk.is_contiguous(), op, ": masks[", i, "] is not contiguous (strides ", mk.strides(),
               "); pass mask.contiguous()");
-  return reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());  // bool storage: one byte, 0 or 1
+  return {reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>()), kByteMask};  // bool: one byte, 0 or 1
+}
+
+// f(std::integral_constant<int, kind>) for a runtime mask kind, so the kernels take it as a template argument.
+template <class F>
+void with_mask_kind(int kind, F&& f) {
+  switch (kind) {
+    case kByteMask:
+      return f(std::integral_constant<int, kByteMask>{});
+    case kBitMask:
+      return f(std::integral_constant<int, kBitMask>{});
+    default:
+      return f(std::integral_constant<int, kNoMask>{});
+  }
 }
 
 // Elements [begin, end) of the concatenation of all tensors: f(tensor index, offset, count) per piece.
@@ -361,10 +419,26 @@ void for_each_piece(const std::vector<int64_t>& prefix, int64_t begin, int64_t e
   }
 }
 
+// Where each tensor starts in the virtual concatenation, every length rounded up to kPieceAlign.
 std::vector<int64_t> prefix_sums(at::TensorList params) {
   std::vector<int64_t> prefix(params.size() + 1, 0);
-  for (size_t i = 0; i < params.size(); ++i) prefix[i + 1] = prefix[i] + params[i].numel();
+  for (size_t i = 0; i < params.size(); ++i) {
+    prefix[i + 1] = prefix[i] + (params[i].numel() + kPieceAlign - 1) / kPieceAlign * kPieceAlign;
+  }
   return prefix;
+}
+
+// One parallel region over all tensors: f(tensor index, offset, count) for each thread's pieces, every
+// offset a multiple of kPieceAlign (the padding past a tensor's end is skipped).
+template <class F>
+void parallel_pieces(at::TensorList params, F&& f) {
+  const std::vector<int64_t> prefix = prefix_sums(params);
+  at::parallel_for(0, prefix.back() / kPieceAlign, kOptimGrain / kPieceAlign, [&](int64_t begin, int64_t end) {
+    for_each_piece(prefix, begin * kPieceAlign, end * kPieceAlign, [&](size_t i, int64_t off, int64_t len) {
+      len = std::min(len, params[i].numel() - off);
+      if (len > 0) f(i, off, len);
+    });
+  });
 }
 
 template <class T>
@@ -386,29 +460,27 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, op, ": momentum_buffers has ",
                 momentum_buffers.size(), " tensors; pass none when momentum == 0 (or one per parameter)");
   }
-  std::vector<const uint8_t*> mask_ptrs(n);
+  std::vector<MaskArg> mask_args(n);
   for (size_t i = 0; i < n; ++i) {
     check_param(params[i], op, i);
     check_like_param(grads[i], params[i], op, "grads", i);
     if (has_buf) check_like_param(momentum_buffers[i], params[i], op, "momentum_buffers", i);
-    mask_ptrs[i] = checked_mask(masks, i, params[i], op);
+    mask_args[i] = checked_mask(masks, i, params[i], op);
   }
-  const std::vector<int64_t> prefix = prefix_sums(params);
   const SgdScalars s{lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
-  at::parallel_for(0, prefix.back(), kOptimGrain, [&](int64_t begin, int64_t end) {
-    for_each_piece(prefix, begin, end, [&](size_t i, int64_t off, int64_t len) {
-      const uint8_t* mk = mask_ptrs[i] ? mask_ptrs[i] + off : nullptr;
-      dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
-        using T = decltype(tag);
-        T* p = ptr<T>(params[i]) + off;
-        const T* g = ptr<T>(grads[i]) + off;
-        T* b = has_buf ? ptr<T>(momentum_buffers[i]) + off : nullptr;
+  parallel_pieces(params, [&](size_t i, int64_t off, int64_t len) {
+    dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      T* p = ptr<T>(params[i]) + off;
+      const T* g = ptr<T>(grads[i]) + off;
+      T* b = has_buf ? ptr<T>(momentum_buffers[i]) + off : nullptr;
+      with_mask_kind(mask_args[i].kind, [&](auto kind) {
+        constexpr int MK = decltype(kind)::value;
+        const uint8_t* mk = MK == kNoMask ? nullptr : mask_from<MK>(mask_args[i].data, off);
         if (has_buf) {
-          if (mk) sgd_piece<T, true, true>(p, g, b, mk, len, &s);
-          else sgd_piece<T, true, false>(p, g, b, mk, len, &s);
+          sgd_piece<T, true, MK>(p, g, b, mk, len, &s);
         } else {
-          if (mk) sgd_piece<T, false, true>(p, g, b, mk, len, &s);
-          else sgd_piece<T, false, false>(p, g, b, mk, len, &s);
+          sgd_piece<T, false, MK>(p, g, b, mk, len, &s);
         }
       });
     });
@@ -432,37 +504,35 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                 max_exp_avg_sqs.size(), " tensors; pass none when amsgrad=False (or one per parameter)");
   }
   TORCH_CHECK(step >= 1, op, ": step must be the already-incremented step count (>= 1), got ", step);
-  std::vector<const uint8_t*> mask_ptrs(n);
+  std::vector<MaskArg> mask_args(n);
   for (size_t i = 0; i < n; ++i) {
     check_param(params[i], op, i);
     check_like_param(grads[i], params[i], op, "grads", i);
     check_like_param(exp_avgs[i], params[i], op, "exp_avgs", i);
     check_like_param(exp_avg_sqs[i], params[i], op, "exp_avg_sqs", i);
     if (amsgrad) check_like_param(max_exp_avg_sqs[i], params[i], op, "max_exp_avg_sqs", i);
-    mask_ptrs[i] = checked_mask(masks, i, params[i], op);
+    mask_args[i] = checked_mask(masks, i, params[i], op);
   }
   // Step constants in double, as reference.masked_adamw_ computes them in Python.
   const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, static_cast<double>(step)));
   const AdamScalars s{1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
                       -(lr / bias_correction1), maximize};
-  const std::vector<int64_t> prefix = prefix_sums(params);
-  at::parallel_for(0, prefix.back(), kOptimGrain, [&](int64_t begin, int64_t end) {
-    for_each_piece(prefix, begin, end, [&](size_t i, int64_t off, int64_t len) {
-      const uint8_t* mk = mask_ptrs[i] ? mask_ptrs[i] + off : nullptr;
-      dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
-        using T = decltype(tag);
-        T* p = ptr<T>(params[i]) + off;
-        const T* g = ptr<T>(grads[i]) + off;
-        T* m = ptr<T>(exp_avgs[i]) + off;
-        T* v = ptr<T>(exp_avg_sqs[i]) + off;
-        T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs[i]) + off : nullptr;
+  parallel_pieces(params, [&](size_t i, int64_t off, int64_t len) {
+    dispatch_float(params[i].scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      T* p = ptr<T>(params[i]) + off;
+      const T* g = ptr<T>(grads[i]) + off;
+      T* m = ptr<T>(exp_avgs[i]) + off;
+      T* v = ptr<T>(exp_avg_sqs[i]) + off;
+      T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs[i]) + off : nullptr;
+      with_mask_kind(mask_args[i].kind, [&](auto kind) {
+        constexpr int MK = decltype(kind)::value;
+        const uint8_t* mk = MK == kNoMask ? nullptr : mask_from<MK>(mask_args[i].data, off);
         if (amsgrad) {
-          if (mk) adam_piece<T, true, true>(p, g, m, v, vmax, mk, len, &s);
-          else adam_piece<T, true, false>(p, g, m, v, vmax, mk, len, &s);
+          adam_piece<T, true, MK>(p, g, m, v, vmax, mk, len, &s);
         } else {
-          if (mk) adam_piece<T, false, true>(p, g, m, v, vmax, mk, len, &s);
-          else adam_piece<T, false, false>(p, g, m, v, vmax, mk, len, &s);
+          adam_piece<T, false, MK>(p, g, m, v, vmax, mk, len, &s);
         }
       });
     });

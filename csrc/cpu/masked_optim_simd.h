@@ -19,13 +19,33 @@ struct Tail {
   }
 };
 
+// The keep lanes of the N elements whose mask starts at mk (bytes, or bits from a byte boundary).
+template <int MK>
+NEP_INLINE typename V::K keep_lanes(const uint8_t* mk) {
+  if constexpr (MK == kBitMask) {
+    return V::keep_bits(mk);
+  } else {
+    return V::keep(mk);
+  }
+}
+
+// Mask bytes of the last r < N elements, zero-padded to a whole lane word.
+template <int MK>
+NEP_INLINE void tail_mask(uint8_t* dst, const uint8_t* mask, int64_t r) {
+  if constexpr (MK == kBitMask) {
+    std::memcpy(dst, mask, (r + 7) / 8);
+  } else if constexpr (MK == kByteMask) {
+    std::memcpy(dst, mask, r);
+  }
+}
+
 // The body's loop-invariant lanes, built inside the ISA's own function.
 struct SgdLanes {
   V::R gsign, wd, mom, damp1, neg_lr;
   bool use_wd, nesterov, first;
 };
 
-template <class T, bool HAS_BUF, bool HAS_MASK>
+template <class T, bool HAS_BUF, int MK>
 struct SgdSimd {
   using R = typename V::R;
   static NEP_INLINE void body(T* p, const T* gr, T* buf, const uint8_t* mk, const SgdLanes& c) {
@@ -38,8 +58,8 @@ struct SgdSimd {
       g = c.nesterov ? V::fmadd(c.mom, b, g) : b;      // g.add(buf, alpha=mom) or buf
     }
     R np = V::fmadd(c.neg_lr, g, pv);                  // p.add_(g, alpha=-lr)
-    if constexpr (HAS_MASK) {
-      const auto k = V::keep(mk);
+    if constexpr (MK != kNoMask) {
+      const auto k = keep_lanes<MK>(mk);
       np = V::apply(k, np);
       if constexpr (HAS_BUF) b = V::apply(k, b);
     }
@@ -56,12 +76,14 @@ struct SgdSimd {
     c.neg_lr = V::set1(static_cast<float>(-s->lr));
     c.use_wd = s->weight_decay != 0, c.nesterov = s->nesterov, c.first = s->first_step;
     int64_t j = 0;
-    for (; j + N <= n; j += N) body(p + j, gr + j, HAS_BUF ? buf + j : buf, HAS_MASK ? mask + j : mask, c);
+    for (; j + N <= n; j += N) {
+      body(p + j, gr + j, HAS_BUF ? buf + j : buf, MK != kNoMask ? mask_from<MK>(mask, j) : mask, c);
+    }
     if (j < n) {
       const int64_t r = n - j;
       Tail<T, N> tp, tg, tb;
       alignas(64) uint8_t tk[N] = {};
-      if constexpr (HAS_MASK) std::memcpy(tk, mask + j, r);
+      if constexpr (MK != kNoMask) tail_mask<MK>(tk, mask_from<MK>(mask, j), r);
       T* pp = tp.load(p + j, r, true);
       const T* gg = tg.load(gr + j, r, false);
       T* bb = HAS_BUF ? tb.load(buf + j, r, true) : nullptr;
@@ -77,7 +99,7 @@ struct AdamLanes {
   bool small_weight;
 };
 
-template <class T, bool AMSGRAD, bool HAS_MASK>
+template <class T, bool AMSGRAD, int MK>
 struct AdamSimd {
   using R = typename V::R;
   static NEP_INLINE void body(T* p, const T* gr, T* m, T* v, T* vmax, const uint8_t* mk, const AdamLanes& c) {
@@ -92,8 +114,8 @@ struct AdamSimd {
     if constexpr (AMSGRAD) vm = V::maximum_nan(V::ld(vmax), vv);
     const R denom = V::add(V::div(V::sqrt(vm), c.bc2), c.eps);      // sqrt(v) / bc2_sqrt + eps
     R np = V::fmadd(c.neg_step, V::div(mv, denom), pd);             // p.addcdiv_(m, denom, value=-step_size)
-    if constexpr (HAS_MASK) {
-      const auto k = V::keep(mk);
+    if constexpr (MK != kNoMask) {
+      const auto k = keep_lanes<MK>(mk);
       np = V::apply(k, np);
       mv = V::apply(k, mv);
       vv = V::apply(k, vv);
@@ -120,13 +142,13 @@ struct AdamSimd {
     c.small_weight = s->lerp_weight < 0.5;
     int64_t j = 0;
     for (; j + N <= n; j += N) {
-      body(p + j, gr + j, m + j, v + j, AMSGRAD ? vmax + j : vmax, HAS_MASK ? mask + j : mask, c);
+      body(p + j, gr + j, m + j, v + j, AMSGRAD ? vmax + j : vmax, MK != kNoMask ? mask_from<MK>(mask, j) : mask, c);
     }
     if (j < n) {
       const int64_t r = n - j;
       Tail<T, N> tp, tg, tm, tv, tx;
       alignas(64) uint8_t tk[N] = {};
-      if constexpr (HAS_MASK) std::memcpy(tk, mask + j, r);
+      if constexpr (MK != kNoMask) tail_mask<MK>(tk, mask_from<MK>(mask, j), r);
       T* pp = tp.load(p + j, r, true);
       const T* gg = tg.load(gr + j, r, false);
       T* mm = tm.load(m + j, r, true);

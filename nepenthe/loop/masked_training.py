@@ -37,8 +37,13 @@ def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
 
 def masked_optimizer(model: nn.Module, name: str = "sgd", params: Iterable | None = None, **kwargs):
     """A fused masked optimizer (``"sgd"`` or ``"adamw"``) over ``params`` (default: the model's
-    trainable parameters) that keeps the model's ``*_mask`` buffers enforced in its own step."""
+    trainable parameters) that keeps the model's ``*_mask`` buffers enforced in its own step.
+
+    The masks are read bit-packed (``pack_masks=True`` unless given): the pruning loop replaces the
+    buffers (:func:`nepenthe.masks.set_mask`) and in-place edits bump their version counter, so
+    every change is seen; an edit through ``mask.data`` is not (pass ``pack_masks=False`` then)."""
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    kwargs.setdefault("pack_masks", True)
     if name == "sgd":
         return ops.MaskedSGD(params, masks=mask_lookup(model), **kwargs)
     if name == "adamw":

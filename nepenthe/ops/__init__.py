@@ -11,7 +11,8 @@ One file per public op, like ``kernels/<op>.py`` and ``csrc/*/<op>_*``:
 * :mod:`~nepenthe.ops.entropy` — :func:`entropy_from_histogram` (SPEC §1 options) and its math;
 * :mod:`~nepenthe.ops.masked_optim` — :func:`masked_sgd_`, :func:`masked_adamw_` (multi-tensor),
   :func:`apply_mask_`; :mod:`~nepenthe.ops.optim` — the drop-in optimizers :class:`MaskedSGD`,
-  :class:`MaskedAdamW`.
+  :class:`MaskedAdamW`; :mod:`~nepenthe.ops.mask_bits` — bit-packed masks (:func:`pack_mask`,
+  :func:`unpack_mask`), one bit per weight, which the masked steps take as well as bool masks.
 
 Beside them: :mod:`~nepenthe.ops.constants` (histogram columns, activation kinds, kernel dtypes;
 ``kernels/`` imports it too), :mod:`~nepenthe.ops._args` (argument rules, tensor layout),
@@ -54,6 +55,7 @@ from .entropy import (
     neuron_entropy_from_histogram,
     state_counts,
 )
+from .mask_bits import pack_mask, packed_mask_bytes, unpack_mask
 from .masked_optim import apply_mask_, masked_adamw_, masked_sgd_
 from .optim import MaskedAdamW, MaskedSGD
 from .sign_histogram import accumulate_sign_histogram_, sign_histogram
@@ -63,6 +65,6 @@ __all__ = [
     "STATE_NAMES", "ZERO", "ZERO_AS", "BackendUnavailable", "MaskedAdamW", "MaskedSGD",
     "accumulate_activation_histogram", "accumulate_sign_histogram_", "activation_histogram", "activation_histogram_",
     "aggregate_layer_entropy", "apply_mask_", "available_backends", "backends", "binary_entropy",
-    "entropy_from_histogram", "masked_adamw_", "masked_sgd_", "neuron_entropy_from_histogram", "reference",
-    "sign_histogram", "state_counts", "upper_kink", "use_backend",
+    "entropy_from_histogram", "masked_adamw_", "masked_sgd_", "neuron_entropy_from_histogram", "pack_mask",
+    "packed_mask_bytes", "reference", "sign_histogram", "state_counts", "unpack_mask", "upper_kink", "use_backend",
 ]

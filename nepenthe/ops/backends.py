@@ -40,7 +40,9 @@ nesterov, maximize, first_step)``
     one dtype per parameter, all on one device), then masked entries of the parameter and of its
     buffer set to exactly 0. ``momentum_buffers`` is empty when ``momentum == 0``; on
     ``first_step`` buffer = gradient (torch's rule). ``masks``: contiguous bool tensors shaped
-    like the parameter, or None (no mask). Multi-tensor: few launches for many parameters.
+    like the parameter, or None (no mask); a backend whose row in ``TABLE`` says
+    ``packed_masks=True`` also takes bit-packed ``uint8`` masks (:mod:`nepenthe.ops.mask_bits`),
+    the others get them unpacked. Multi-tensor: few launches for many parameters.
 ``masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, lr, beta1, beta2,
 eps, weight_decay, step, amsgrad, maximize)``
     One ``torch.optim.AdamW`` step at step count ``step`` (≥ 1, already incremented), then masked
@@ -173,12 +175,14 @@ def _load_triton():
 @dataclass(frozen=True)
 class Backend:
     """A backend as data: its name, the device types it runs on (None: any), the dtypes it has kernels
-    for (None: any) and how it is loaded (returns the implementation or raises ImportError)."""
+    for (None: any), how it is loaded (returns the implementation or raises ImportError) and whether
+    its masked optimizer steps read bit-packed masks themselves."""
 
     name: str
     devices: tuple[str, ...] | None
     dtypes: tuple[torch.dtype, ...] | None
     loader: Callable[[], object]
+    packed_masks: bool = False
 
     def runs_on(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":  # Triton's interpreter runs CPU tensors (tests)
@@ -190,10 +194,11 @@ class Backend:
 
 
 TABLE: dict[str, Backend] = {b.name: b for b in (
+    # the GPU kernels read bool masks only so far: packed masks are unpacked for them per step
     Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda),
     Backend("triton", ("cuda",), KERNEL_DTYPES, _load_triton),
-    Backend("cpp", ("cpu",), KERNEL_DTYPES, _load_cpp),
-    Backend("torch", None, None, lambda: reference),
+    Backend("cpp", ("cpu",), KERNEL_DTYPES, _load_cpp, packed_masks=True),
+    Backend("torch", None, None, lambda: reference, packed_masks=True),
 )}
 
 

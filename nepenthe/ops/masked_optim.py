@@ -9,8 +9,9 @@ from torch.library import custom_op
 
 from . import reference
 from ._args import _plain_eager
-from .backends import select
+from .backends import TABLE, select
 from .constants import KERNEL_DTYPES
+from .mask_bits import as_bool_mask, is_packed_mask
 
 __all__ = ["apply_mask_", "masked_adamw_", "masked_sgd_"]
 
@@ -24,6 +25,8 @@ def apply_mask_(param: torch.Tensor, mask: torch.Tensor, state: dict | None = No
     Entries are *set* to zero (not multiplied by 0, which would keep a NaN or -0.0), so masked
     weights and their momentum / Adam moments are exactly +0.0 afterwards.
     """
+    if mask.shape != param.shape:
+        mask = as_bool_mask(mask, param)  # a packed mask
     dropped = ~mask if mask.dtype == torch.bool else mask == 0
     param.masked_fill_(dropped, 0)
     for key in _STATE_TENSOR_NAMES:
@@ -52,14 +55,18 @@ def _check_lists(op: str, params: list[Tensor], named: dict[str, list], masks: l
             if t.is_sparse:
                 raise ValueError(f"{op}: {name}[{i}] is sparse; masked steps need dense gradients and state")
         m = masks[i]
-        if m is not None and (m.dtype != torch.bool or m.shape != p.shape or m.device != p.device):
-            raise ValueError(f"{op}: mask {i} must be a bool tensor of shape {tuple(p.shape)} on {p.device}, got "
+        if m is None:
+            continue
+        if m.device != p.device or not ((m.dtype == torch.bool and m.shape == p.shape) or is_packed_mask(m, p)):
+            raise ValueError(f"{op}: mask {i} must be a bool tensor of shape {tuple(p.shape)} or a packed one "
+                             f"(nepenthe.ops.pack_mask: uint8[{(p.numel() + 7) // 8}]) on {p.device}, got "
                              f"{m.dtype}{list(m.shape)} on {m.device}")
 
 
 def _groups(op: str, params: list[Tensor], lists: list[list[Tensor]], masks: list):
-    """Split parameter indices by (backend implementation): kernel-ready ones grouped per device, and
-    the rest (non-contiguous, mixed dtypes, dtypes without kernels) for the reference."""
+    """Split parameter indices by (backend implementation, its masks): kernel-ready ones grouped per
+    device, and the rest (non-contiguous, mixed dtypes, dtypes without kernels) for the reference.
+    Packed masks are unpacked for a backend that cannot read them."""
     by_device: dict[torch.device, list[int]] = {}
     odd: list[int] = []
     for i, p in enumerate(params):
@@ -71,10 +78,13 @@ def _groups(op: str, params: list[Tensor], lists: list[list[Tensor]], masks: lis
             odd.append(i)
     groups = []
     for device, idx in by_device.items():
-        _, impl = select(op, device, tuple({params[i].dtype for i in idx}))
-        groups.append((impl, idx))
+        name, impl = select(op, device, tuple({params[i].dtype for i in idx}))
+        group_masks = _pick(masks, idx)
+        if not TABLE[name].packed_masks:
+            group_masks = [as_bool_mask(m, params[i]) for m, i in zip(group_masks, idx)]
+        groups.append((impl, idx, group_masks))
     if odd:
-        groups.append((reference, odd))
+        groups.append((reference, odd, _pick(masks, odd)))
     return groups
 
 
@@ -109,9 +119,9 @@ def _masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
                 nesterov: bool, maximize: bool, first_step: bool) -> None:
     grads = [g.contiguous() for g in grads]
     lists = [grads] + ([momentum_buffers] if momentum != 0 else [])
-    for impl, idx in _groups("masked_sgd_", params, lists, masks):
+    for impl, idx, group_masks in _groups("masked_sgd_", params, lists, masks):
         bufs = _pick(momentum_buffers, idx) if momentum != 0 else []
-        impl.masked_sgd_(_pick(params, idx), _pick(grads, idx), bufs, _pick(masks, idx), lr, momentum, dampening,
+        impl.masked_sgd_(_pick(params, idx), _pick(grads, idx), bufs, group_masks, lr, momentum, dampening,
                          weight_decay, nesterov, maximize, first_step)
 
 
@@ -127,6 +137,8 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     """One ``torch.optim.SGD`` step over many parameters, with the masks applied in the same pass.
 
     Masked entries (mask False) of each parameter and of its momentum buffer end exactly zero.
+    A mask is a bool tensor of the parameter's shape, a bit-packed one (:func:`nepenthe.ops.pack_mask`;
+    an eighth of the bytes to read per step) or None.
     ``momentum_buffers``: one per parameter when ``momentum != 0`` (on ``first_step`` they are
     overwritten with the gradient, as torch.optim.SGD initialises them), else empty.
     """
@@ -153,10 +165,10 @@ def _masked_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   eps: float, weight_decay: float, step: int, amsgrad: bool, maximize: bool) -> None:
     grads = [g.contiguous() for g in grads]
     lists = [grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    for impl, idx in _groups("masked_adamw_", params, lists, masks):
+    for impl, idx, group_masks in _groups("masked_adamw_", params, lists, masks):
         maxes = _pick(max_exp_avg_sqs, idx) if amsgrad else []
         impl.masked_adamw_(_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
-                           maxes, _pick(masks, idx), lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize)
+                           maxes, group_masks, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize)
 
 
 @_masked_adamw.register_fake

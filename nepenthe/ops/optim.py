@@ -10,6 +10,13 @@ and its optimizer state are exactly zero after every step. Each step is one mult
 ``masks`` is a mapping ``parameter -> bool tensor`` or a callable ``parameter -> bool tensor or
 None`` asked at every step (so masks that grow between pruning rounds are picked up);
 :func:`nepenthe.masks.mask_lookup` builds one from the ``*_mask`` buffers of a model.
+
+``pack_masks=True`` makes the step read each mask as bits (:mod:`nepenthe.ops.mask_bits`: an
+eighth of a byte per weight instead of one, on a step that moves 20–28 bytes per fp32 weight). The
+packed copy is made again whenever the mask is replaced or changed in place (a new tensor, or a
+new value of its version counter, which every in-place torch op bumps); edits made through
+``mask.data`` bypass the version counter and are not seen, so use it only when masks change by
+in-place ops or replacement (as :func:`nepenthe.masks.set_mask` and the pruning loop do).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from .mask_bits import pack_mask
 from .masked_optim import masked_adamw_, masked_sgd_
 
 __all__ = ["MaskedAdamW", "MaskedSGD"]
@@ -69,6 +77,34 @@ def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor 
     return prepared
 
 
+class _PackedMasks:
+    """Packed copies of the masks, one per parameter, remade when the mask object or its version
+    counter changes (packing reads the whole mask: done per step it would cost what it saves)."""
+
+    def __init__(self):
+        self._packed: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(param) -> (mask, its version, bits)
+
+    def __call__(self, p: Tensor, mask: Tensor | None) -> Tensor | None:
+        if mask is None or mask.is_inference():  # inference tensors have no version counter: stay bool
+            return mask
+        hit = self._packed.get(id(p))
+        if hit is not None and hit[0] is mask and hit[1] == mask._version:
+            return hit[2]
+        bits = pack_mask(mask)
+        self._packed[id(p)] = (mask, mask._version, bits)
+        return bits
+
+
+def _mask_source(masks: MaskSource, pack_masks: bool):
+    """(the getter, the checked-masks memo, the packer or None) an optimizer keeps."""
+    return _mask_getter(masks), {}, (_PackedMasks() if pack_masks else None)
+
+
+def _step_mask(opt, p: Tensor, who: str) -> Tensor | None:
+    mask = _mask_for(opt._mask_of, p, who, opt._masks_ready)
+    return mask if opt._packer is None else opt._packer(p, mask)
+
+
 def _increment_steps(states: list[dict]) -> list[int]:
     """Add 1 to every ``state["step"]`` and return the new counts: one foreach add and one read for
     the usual float32 CPU step tensors (as torch.optim.AdamW keeps them), one at a time otherwise."""
@@ -91,7 +127,7 @@ class MaskedSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 masks: MaskSource = None):
+                 masks: MaskSource = None, pack_masks: bool = False):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -103,8 +139,7 @@ class MaskedSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
         super().__init__(params, defaults)
-        self._mask_of = _mask_getter(masks)
-        self._masks_ready: dict[int, Tensor] = {}
+        self._mask_of, self._masks_ready, self._packer = _mask_source(masks, pack_masks)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,7 +160,7 @@ class MaskedSGD(torch.optim.Optimizer):
                 grads.append(_grad_of(p, "MaskedSGD"))
                 if momentum != 0:
                     bufs.append(state["momentum_buffer"])
-                masks.append(_mask_for(self._mask_of, p, "MaskedSGD", self._masks_ready))
+                masks.append(_step_mask(self, p, "MaskedSGD"))
             for first, (params, grads, bufs, masks) in batches.items():
                 if params:
                     masked_sgd_(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
@@ -139,13 +174,12 @@ class MaskedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 masks: MaskSource = None):
+                 masks: MaskSource = None, pack_masks: bool = False):
         # torch.optim.AdamW's constructor validates the arguments and fills the defaults; its
         # foreach/fused/capturable/differentiable switches do not apply: our kernel is the step.
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize)
-        self._mask_of = _mask_getter(masks)
-        self._masks_ready: dict[int, Tensor] = {}
+        self._mask_of, self._masks_ready, self._packer = _mask_source(masks, pack_masks)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,7 +201,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 lists = by_step.setdefault(step, ([], [], [], [], [], []))
                 for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
                                               state.get("max_exp_avg_sq"),
-                                              _mask_for(self._mask_of, p, "MaskedAdamW", self._masks_ready))):
+                                              _step_mask(self, p, "MaskedAdamW"))):
                     seq.append(value)
             for step, (params, grads, exp_avgs, exp_avg_sqs, maxes, masks) in by_step.items():
                 masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes if amsgrad else [], masks,

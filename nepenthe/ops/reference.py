@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import constants as _constants
 from ._args import as_3d
+from .mask_bits import as_bool_mask
 from .constants import *  # noqa: F403  (the oracle's module carries the shared constants too)
 from .constants import ACTIVATIONS, NONFINITE, OFF, ON, SAT, ZERO
 
@@ -106,10 +107,11 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
             g = g.add(buf, alpha=momentum) if nesterov else buf
         p.add_(g, alpha=-lr)
-        if masks[i] is not None:
-            p.masked_fill_(~masks[i], 0)
+        keep = as_bool_mask(masks[i], p)
+        if keep is not None:
+            p.masked_fill_(~keep, 0)
             if momentum != 0:
-                momentum_buffers[i].masked_fill_(~masks[i], 0)
+                momentum_buffers[i].masked_fill_(~keep, 0)
 
 
 @torch.no_grad()
@@ -134,7 +136,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
-        if masks[i] is not None:
-            keep = masks[i]
+        keep = as_bool_mask(masks[i], p)
+        if keep is not None:
             for t in (p, m, v) + ((max_exp_avg_sqs[i],) if amsgrad else ()):
                 t.masked_fill_(~keep, 0)

@@ -388,9 +388,59 @@ def test_masked_steps_do_not_depend_on_where_a_piece_starts(dtype):
                            b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_packed_masks_step_exactly_like_bool_masks(backend, dtype):
+    """The public masked steps with bit-packed masks give bit-identical parameters and state to the same
+    steps with bool masks, on every backend (those without a packed kernel get them unpacked), over
+    the tail sizes and a tensor long enough for several threads' pieces."""
+    from nepenthe import ops
+    name, impl, device = backend
+    lists = _tail_lists(dtype, device, seed=2)
+    if not _small(name):
+        g = torch.Generator().manual_seed(9)
+        for key in ("params", "grads", "buf", "exp_avg"):
+            lists[key].append(torch.randn(70001, generator=g).to(dtype=dtype, device=device))
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            lists[key].append(torch.rand(70001, generator=g).to(dtype=dtype, device=device))
+        lists["masks"].append((torch.rand(70001, generator=g) > 0.5).to(device))
+    lists["masks"][1] = None  # an unmasked parameter among packed ones
+    packed = _clone(lists)
+    packed["masks"] = [None if m is None else ops.pack_mask(m) for m in lists["masks"]]
+    with backends.use_backend(name):
+        for run in (lists, packed):
+            ops.masked_sgd_(run["params"], run["grads"], run["buf"], run["masks"], lr=0.1, momentum=0.9,
+                            weight_decay=1e-2, nesterov=True)
+            ops.masked_adamw_(run["params"], run["grads"], run["exp_avg"], run["exp_avg_sq"], run["max_exp_avg_sq"],
+                              run["masks"], lr=1e-2, weight_decay=1e-2, step=3, amsgrad=True)
+    for key in ("params", "buf", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        for a, b in zip(lists[key], packed[key]):
+            assert torch.equal(_bits(a.cpu()), _bits(b.cpu())), key
+        _assert_masked_zero(packed[key], lists["masks"])
+
+
+def test_packed_mask_of_the_wrong_length_is_refused():
+    from nepenthe import ops
+    p, g = torch.zeros(20), torch.zeros(20)
+    for bad in (torch.zeros(2, dtype=torch.uint8), torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=r"mask 0 must be a bool tensor of shape \(20,\) or a packed one.*uint8\[3\]"):
+            with backends.use_backend("torch"):
+                ops.masked_sgd_([p], [g], [], [bad], lr=0.1)
+    try:
+        impl = backends.load("cpp")
+    except backends.BackendUnavailable:
+        return
+    with pytest.raises(RuntimeError, match=r"masks\[0\] is uint8 of shape \[2\]; a packed mask of params\[0\] "
+                                            r"\(20 elements\) must be 1-d with 3 bytes"):
+        impl.masked_sgd_([p], [g], [], [torch.zeros(2, dtype=torch.uint8)], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
 _ISA_CHECK = """
 import torch
-from nepenthe.ops import backends, reference
+from nepenthe.ops import backends, pack_mask, reference
 impl = backends.load("cpp")
 g = torch.Generator().manual_seed(1)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -399,13 +449,14 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             p, gr, b, m = (torch.randn(n, generator=g).to(dtype) for _ in range(4))
             v, x = (torch.rand(n, generator=g).to(dtype) for _ in range(2))
             keep = torch.rand(n, generator=g) > 0.5
-            ours, ref = [[t.clone() for t in (p, b, m, v, x)] for _ in range(2)]
-            for fn, s in ((impl, ours), (reference, ref)):
-                fn.masked_sgd_([s[0]], [gr], [s[1]], [keep], 0.1, 0.9, 0.0, wd, True, True, False)
-                fn.masked_adamw_([s[0]], [gr], [s[2]], [s[3]], [s[4]], [keep], 1e-2, 0.9, 0.999, 1e-8, wd, 2, True,
+            ours, ref, bits = [[t.clone() for t in (p, b, m, v, x)] for _ in range(3)]
+            for fn, s, k in ((impl, ours, keep), (reference, ref, keep), (impl, bits, pack_mask(keep))):
+                fn.masked_sgd_([s[0]], [gr], [s[1]], [k], 0.1, 0.9, 0.0, wd, True, True, False)
+                fn.masked_adamw_([s[0]], [gr], [s[2]], [s[3]], [s[4]], [k], 1e-2, 0.9, 0.999, 1e-8, wd, 2, True,
                                  False)
-            for a, r in zip(ours, ref):
+            for a, r, c in zip(ours, ref, bits):
                 torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+                assert torch.equal(a, c)  # packed masks: the same arithmetic, bit for bit
                 assert bool((a[~keep] == 0).all()) and not bool(torch.signbit(a[~keep]).any())
 print("ok")
 """

@@ -7,6 +7,7 @@
   those it hands to the fp32 loops (0, -1, -Inf, NaN). Counts must be equal, not close.
 * GELU (erf and tanh forms) and SiLU use branch-free polynomial exp / erf: accuracy over a dense
   range (the low-precision rule of tests/ops/test_backends.py) and PyTorch's NaN / Inf results.
+  Contiguous bf16 ones are a table lookup: every one of the 65536 patterns, exactly.
 
 Sizes are odd so that every vector loop has a tail. With NEPENTHE_CPU_BASELINE=1 the same tests
 run the baseline (non-AVX2) copies, with NEPENTHE_CPU_NO_AVX512=1 the AVX2 copies of the activation
@@ -184,6 +185,35 @@ def test_activation_special_values(kind, dtype):
     assert bool(((y == same) | (y == exact)).all()), (y, same, exact)
 
 
+@pytest.mark.skipif(os.environ.get("NEPENTHE_CPU_BASELINE") == "1",
+                    reason="the baseline copies compute each element (the dense-range test covers them)")
+@pytest.mark.parametrize("kind", SMOOTH)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bf16_table_activation_every_pattern(kind, inplace):
+    """Contiguous bf16 GELU / GELU-tanh / SiLU / hardswish are a table lookup over the 65536 bit
+    patterns: each output is the function in fp64 rounded to fp32 then bf16 (hardswish: PyTorch's own
+    fp32 arithmetic), bit for bit, NaN where PyTorch gives NaN; the counts are unchanged."""
+    x = _all_patterns(torch.bfloat16).reshape(1, 1, -1)
+    xd = x.double()
+    if kind == "gelu":  # fp64 forms without cancellation in the negative tail (1 + erf, 1 + tanh lose it all)
+        exact = 0.5 * xd * torch.special.erfc(-xd / math.sqrt(2))
+    elif kind == "gelu_tanh":
+        exact = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
+    elif kind == "silu":
+        exact = xd * torch.sigmoid(xd)
+    want = (reference.activation(x.float(), kind) if kind == "hardswish" else exact.float()).to(torch.bfloat16)
+    y3 = x.clone() if inplace else torch.empty_like(x)
+    hist = torch.zeros(1, 5, dtype=torch.int64)
+    CPP.activation_histogram_(y3 if inplace else x, y3, hist, ACTIVATIONS.index(kind), 0.01, None)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(y3), nan)
+    assert torch.equal(y3[~nan].view(torch.int16), want[~nan].view(torch.int16)), \
+        x[y3.view(torch.int16) != want.view(torch.int16)][:8]
+    expected = torch.zeros(1, 5, dtype=torch.int64)
+    reference.sign_histogram_(expected, x, None)
+    assert torch.equal(hist[:, :4], expected[:, :4])
+
+
 @pytest.mark.parametrize("kind", ["gelu", "silu"])
 def test_activation_inplace_and_strided_output(kind):
     torch.manual_seed(0)
@@ -221,6 +251,6 @@ def test_other_copies_in_a_subprocess(switch):
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
            "-k", "every_pattern and (nchw or linear_c19 or rows_sliced) or special_values or odd_sizes or "
-                 "(dense_range and contiguous) or inplace"]
+                 "(dense_range and contiguous) or inplace or table"]
     proc = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

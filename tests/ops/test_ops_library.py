@@ -276,10 +276,11 @@ def _train_steps(model, optimizer, steps=5, masks=None):
 @pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
                                     dict(lr=0.05, momentum=0.9, nesterov=True),
                                     dict(lr=0.05, momentum=0.8, dampening=0.2, maximize=True)])
-def test_masked_sgd_equals_torch_sgd_then_mask(cpu_backend, kwargs):
+@pytest.mark.parametrize("pack_masks", [False, True])
+def test_masked_sgd_equals_torch_sgd_then_mask(cpu_backend, kwargs, pack_masks):
     ours, theirs = _net(), _net()
     ours_masks, their_masks = _masks(ours), _masks(theirs)
-    _train_steps(ours, ops.MaskedSGD(ours.parameters(), masks=ours_masks, **kwargs))
+    _train_steps(ours, ops.MaskedSGD(ours.parameters(), masks=ours_masks, pack_masks=pack_masks, **kwargs))
     _train_steps(theirs, torch.optim.SGD(theirs.parameters(), **kwargs), masks=their_masks)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -289,10 +290,11 @@ def test_masked_sgd_equals_torch_sgd_then_mask(cpu_backend, kwargs):
 
 @pytest.mark.parametrize("kwargs", [dict(lr=1e-2), dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
                                     dict(lr=1e-2, betas=(0.8, 0.99), maximize=True)])
-def test_masked_adamw_equals_torch_adamw_then_mask(cpu_backend, kwargs):
+@pytest.mark.parametrize("pack_masks", [False, True])
+def test_masked_adamw_equals_torch_adamw_then_mask(cpu_backend, kwargs, pack_masks):
     ours, theirs = _net(), _net()
     ours_masks, their_masks = _masks(ours), _masks(theirs)
-    opt = ops.MaskedAdamW(ours.parameters(), masks=ours_masks, **kwargs)
+    opt = ops.MaskedAdamW(ours.parameters(), masks=ours_masks, pack_masks=pack_masks, **kwargs)
     _train_steps(ours, opt)
     _train_steps(theirs, torch.optim.AdamW(theirs.parameters(), foreach=False, **kwargs), masks=their_masks)
     for p, q in zip(ours.parameters(), theirs.parameters()):
@@ -411,13 +413,14 @@ def test_masked_adamw_steps_count_per_parameter():
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
-def test_masked_optimizers_see_masks_edited_in_place(cpu_backend, mask_dtype):
+@pytest.mark.parametrize("pack_masks", [False, True])
+def test_masked_optimizers_see_masks_edited_in_place(cpu_backend, mask_dtype, pack_masks):
     """Masks are looked up every step; an in-place edit (a pruning round growing the mask) is applied
-    at the next step, also for a mask that needs converting to bool."""
+    at the next step, also for a mask that needs converting to bool, and to a packed copy."""
     model = _net()
     masks = {p: torch.ones(p.shape, dtype=mask_dtype) for p in model.parameters() if p.dim() > 1}
-    for opt in (ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks),
-                ops.MaskedAdamW(model.parameters(), lr=1e-2, masks=masks)):
+    for opt in (ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks, pack_masks=pack_masks),
+                ops.MaskedAdamW(model.parameters(), lr=1e-2, masks=masks, pack_masks=pack_masks)):
         for m in masks.values():
             m.fill_(1)
         _train_steps(model, opt, steps=1)
@@ -426,3 +429,22 @@ def test_masked_optimizers_see_masks_edited_in_place(cpu_backend, mask_dtype):
         _train_steps(model, opt, steps=1)
         for p, m in masks.items():
             assert bool((p[0, :2] == 0).all()) and bool((p[m.bool()] != 0).all())
+
+
+def test_packed_masks_are_packed_once_per_mask_change(cpu_backend, monkeypatch):
+    """With pack_masks=True a mask is packed at its first step and again only after it changed (in
+    place or replaced), not at every step."""
+    from nepenthe.ops import optim as optim_module
+
+    calls = []
+    real = optim_module.pack_mask
+    monkeypatch.setattr(optim_module, "pack_mask", lambda m: calls.append(1) or real(m))
+    model = _net()
+    masks = _masks(model)
+    opt = ops.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks, pack_masks=True)
+    _train_steps(model, opt, steps=3)
+    assert len(calls) == len(masks)
+    first = next(iter(masks))
+    masks[first][0] = False  # in place: its version counter moves
+    _train_steps(model, opt, steps=2)
+    assert len(calls) == len(masks) + 1 and bool((first[0] == 0).all())
