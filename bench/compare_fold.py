@@ -1,7 +1,10 @@
 """What fold's latency planner costs and decides, and what the folded models gain (the numbers in RESULTS.md).
 
     .venv/bin/python bench/compare_fold.py [--part planner,mlp] [--threads 1] [--batch 32] [--runs 3]
-                                           [--repeats 10] [--json bench/compare_fold.json]
+                                           [--repeats 10] [--json bench/compare_fold.json] [--csv fold.csv]
+
+``--json`` keeps everything (planner decisions, fold seconds); ``--csv`` writes the model / folded
+timings in the package's measurement schema (``nepenthe.benchmark.write_measurements``).
 
 ``planner``: each benchmark scenario (``nepenthe.benchmark``: CIFAR ResNet-18 with emptied blocks,
 MobileNetV2 and VGG-16-bn with linear rectifiers, a transformer MLP block) at one batch: fold seconds
@@ -27,9 +30,18 @@ import torch
 import nepenthe
 from nepenthe import benchmark as nb
 from nepenthe.fold import count_flops
+from nepenthe.latency import LatencyResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fold_latency import collapsed_mlp  # noqa: E402
+
+
+MEASUREMENTS: list[dict] = []  # model / folded timings of both parts, for --csv
+
+
+def record(case: str, before: LatencyResult, after: LatencyResult, **extra) -> None:
+    MEASUREMENTS.extend(nb.rows_from_results(case, {"model": before, "folded": after}, suite="fold",
+                                             reference="model", **extra))
 
 
 def timed_fold(model, stats, x, **kwargs):
@@ -71,6 +83,7 @@ def planner_part(args) -> list[dict]:
                "same_decisions_every_run": same}
         for tag, m in (("latency", folded), ("all", all_folded)):
             before, after = nepenthe.compare_latency(model, m, x, repeats=args.repeats, warmup=1, threads=args.threads)
+            record(f"{name} batch {args.batch} planner={tag}", before, after)
             row[f"{tag}_time_ratio"] = after.median_ms / before.median_ms
             row[f"{tag}_ms"] = [before.median_ms, after.median_ms, before.iqr_ms, after.iqr_ms]
             row[f"{tag}_flops_ratio"] = count_flops(m, x[:1]) / flops
@@ -107,6 +120,7 @@ def mlp_part(args) -> list[dict]:
             folded, seconds = timed_fold(model, stats, calib, latency_input=x, threads=args.threads)
             r = folded.fold_report
             before, after = nepenthe.compare_latency(model, folded, x, repeats=args.repeats, threads=args.threads)
+            record(f"residual MLP {collapsed}/8 blocks emptied, batch {batch}", before, after)
             rows.append(dict(collapsed_blocks=collapsed, batch=batch, fold_s=seconds, planner_s=r.planner["seconds"],
                              returned=r.returned, before_ms=before.median_ms, before_iqr_ms=before.iqr_ms,
                              after_ms=after.median_ms, after_iqr_ms=after.iqr_ms,
@@ -133,6 +147,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--csv", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = {"environment": nb.environment("cpu", args.threads), "args": vars(args)}
@@ -143,6 +158,8 @@ def main() -> None:
         out["mlp"] = mlp_part(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    if args.csv:
+        nb.write_measurements(MEASUREMENTS, args.csv)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,19 @@ histogram <= 1.10x the plain activation alone (fp32 and bf16); measure of the CI
 (batch 64 and batch 1) <= 1.15x the eval forwards; masked SGD / AdamW steps (ResNet-18 parameters,
 fp32 and bf16, with and without weight decay) <= 1.05x torch's fused unmasked step
 (``torch_fused_unmasked``: SGD/AdamW(fused=True)); the optimizer cases end with a summary table.
+The cases live in kernel_cases.py (shared with bench_kernels.py, pytest-benchmark, and the GPU
+suite); timing and the CSV are the package's (``nepenthe.benchmark.compare_providers``, the
+measurement schema).
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import torch
 
 import nepenthe
-from nepenthe.latency import compare_calls
+from nepenthe.benchmark import compare_providers, markdown_table, write_measurements
 from nepenthe.ops import backends
 
 FUSED_TARGET = 1.05  # masked optimizer step / torch's fused unmasked step (issue 11)
@@ -84,26 +86,23 @@ def main() -> None:
         if args.providers:
             keep = set(args.providers.split(","))
             providers = {k: v for k, v in providers.items() if k in keep or k.startswith("nepenthe")}
-        results = compare_calls(providers, repeats=args.repeats, threads=args.threads, device=device)
-        ref = results[next(k for k in results if k.startswith("nepenthe"))].median_ms
-        gb = nbytes.get(name)
-        rate = " | GB/s read" if gb else ""
-        print(f"\n#### {name}\n\n| provider | median ms (IQR) | time / nepenthe{rate} |\n"
-              f"|---|---|---|{'---|' if gb else ''}")
-        for provider, r in results.items():
-            extra = f" | {gb / r.median_ms / 1e6:.1f}" if gb else ""
-            print(f"| {provider} | {r.median_ms:.3f} ({r.iqr_ms:.3f}) | {r.median_ms / ref:.2f}{extra} |")
-            rows.append(dict(case=name, provider=provider, median_ms=r.median_ms, iqr_ms=r.iqr_ms,
-                             relative_to_nepenthe=r.median_ms / ref, gb_per_s=gb / r.median_ms / 1e6 if gb else "",
-                             device=r.device, threads=args.threads))
-        if gb and "torch_sum" in results:
-            share = results["torch_sum"].median_ms / ref * 100
+        case_rows = compare_providers(name, providers, suite="kernels", repeats=args.repeats, threads=args.threads,
+                                      device=device, nbytes=nbytes.get(name))
+        rows += case_rows
+        print(f"\n#### {name}\n\n{markdown_table(case_rows)}")
+        timed = {r["provider"]: r for r in case_rows if not r["error"]}
+        ours = next((r for p, r in timed.items() if p.startswith("nepenthe")), None)
+        if ours is None:
+            continue
+        ref = ours["median_ms"]
+        if nbytes.get(name) and "torch_sum" in timed:
+            share = timed["torch_sum"]["median_ms"] / ref * 100
             print(f"\nnepenthe reads at {share:.0f}% of torch.sum's rate (target >= 85%)")
-        if "torch_activation_only" in results:
-            ratio = ref / results["torch_activation_only"].median_ms
+        if "torch_activation_only" in timed:
+            ratio = ref / timed["torch_activation_only"]["median_ms"]
             print(f"\nfused / plain activation: {ratio:.2f} (target <= 1.10)")
-        if "torch_fused_unmasked" in results:
-            fused = results["torch_fused_unmasked"].median_ms
+        if "torch_fused_unmasked" in timed:
+            fused = timed["torch_fused_unmasked"]["median_ms"]
             summary.append((name, ref, fused))
             print(f"\nnepenthe / torch_fused_unmasked: {ref / fused:.3f} (target <= {FUSED_TARGET})")
     if summary:
@@ -113,10 +112,7 @@ def main() -> None:
             met = "met" if ours / fused <= FUSED_TARGET else "missed"
             print(f"| {name} | {ours:.3f} | {fused:.3f} | {ours / fused:.3f} | {met} |")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_measurements(rows, args.csv)
 
 
 if __name__ == "__main__":

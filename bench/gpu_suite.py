@@ -67,7 +67,6 @@ A rerun on a fresh machine that needs the CUDA C++ backend must include ``build`
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import importlib
 import json
@@ -347,23 +346,20 @@ def _section_parity(args, rec: Recorder) -> None:
 
 
 def _time_providers(rec: Recorder, args, section: str, case: str, providers: dict, nbytes: int | None, **extra):
-    from nepenthe.latency import compare_calls
+    from nepenthe.benchmark import compare_providers  # the package's harness: one row schema everywhere
 
-    try:
-        results = compare_calls(providers, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                                threads=args.threads)
-    except Exception as exc:  # noqa: BLE001 - the case is recorded as failed, the section goes on
+    rows = compare_providers(case, providers, suite="gpu_suite", repeats=args.repeats, warmup=args.warmup,
+                             device=args.device, threads=args.threads, nbytes=nbytes, section=section, **extra)
+    if rows[0]["error"]:  # the timing failed (one row): recorded, the section goes on
         compiled = [k for k in providers if k.startswith("compile")]
-        rec.add(section=section, case=case, provider=",".join(compiled) or "*", error=_error_line(exc), bytes=nbytes,
-                **extra)
+        rec.add(**dict(rows[0], provider=",".join(compiled) or "*"))
         if compiled:  # torch.compile is the likeliest to fail: time the others without it
-            rec.note(f"{case}: {_error_line(exc)}; timing again without {compiled}")
+            rec.note(f"{case}: {rows[0]['error']}; timing again without {compiled}")
             _time_providers(rec, args, section, case, _drop_compile(providers, False), nbytes, **extra)
         return
-    for provider, r in results.items():
-        rec.add(section=section, case=case, provider=provider, median_ms=r.median_ms, iqr_ms=r.iqr_ms,
-                number=r.number, repeats=r.repeats, bytes=nbytes, **extra)
-    line = ", ".join(f"{p} {r.median_ms:.4f}" for p, r in results.items())
+    for row in rows:
+        rec.add(**row)
+    line = ", ".join(f"{r['provider']} {r['median_ms']:.4f}" for r in rows)
     print(f"{case}: {line} ms", flush=True)
 
 
@@ -916,15 +912,19 @@ class Suite:
         return 0
 
     def write_csv(self, rows: list, fold_rows: list) -> None:
-        cols = ["section", "case", "provider", "dtype", "median_ms", "iqr_ms", "bytes", "gb_per_s", "pct_copy_bw",
-                "scenario", "batch", "mode", "before_ms", "after_ms", "time_ratio", "returned", "number", "repeats",
-                "error"]
-        with open(self.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-            w.writerows(dict(r, case=f"fold {r.get('scenario')} batch {r.get('batch')} {r.get('mode')}",
-                             provider="before/after", median_ms=r.get("after_ms")) for r in fold_rows)
+        from nepenthe.benchmark import write_measurements
+
+        # the package's measurement schema, then this suite's own columns; a fold row becomes two
+        # provider rows (the model and its folded form), as the latency suite's measurements.csv has them
+        extra = ["section", "dtype", "pct_copy_bw", "scenario", "batch", "mode", "returned"]
+        fold_as_rows = []
+        for r in fold_rows:
+            case = f"fold {r.get('scenario')} batch {r.get('batch')} {r.get('mode')}"
+            for provider, ms in (("model", r.get("before_ms")), ("folded", r.get("after_ms"))):
+                fold_as_rows.append(dict(r, suite="gpu_suite", section="fold", case=case, provider=provider,
+                                         median_ms=ms, relative=(ms / r["before_ms"]) if ms and r.get("before_ms")
+                                         else None))
+        write_measurements(list(rows) + fold_as_rows, self.out / "results.csv", extra)
 
     def write_tests(self) -> None:
         lines = []

@@ -13,15 +13,28 @@ batch × mode) and ``bench.png`` (speed-up bars; needs matplotlib). ``nepenthe b
     from nepenthe.benchmark import SCENARIOS, run_suite, write_results
     result = run_suite(["resnet18", "mlp_block"], batches=(1, 32), modes=("eager",), threads=2)
     write_results(result, "bench-out")
+
+Provider comparisons (a fused op against PyTorch's fastest way, timed in one run) go through
+:func:`compare_providers` and are written in the one measurement schema, :data:`MEASUREMENT_COLUMNS`
+(the ``bench/`` scripts, the GPU suite and ``measurements.csv`` here).
 """
 
 from ..environment import environment
+from .compare import (
+    MEASUREMENT_COLUMNS,
+    compare_providers,
+    markdown_table,
+    read_measurements,
+    rows_from_results,
+    write_measurements,
+)
 from .results import CSV_COLUMNS, check_targets, format_table, plot_speedups, write_results
 from .scenarios import SCENARIOS, BuiltScenario, MLPBlock, Scenario, available_scenarios, fold_arguments, get_scenario
 from .suite import DEFAULT_BATCHES, MODES, fold_scenario, main_bench, run_suite
 
 __all__ = [
-    "CSV_COLUMNS", "DEFAULT_BATCHES", "MODES", "SCENARIOS", "BuiltScenario", "MLPBlock", "Scenario",
-    "available_scenarios", "check_targets", "environment", "fold_arguments", "fold_scenario", "format_table",
-    "get_scenario", "main_bench", "plot_speedups", "run_suite", "write_results",
+    "CSV_COLUMNS", "DEFAULT_BATCHES", "MEASUREMENT_COLUMNS", "MODES", "SCENARIOS", "BuiltScenario", "MLPBlock",
+    "Scenario", "available_scenarios", "check_targets", "compare_providers", "environment", "fold_arguments",
+    "fold_scenario", "format_table", "get_scenario", "main_bench", "markdown_table", "plot_speedups",
+    "read_measurements", "rows_from_results", "run_suite", "write_measurements", "write_results",
 ]

@@ -1,5 +1,5 @@
 """The benchmark's results: target checks, the text / markdown table, and the files (bench.json,
-bench.csv, bench.png)."""
+bench.csv, measurements.csv, bench.png)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CSV_COLUMNS", "check_targets", "format_table", "plot_speedups", "write_results"]
+from .compare import write_measurements
+
+__all__ = ["CSV_COLUMNS", "check_targets", "format_table", "measurement_rows", "plot_speedups", "write_results"]
 
 CSV_COLUMNS = [
     "scenario", "batch", "mode", "device", "threads",
@@ -109,18 +111,41 @@ def _json_default(obj):
     return repr(obj)
 
 
+def measurement_rows(result: Mapping) -> list[dict]:
+    """The suite's timings in the measurement schema (:data:`~nepenthe.benchmark.MEASUREMENT_COLUMNS`):
+    per scenario × batch × mode, one row for the model and one for its folded form (``relative`` =
+    its median over the model's)."""
+    rows = []
+    for r in result["rows"]:
+        case = f"{r['scenario']} batch {r['batch']} {r['mode']}"
+        common = {"suite": "latency", "case": case, "device": r.get("device"), "threads": r.get("threads"),
+                  "repeats": r.get("repeats"), "number": r.get("number"), "scenario": r["scenario"],
+                  "batch": r["batch"], "mode": r["mode"]}
+        if r.get("error") or r.get("before_ms") is None:
+            rows.append({**common, "provider": "*", "error": r.get("error") or "not timed"})
+            continue
+        for provider, key in (("model", "before"), ("folded", "after")):
+            ms = r.get(f"{key}_ms")
+            rows.append({**common, "provider": provider, "median_ms": ms, "iqr_ms": r.get(f"{key}_iqr_ms"),
+                         "min_ms": r.get(f"{key}_min_ms"), "relative": ms / r["before_ms"] if ms is not None else None})
+    return rows
+
+
 def write_results(result: Mapping, out: str | os.PathLike, plot: bool = True,
                   say: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write ``bench.json``, ``bench.csv`` and (matplotlib permitting) ``bench.png`` into ``out``."""
+    """Write ``bench.json``, ``bench.csv`` (one row per scenario × batch × mode, before and after side
+    by side), ``measurements.csv`` (the same timings in the measurement schema every benchmark of the
+    project writes) and (matplotlib permitting) ``bench.png`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench.json", "csv": out / "bench.csv"}
+    paths = {"json": out / "bench.json", "csv": out / "bench.csv", "measurements": out / "measurements.csv"}
     payload = dict(result) | {"targets": check_targets(result)}
     paths["json"].write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result["rows"])
+    write_measurements(measurement_rows(result), paths["measurements"], ["scenario", "batch", "mode"])
     if plot:
         png = out / "bench.png"
         if plot_speedups(result, png, say=say):

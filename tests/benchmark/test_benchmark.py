@@ -144,6 +144,14 @@ def test_run_suite_rows_json_csv(tmp_path):
         csv_rows = list(reader)
     assert [r["batch"] for r in csv_rows] == ["1", "2"]
     assert float(csv_rows[0]["before_ms"]) == pytest.approx(rows[0]["before_ms"])
+    # the same timings in the one measurement schema: the model and the folded model per row
+    measured = nb.read_measurements(paths["measurements"])
+    assert [(m["case"], m["provider"]) for m in measured] == [
+        ("mlp_block batch 1 eager", "model"), ("mlp_block batch 1 eager", "folded"),
+        ("mlp_block batch 2 eager", "model"), ("mlp_block batch 2 eager", "folded")]
+    assert measured[1]["median_ms"] == pytest.approx(rows[0]["after_ms"])
+    assert measured[1]["relative"] == pytest.approx(rows[0]["after_ms"] / rows[0]["before_ms"])
+    assert measured[0]["relative"] == 1.0 and measured[0]["suite"] == "latency"
     pytest.importorskip("matplotlib")
     assert paths["png"].stat().st_size > 1000
 

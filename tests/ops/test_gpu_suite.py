@@ -9,7 +9,6 @@ tested directly.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -123,11 +122,14 @@ def test_dry_run_benchmark_rows(dry):
     fold = result["fold_rows"]
     assert {(r["batch"], r["mode"]) for r in fold} == {(1, "eager"), (2, "eager"), (1, "compile"), (2, "compile")}
     assert all(r["before_ms"] > 0 and r["after_ms"] > 0 and not r["error"] for r in fold), fold
-    with open(out / "results.csv", newline="") as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == len(rows) + len(fold)
+    from nepenthe.benchmark import read_measurements
+
+    csv_rows = read_measurements(out / "results.csv")  # the package's measurement schema
+    assert len(csv_rows) == len(rows) + 2 * len(fold)  # a fold row: the model and the folded one
     assert {r["case"] for r in csv_rows} >= set(names)
-    assert all(float(r["median_ms"]) > 0 for r in csv_rows)
+    assert all(r["median_ms"] > 0 and r["suite"] == "gpu_suite" for r in csv_rows)
+    folded = [r for r in csv_rows if r["section"] == "fold" and r["provider"] == "folded"]
+    assert len(folded) == len(fold) and all(r["relative"] > 0 for r in folded)
 
 
 def test_dry_run_marks_every_target(dry):
