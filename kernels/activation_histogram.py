@@ -24,18 +24,18 @@ from .sign_histogram import (
     TL_DTYPES,
     UNIT_NAMES,
     UNITS,
-    axis_offsets,
-    check_hist,
-    count_tile,
-    div_rn,
-    double_bits,
-    flush_counts,
+    _axis_offsets,
+    _check_hist,
+    _count_tile,
+    _div_rn,
+    _double_bits,
+    _flush_counts,
     plan,
-    scalar_from_bits,
-    tile_coords,
-    tile_signature,
-    upcast,
-    upper_bits_for,
+    _scalar_from_bits,
+    _tile_coords,
+    _tile_signature,
+    _upcast,
+    _upper_bits_for,
 )
 
 
@@ -52,13 +52,13 @@ def activation(x, slope, KIND: tl.constexpr):
         y = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif KIND == 4:  # gelu (tanh): x/2 (1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)(x + 0.044715 x³)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        y = div_rn(x, 1.0 + tl.exp(-2.0 * u))
+        y = _div_rn(x, 1.0 + tl.exp(-2.0 * u))
     elif KIND == 5:  # silu
-        y = div_rn(x, 1.0 + tl.exp(-x))
+        y = _div_rn(x, 1.0 + tl.exp(-x))
     else:  # hardswish: x · min(max(x + 3, 0), 6) / 6
         t = x + 3.0
         t = tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t))
-        y = div_rn(x * t, 6.0)
+        y = _div_rn(x * t, 6.0)
     return y
 
 
@@ -67,26 +67,26 @@ def activation_histogram_kernel(x_ptr, y_ptr, hist_ptr, C, N, sx_o, sx_c, sx_n, 
                                 n_cblocks, n_nblocks, n_tiles, tiles_per_prog, upper_bits, has_sat, bins, slope_bits,
                                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, UNIT: tl.constexpr,
                                 KIND: tl.constexpr):
-    c, t_first = tile_coords(tl.program_id(0), n_cblocks, tiles_per_prog, BLOCK_C)
+    c, t_first = _tile_coords(tl.program_id(0), n_cblocks, tiles_per_prog, BLOCK_C)
     cmask = c < C
-    xc_off = axis_offsets(c, sx_c, UNIT == 1)
-    yc_off = axis_offsets(c, sy_c, UNIT == 1)
-    like = upcast(tl.full((), 0, x_ptr.dtype.element_ty))
-    upper = scalar_from_bits(upper_bits, like)
-    slope = scalar_from_bits(slope_bits, like)
+    xc_off = _axis_offsets(c, sx_c, UNIT == 1)
+    yc_off = _axis_offsets(c, sy_c, UNIT == 1)
+    like = _upcast(tl.full((), 0, x_ptr.dtype.element_ty))
+    upper = _scalar_from_bits(upper_bits, like)
+    slope = _scalar_from_bits(slope_bits, like)
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.int32)
     for i in range(0, tiles_per_prog):  # the last program's run may pass n_tiles: those tiles are masked off
         t = t_first + i
         o = t // n_nblocks
         n = (t - o * n_nblocks) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = cmask[:, None] & ((n < N) & (t < n_tiles))[None, :]
-        x_offs = o * sx_o + xc_off[:, None] + axis_offsets(n, sx_n, UNIT == 2)[None, :]
-        y_offs = o * sy_o + yc_off[:, None] + axis_offsets(n, sy_n, UNIT == 2)[None, :]
-        x = upcast(tl.load(x_ptr + x_offs, mask=mask, other=0.0))
-        acc = count_tile(x, mask, upper, acc)
+        x_offs = o * sx_o + xc_off[:, None] + _axis_offsets(n, sx_n, UNIT == 2)[None, :]
+        y_offs = o * sy_o + yc_off[:, None] + _axis_offsets(n, sy_n, UNIT == 2)[None, :]
+        x = _upcast(tl.load(x_ptr + x_offs, mask=mask, other=0.0))
+        acc = _count_tile(x, mask, upper, acc)
         y = activation(x, slope, KIND)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    flush_counts(hist_ptr, c, cmask, bins, has_sat, acc)
+    _flush_counts(hist_ptr, c, cmask, bins, has_sat, acc)
 
 
 def activation_histogram_(x3: torch.Tensor, y3: torch.Tensor, hist: torch.Tensor, kind: int,
@@ -100,14 +100,14 @@ def activation_histogram_(x3: torch.Tensor, y3: torch.Tensor, hist: torch.Tensor
     kind = int(kind)
     if not 0 <= kind < len(ACTIVATIONS):
         raise ValueError(f"activation kind {kind} out of range 0..{len(ACTIVATIONS) - 1}")
-    check_hist(hist, x3)
+    _check_hist(hist, x3)
     p = plan(x3, y3)
     if p is None:
         return
-    bits, has_sat = upper_bits_for(upper, x3.dtype)
+    bits, has_sat = _upper_bits_for(upper, x3.dtype)
     activation_histogram_kernel[p.grid](
         x3, y3, hist, p.C, p.N, *p.x_strides, *p.y_strides, p.n_cblocks, p.n_nblocks, p.n_tiles, p.tiles_per_prog,
-        bits, has_sat, hist.shape[1], double_bits(negative_slope),
+        bits, has_sat, hist.shape[1], _double_bits(negative_slope),
         BLOCK_C=p.block_c, BLOCK_N=p.block_n, UNIT=p.unit, KIND=kind, num_warps=p.num_warps)
 
 
@@ -118,7 +118,7 @@ def aot_specializations():
         for kind, kname in enumerate(ACTIVATIONS):
             for unit in UNITS:
                 for bc, bn in GPU_TILES_BY_UNIT[unit]:
-                    sig = tile_signature(dname, with_y=True)
+                    sig = _tile_signature(dname, with_y=True)
                     sig.update(slope_bits="i64", BLOCK_C="constexpr", BLOCK_N="constexpr", UNIT="constexpr",
                                KIND="constexpr")
                     yield (f"activation_histogram[{kname},{dname},unit={UNIT_NAMES[unit]},{bc}x{bn}]",
@@ -126,4 +126,4 @@ def aot_specializations():
                            {"num_warps": GPU_NUM_WARPS}, [a for a in ALIGNED_TILE_ARGS if a in sig])
 
 
-__all__ = ["ACTIVATIONS", "activation", "activation_histogram_", "activation_histogram_kernel"]
+__all__ = ["ACTIVATIONS", "activation", "activation_histogram_", "activation_histogram_kernel", "aot_specializations"]

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sign_histogram import KERNEL_DTYPES, TL_DTYPES, div_rn, double_bits, scalar_from_bits, sqrt_rn, upcast
+from .sign_histogram import KERNEL_DTYPES, TL_DTYPES, _div_rn, _double_bits, _scalar_from_bits, _sqrt_rn, _upcast
 
 GPU_BLOCK = 1024
 GPU_CHUNK = 4 * GPU_BLOCK  # elements per program
@@ -60,13 +60,13 @@ def _program_chunk(meta_ptr, n_tensors, n_rows: tl.constexpr, n_programs, CHUNK:
 def _sgd_block(p_ptr, g_ptr, b_ptr, k_ptr, offs, inb, has_mask, lr, momentum, one_minus_dampening, weight_decay,
                nesterov, maximize, first_step, HAS_MOMENTUM: tl.constexpr):
     ELEM = p_ptr.dtype.element_ty
-    p = upcast(tl.load(p_ptr + offs, mask=inb, other=0.0))
-    g = upcast(tl.load(g_ptr + offs, mask=inb, other=0.0))
+    p = _upcast(tl.load(p_ptr + offs, mask=inb, other=0.0))
+    g = _upcast(tl.load(g_ptr + offs, mask=inb, other=0.0))
     g = tl.where(maximize != 0, -g, g)
     # torch's ops one by one (``a.add(b, alpha=s)`` is one fused multiply-add in ATen's kernels)
     g = tl.where(weight_decay != 0, tl.fma(weight_decay, p, g), g)
     if HAS_MOMENTUM:
-        b = upcast(tl.load(b_ptr + offs, mask=inb & (first_step == 0), other=0.0))
+        b = _upcast(tl.load(b_ptr + offs, mask=inb & (first_step == 0), other=0.0))
         b = tl.where(first_step != 0, g, tl.fma(one_minus_dampening, g, b * momentum))
         g = tl.where(nesterov != 0, tl.fma(momentum, b, g), b)
     p = tl.fma(-lr, g, p)
@@ -90,11 +90,11 @@ def masked_sgd_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
     g_ptr = _table_ptr(meta_ptr, 1, n_tensors, t, ELEM, ALIGNED) + start
     b_ptr = _table_ptr(meta_ptr, 2, n_tensors, t, ELEM, ALIGNED) + start
     k_ptr = _table_ptr(meta_ptr, 3, n_tensors, t, tl.int8, ALIGNED, MASK_ALIGN) + start
-    like = upcast(tl.full((), 0, ELEM))
-    lr = scalar_from_bits(lr_bits, like)
-    momentum = scalar_from_bits(momentum_bits, like)
-    one_minus_dampening = scalar_from_bits(one_minus_dampening_bits, like)
-    weight_decay = scalar_from_bits(weight_decay_bits, like)
+    like = _upcast(tl.full((), 0, ELEM))
+    lr = _scalar_from_bits(lr_bits, like)
+    momentum = _scalar_from_bits(momentum_bits, like)
+    one_minus_dampening = _scalar_from_bits(one_minus_dampening_bits, like)
+    weight_decay = _scalar_from_bits(weight_decay_bits, like)
     lanes = tl.arange(0, BLOCK)
     if left >= CHUNK:  # a whole chunk: a constant mask keeps the loads vectorised
         for i in range(0, CHUNK // BLOCK):
@@ -117,10 +117,10 @@ def masked_sgd_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
 def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, k_ptr, offs, inb, has_mask, decay, w, beta2, one_minus_beta2,
                  eps, step_size, bc2_sqrt, maximize, AMSGRAD: tl.constexpr):
     ELEM = p_ptr.dtype.element_ty
-    p = upcast(tl.load(p_ptr + offs, mask=inb, other=0.0))
-    g = upcast(tl.load(g_ptr + offs, mask=inb, other=0.0))
-    m = upcast(tl.load(m_ptr + offs, mask=inb, other=0.0))
-    v = upcast(tl.load(v_ptr + offs, mask=inb, other=0.0))
+    p = _upcast(tl.load(p_ptr + offs, mask=inb, other=0.0))
+    g = _upcast(tl.load(g_ptr + offs, mask=inb, other=0.0))
+    m = _upcast(tl.load(m_ptr + offs, mask=inb, other=0.0))
+    v = _upcast(tl.load(v_ptr + offs, mask=inb, other=0.0))
     g = tl.where(maximize != 0, -g, g)
     p = p * decay
     # torch.lerp(m, g, w): m + w (g - m) for |w| < 0.5, else g - (g - m)(1 - w)
@@ -128,12 +128,12 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, k_ptr, offs, inb, has_mas
     m = tl.where(tl.abs(w) < 0.5, tl.fma(w, diff, m), tl.fma(-diff, 1.0 - w, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if AMSGRAD:
-        vmax = upcast(tl.load(vmax_ptr + offs, mask=inb, other=0.0))
+        vmax = _upcast(tl.load(vmax_ptr + offs, mask=inb, other=0.0))
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        denom = div_rn(sqrt_rn(vmax), bc2_sqrt) + eps
+        denom = _div_rn(_sqrt_rn(vmax), bc2_sqrt) + eps
     else:
-        denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
-    p = tl.fma(-step_size, div_rn(m, denom), p)  # p.addcdiv_(m, denom, value=-step_size)
+        denom = _div_rn(_sqrt_rn(v), bc2_sqrt) + eps
+    p = tl.fma(-step_size, _div_rn(m, denom), p)  # p.addcdiv_(m, denom, value=-step_size)
     keep = tl.load(k_ptr + offs, mask=inb & (has_mask != 0), other=1) != 0
     tl.store(p_ptr + offs, tl.where(keep, p, 0.0).to(ELEM), mask=inb)
     tl.store(m_ptr + offs, tl.where(keep, m, 0.0).to(ELEM), mask=inb)
@@ -158,14 +158,14 @@ def masked_adamw_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
     v_ptr = _table_ptr(meta_ptr, 3, n_tensors, t, ELEM, ALIGNED) + start
     vmax_ptr = _table_ptr(meta_ptr, 4, n_tensors, t, ELEM, ALIGNED) + start
     k_ptr = _table_ptr(meta_ptr, 5, n_tensors, t, tl.int8, ALIGNED, MASK_ALIGN) + start
-    like = upcast(tl.full((), 0, ELEM))
-    decay = scalar_from_bits(decay_bits, like)  # 1 - lr * weight_decay
-    w = scalar_from_bits(lerp_weight_bits, like)  # 1 - beta1
-    beta2 = scalar_from_bits(beta2_bits, like)
-    one_minus_beta2 = scalar_from_bits(one_minus_beta2_bits, like)
-    eps = scalar_from_bits(eps_bits, like)
-    step_size = scalar_from_bits(step_size_bits, like)  # lr / (1 - beta1^step)
-    bc2_sqrt = scalar_from_bits(bias_correction2_sqrt_bits, like)  # sqrt(1 - beta2^step)
+    like = _upcast(tl.full((), 0, ELEM))
+    decay = _scalar_from_bits(decay_bits, like)  # 1 - lr * weight_decay
+    w = _scalar_from_bits(lerp_weight_bits, like)  # 1 - beta1
+    beta2 = _scalar_from_bits(beta2_bits, like)
+    one_minus_beta2 = _scalar_from_bits(one_minus_beta2_bits, like)
+    eps = _scalar_from_bits(eps_bits, like)
+    step_size = _scalar_from_bits(step_size_bits, like)  # lr / (1 - beta1^step)
+    bc2_sqrt = _scalar_from_bits(bias_correction2_sqrt_bits, like)  # sqrt(1 - beta2^step)
     lanes = tl.arange(0, BLOCK)
     if left >= CHUNK:  # a whole chunk: a constant mask keeps the loads vectorised
         for i in range(0, CHUNK // BLOCK):
@@ -241,7 +241,7 @@ def clear_cache() -> None:
 
 
 def _bits(*values: float) -> list[int]:
-    return [double_bits(v) for v in values]
+    return [_double_bits(v) for v in values]
 
 
 # ----- launchers -----------------------------------------------------------------------------------------
@@ -324,4 +324,4 @@ def aot_specializations():
                        {"num_warps": GPU_NUM_WARPS}, ["dtype_ptr", "meta_ptr"])
 
 
-__all__ = ["masked_adamw_", "masked_adamw_kernel", "masked_sgd_", "masked_sgd_kernel"]
+__all__ = ["aot_specializations", "clear_cache", "masked_adamw_", "masked_adamw_kernel", "masked_sgd_", "masked_sgd_kernel"]

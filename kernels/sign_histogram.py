@@ -51,7 +51,7 @@ INTERPRETER_MAX_TILE = 16384
 
 # ----- device helpers shared with activation_histogram -----------------------------------------------
 @triton.jit
-def upcast(x):
+def _upcast(x):
     """fp32 compute for fp32/fp16/bf16, fp64 for fp64."""
     if x.dtype == tl.float64:
         return x
@@ -60,7 +60,7 @@ def upcast(x):
 
 
 @triton.jit
-def div_rn(a, b):
+def _div_rn(a, b):
     """IEEE round-to-nearest division (Triton's ``/`` on fp32 is the approximate ``div.full``)."""
     if a.dtype == tl.float64:
         return a / b
@@ -69,7 +69,7 @@ def div_rn(a, b):
 
 
 @triton.jit
-def sqrt_rn(a):
+def _sqrt_rn(a):
     """IEEE round-to-nearest square root (``tl.sqrt`` on fp32 is approximate)."""
     if a.dtype == tl.float64:
         return tl.sqrt(a)
@@ -78,7 +78,7 @@ def sqrt_rn(a):
 
 
 @triton.jit
-def scalar_from_bits(bits, like):
+def _scalar_from_bits(bits, like):
     """A Python float passed as the int64 bit pattern of a double (exact for fp64), in ``like``'s dtype."""
     value = bits.to(tl.int64).to(tl.float64, bitcast=True)
     if like.dtype == tl.float64:
@@ -88,7 +88,7 @@ def scalar_from_bits(bits, like):
 
 
 @triton.jit
-def count_tile(x, valid, upper, acc):
+def _count_tile(x, valid, upper, acc):
     """Add one tile of (upcast) values to the packed counter; masked lanes were loaded as 0."""
     on = (x > 0).to(tl.int32)
     off = (x < 0).to(tl.int32)
@@ -106,7 +106,7 @@ def _add_column(ptr, counts, cmask):
 
 
 @triton.jit
-def flush_counts(hist_ptr, c, cmask, bins, has_sat, acc):
+def _flush_counts(hist_ptr, c, cmask, bins, has_sat, acc):
     """Reduce the packed counter over the observation axis and add it into ``hist`` (int64[C, bins])."""
     row = hist_ptr + c * bins
     _add_column(row + 0, acc & 63, cmask)
@@ -117,7 +117,7 @@ def flush_counts(hist_ptr, c, cmask, bins, has_sat, acc):
 
 
 @triton.jit
-def tile_coords(pid, n_cblocks, tiles_per_prog, BLOCK_C: tl.constexpr):
+def _tile_coords(pid, n_cblocks, tiles_per_prog, BLOCK_C: tl.constexpr):
     """(channel indices int64[BLOCK_C], first tile index) of program ``pid``."""
     pid = pid.to(tl.int64)
     pid_t = pid // n_cblocks
@@ -127,7 +127,7 @@ def tile_coords(pid, n_cblocks, tiles_per_prog, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def axis_offsets(idx, stride, IS_UNIT: tl.constexpr):
+def _axis_offsets(idx, stride, IS_UNIT: tl.constexpr):
     if IS_UNIT:
         return idx
     else:
@@ -139,20 +139,20 @@ def axis_offsets(idx, stride, IS_UNIT: tl.constexpr):
 def sign_histogram_kernel(x_ptr, hist_ptr, C, N, sx_o, sx_c, sx_n, n_cblocks, n_nblocks, n_tiles, tiles_per_prog,
                           upper_bits, has_sat, bins,
                           BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, UNIT: tl.constexpr):
-    c, t_first = tile_coords(tl.program_id(0), n_cblocks, tiles_per_prog, BLOCK_C)
+    c, t_first = _tile_coords(tl.program_id(0), n_cblocks, tiles_per_prog, BLOCK_C)
     cmask = c < C
-    c_off = axis_offsets(c, sx_c, UNIT == 1)
-    upper = scalar_from_bits(upper_bits, upcast(tl.full((), 0, x_ptr.dtype.element_ty)))
+    c_off = _axis_offsets(c, sx_c, UNIT == 1)
+    upper = _scalar_from_bits(upper_bits, _upcast(tl.full((), 0, x_ptr.dtype.element_ty)))
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.int32)
     for i in range(0, tiles_per_prog):  # the last program's run may pass n_tiles: those tiles are masked off
         t = t_first + i
         o = t // n_nblocks
         n = (t - o * n_nblocks) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = cmask[:, None] & ((n < N) & (t < n_tiles))[None, :]
-        offs = o * sx_o + c_off[:, None] + axis_offsets(n, sx_n, UNIT == 2)[None, :]
-        x = upcast(tl.load(x_ptr + offs, mask=mask, other=0.0))
-        acc = count_tile(x, mask, upper, acc)
-    flush_counts(hist_ptr, c, cmask, bins, has_sat, acc)
+        offs = o * sx_o + c_off[:, None] + _axis_offsets(n, sx_n, UNIT == 2)[None, :]
+        x = _upcast(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        acc = _count_tile(x, mask, upper, acc)
+    _flush_counts(hist_ptr, c, cmask, bins, has_sat, acc)
 
 
 # ----- launch planning (shared) ----------------------------------------------------------------------
@@ -174,12 +174,12 @@ class Plan:
     grid: tuple[int]
 
 
-def double_bits(value: float) -> int:
+def _double_bits(value: float) -> int:
     """The int64 bit pattern of a double (how Python floats reach the kernels exactly, fp64 included)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def interpreting(t: torch.Tensor) -> bool:
+def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
@@ -188,7 +188,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device) -> int:
     """How many programs fill the GPU (several resident per SM)."""
     return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -239,7 +239,7 @@ def plan(x3: torch.Tensor, y3: torch.Tensor | None = None) -> Plan | None:
         unit = UNIT_N
     elif C > 1 and all(s[1] == 1 for s in strides):
         unit = UNIT_C
-    if interpreting(x3):
+    if _interpreting(x3):
         block_c = min(triton.next_power_of_2(C), 256)
         block_n = min(triton.next_power_of_2(N), max(1, INTERPRETER_MAX_TILE // block_c))
         num_warps = 4
@@ -249,10 +249,10 @@ def plan(x3: torch.Tensor, y3: torch.Tensor | None = None) -> Plan | None:
     n_cblocks = triton.cdiv(C, block_c)
     n_nblocks = triton.cdiv(N, block_n)
     n_tiles = outer * n_nblocks
-    if interpreting(x3):
+    if _interpreting(x3):
         chunks = triton.cdiv(n_tiles, FIELD_MAX)
     else:
-        target = target_programs(x3.device)
+        target = _target_programs(x3.device)
         chunks = max(triton.cdiv(n_tiles, FIELD_MAX), min(n_tiles, triton.cdiv(target, n_cblocks)))
     tiles_per_prog = triton.cdiv(n_tiles, chunks)
     chunks = triton.cdiv(n_tiles, tiles_per_prog)
@@ -261,14 +261,14 @@ def plan(x3: torch.Tensor, y3: torch.Tensor | None = None) -> Plan | None:
                 num_warps, n_cblocks, n_nblocks, n_tiles, tiles_per_prog, (n_cblocks * chunks,))
 
 
-def upper_bits_for(upper: float | None, dtype: torch.dtype) -> tuple[int, int]:
+def _upper_bits_for(upper: float | None, dtype: torch.dtype) -> tuple[int, int]:
     """(bits, has_sat): ``upper`` rounded to the input dtype first, as torch compares ``z >= upper``."""
     if upper is None:
         return 0, 0
-    return double_bits(torch.tensor(float(upper), dtype=torch.float64).to(dtype).item()), 1
+    return _double_bits(torch.tensor(float(upper), dtype=torch.float64).to(dtype).item()), 1
 
 
-def check_hist(hist: torch.Tensor, x3: torch.Tensor) -> None:
+def _check_hist(hist: torch.Tensor, x3: torch.Tensor) -> None:
     C = x3.shape[1]
     if hist.dtype != torch.int64 or hist.dim() != 2 or hist.shape[0] != C or hist.shape[1] not in (4, 5) \
             or not hist.is_contiguous() or hist.device != x3.device:
@@ -281,11 +281,11 @@ def sign_histogram_(hist: torch.Tensor, x3: torch.Tensor, upper: float | None) -
     """Backend function: add the sign counts of ``x3`` ([outer, C, inner], any strides) into ``hist``."""
     if x3.dtype not in KERNEL_DTYPES:
         raise TypeError(f"sign_histogram_: no Triton kernel for {x3.dtype}")
-    check_hist(hist, x3)
+    _check_hist(hist, x3)
     p = plan(x3)
     if p is None:
         return
-    bits, has_sat = upper_bits_for(upper, x3.dtype)
+    bits, has_sat = _upper_bits_for(upper, x3.dtype)
     sign_histogram_kernel[p.grid](
         x3, hist, p.C, p.N, *p.x_strides, p.n_cblocks, p.n_nblocks, p.n_tiles, p.tiles_per_prog,
         bits, has_sat, hist.shape[1],
@@ -296,7 +296,7 @@ def sign_histogram_(hist: torch.Tensor, x3: torch.Tensor, upper: float | None) -
 TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
-def tile_signature(dtype_name: str, with_y: bool) -> dict[str, str]:
+def _tile_signature(dtype_name: str, with_y: bool) -> dict[str, str]:
     sig = {"x_ptr": f"*{dtype_name}"}
     if with_y:
         sig["y_ptr"] = f"*{dtype_name}"
@@ -323,11 +323,11 @@ def aot_specializations():
     for dname in TL_DTYPES.values():
         for unit in UNITS:
             for bc, bn in GPU_TILES_BY_UNIT[unit]:
-                sig = tile_signature(dname, with_y=False)
+                sig = _tile_signature(dname, with_y=False)
                 sig.update(BLOCK_C="constexpr", BLOCK_N="constexpr", UNIT="constexpr")
                 yield (f"sign_histogram[{dname},unit={UNIT_NAMES[unit]},{bc}x{bn}]", sign_histogram_kernel, sig,
                        {"BLOCK_C": bc, "BLOCK_N": bn, "UNIT": unit}, {"num_warps": GPU_NUM_WARPS},
                        [a for a in ALIGNED_TILE_ARGS if a in sig])
 
 
-__all__ = ["Plan", "plan", "sign_histogram_", "sign_histogram_kernel"]
+__all__ = ["Plan", "aot_specializations", "plan", "sign_histogram_", "sign_histogram_kernel"]

@@ -106,3 +106,30 @@ def test_every_public_module_declares_all():
                if not any(part.startswith("_") for part in m.split(".")[1:])
                and "__all__" not in p.read_text()]
     assert not missing, f"modules without __all__: {missing}"
+
+
+def _declared_all(tree: ast.Module, module: str) -> set[str] | None:
+    """The names of a module's ``__all__`` (literal items; a starred extension like ``*other.__all__``
+    is skipped), or None without one."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            items = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else []
+            return {e.value for e in items if isinstance(e, ast.Constant)}
+    return None
+
+
+def test_internals_carry_a_leading_underscore():
+    """In a public module every top-level function and class is either exported (``__all__``) or
+    marked internal by its name, so what a user may import is never a guess."""
+    undeclared = []
+    for module, path in MODULES.items():
+        if any(part.startswith("_") for part in module.split(".")[1:]):
+            continue
+        tree = ast.parse(path.read_text())
+        exported = _declared_all(tree, module)
+        if exported is None:
+            continue
+        undeclared += [f"{module}.{node.name}" for node in tree.body
+                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                       and not node.name.startswith("_") and node.name not in exported]
+    assert not undeclared, f"public names missing from __all__ (export them or prefix them with _): {undeclared}"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .augment import Augment
-from .images import image_splits, scan_class_folders, take
+from .images import _image_splits, _take, scan_class_folders
 from .splits import DatasetError, DataSplits, holdout_split, three_way_split
 
 __all__ = ["PACS", "VLCS", "DomainSpec", "load_domainbed"]
@@ -77,7 +77,7 @@ def _locate(spec: DomainSpec, root: str | None) -> Path:
     raise DatasetError(f"{base} holds neither {spec.folder}/ nor its domain folders; {spec.hint()}")
 
 
-def resolve_domain(spec: DomainSpec, test_domain: str) -> str:
+def _resolve_domain(spec: DomainSpec, test_domain: str) -> str:
     """The domain named ``test_domain`` (exactly, or ignoring case); ValueError listing them otherwise."""
     for domain in spec.domains:
         if test_domain == domain or test_domain.lower() == domain.lower():
@@ -97,7 +97,7 @@ def load_domainbed(
     test_domain: str | None = None,
 ) -> DataSplits:
     """PACS or VLCS (see the module doc); images resized to ``image_size`` (default 224)."""
-    held_out = resolve_domain(spec, test_domain) if test_domain is not None else None
+    held_out = _resolve_domain(spec, test_domain) if test_domain is not None else None
     folder = _locate(spec, root)
     paths: list[Path] = []
     labels: list[np.ndarray] = []
@@ -119,6 +119,6 @@ def load_domainbed(
         rest = np.flatnonzero(domains != spec.domains.index(held_out))
         kept, held = holdout_split(rest, val_fraction, seed, stratify=False)
         train, val = rest[kept], rest[held]
-    files = {"train": take(all_files, train), "val": take(all_files, val), "test": take(all_files, test)}
-    return image_splits(spec.name, files, spec.classes, limit=limit, augment=augment,
+    files = {"train": _take(all_files, train), "val": _take(all_files, val), "test": _take(all_files, test)}
+    return _image_splits(spec.name, files, spec.classes, limit=limit, augment=augment,
                         image_size=image_size or 224, seed=seed)

@@ -76,16 +76,16 @@ def decode_images(paths: Sequence[Path], size: int, threads: int | None = None) 
     return out
 
 
-def is_image(path: Path) -> bool:
+def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: Path) -> list[Path]:
+def _list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if is_image(p))
+    return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
-def subfolders(folder: Path) -> list[str]:
+def _subfolders(folder: Path) -> list[str]:
     """Names of the non-hidden subfolders of ``folder``, sorted."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -99,7 +99,7 @@ def scan_class_folders(
     without a folder has no samples); by default it is the sorted subfolder names, each of which must
     hold at least one image.
     """
-    found = subfolders(folder)
+    found = _subfolders(folder)
     require_images = classes is None
     if classes is None:
         if not found:
@@ -114,7 +114,7 @@ def scan_class_folders(
     for label, name in enumerate(classes):
         if not (folder / name).is_dir():
             continue
-        files = list_images(folder / name)
+        files = _list_images(folder / name)
         if not files and require_images:
             raise DatasetError(
                 f"{folder / name} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}){hint}"
@@ -124,7 +124,7 @@ def scan_class_folders(
     return paths, np.asarray(labels, dtype=np.int64), tuple(classes)
 
 
-def image_splits(
+def _image_splits(
     name: str,
     files: dict[str, tuple[list[Path], np.ndarray]],
     classes: Sequence[str],
@@ -145,7 +145,7 @@ def image_splits(
     return build_image_splits(name, parts, len(classes), classes, limit, augment, seed)
 
 
-def take(files: tuple[list[Path], np.ndarray], index: np.ndarray) -> tuple[list[Path], np.ndarray]:
+def _take(files: tuple[list[Path], np.ndarray], index: np.ndarray) -> tuple[list[Path], np.ndarray]:
     """The samples at ``index`` of a ``(paths, labels)`` pair."""
     paths, labels = files
     return [paths[i] for i in index], labels[index]
@@ -178,9 +178,9 @@ def load_image_folder(
             len(labels), 0.0 if "val" in present else val_fraction, 0.0 if "test" in present else _TEST_SHARE, seed
         )
         files = {
-            "train": take((paths, labels), train_idx),
-            "val": take((paths, labels), val_idx),
-            "test": take((paths, labels), test_idx),
+            "train": _take((paths, labels), train_idx),
+            "val": _take((paths, labels), val_idx),
+            "test": _take((paths, labels), test_idx),
         }
         for split in ("val", "test"):
             if split in present:
@@ -189,6 +189,6 @@ def load_image_folder(
     else:
         paths, labels, classes = scan_class_folders(base, hint=hint)
         train_idx, val_idx, test_idx = three_way_split(len(labels), val_fraction, _TEST_SHARE, seed)
-        files = {key: take((paths, labels), idx) for key, idx in
+        files = {key: _take((paths, labels), idx) for key, idx in
                  (("train", train_idx), ("val", val_idx), ("test", test_idx))}
-    return image_splits("image_folder", files, classes, limit=limit, augment=augment, image_size=size, seed=seed)
+    return _image_splits("image_folder", files, classes, limit=limit, augment=augment, image_size=size, seed=seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .augment import Augment
-from .images import image_splits, list_images, take
+from .images import _image_splits, _list_images, _take
 from .splits import DatasetError, DataSplits, holdout_split
 
 __all__ = ["load_tiny_imagenet"]
@@ -76,7 +76,7 @@ def _train_files(folder: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray
         images = folder / "train" / wnid / "images"
         if not images.is_dir():
             raise DatasetError(f"{images} is missing (class {wnid} of wnids.txt); {_HINT}")
-        files = list_images(images)
+        files = _list_images(images)
         if not files:
             raise DatasetError(f"{images} holds no images; {_HINT}")
         paths.extend(files)
@@ -125,6 +125,6 @@ def load_tiny_imagenet(
     train = _train_files(folder, wnids)
     test = _val_files(folder, {w: i for i, w in enumerate(wnids)})
     kept, held = holdout_split(train[1], val_fraction, seed, stratify=False)
-    files = {"train": take(train, kept), "val": take(train, held), "test": test}
-    return image_splits("tiny_imagenet", files, _class_names(folder, wnids), limit=limit, augment=augment,
+    files = {"train": _take(train, kept), "val": _take(train, held), "test": test}
+    return _image_splits("tiny_imagenet", files, _class_names(folder, wnids), limit=limit, augment=augment,
                         image_size=image_size or 64, seed=seed)

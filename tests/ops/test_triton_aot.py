@@ -57,8 +57,8 @@ def gpu_plans(monkeypatch):
         pytest.skip("Triton without a GPU needs TRITON_INTERPRET=1")
     sh = importlib.import_module(impl.__name__ + ".sign_histogram")
     mo = importlib.import_module(impl.__name__ + ".masked_optim")
-    monkeypatch.setattr(sh, "interpreting", lambda t: False)
-    monkeypatch.setattr(sh, "target_programs", lambda device: 3)
+    monkeypatch.setattr(sh, "_interpreting", lambda t: False)
+    monkeypatch.setattr(sh, "_target_programs", lambda device: 3)
     monkeypatch.setattr(mo, "_block_and_chunk", lambda numels, device: (64, 256, 4))
     mo.clear_cache()
     yield impl, sh
@@ -113,7 +113,7 @@ def test_gpu_plans_match_reference(gpu_plans, lid, dtype):
 def test_gpu_plans_full_runs_of_63_tiles(gpu_plans, monkeypatch):
     """Each program walks the most tiles the packed 6-bit counters allow; every field saturates."""
     impl, sh = gpu_plans
-    monkeypatch.setattr(sh, "target_programs", lambda device: 1)
+    monkeypatch.setattr(sh, "_target_programs", lambda device: 1)
     n = 126 * 1024 - 5
     for x3 in (torch.tensor([7.0, -1.0, 0.0, math.inf], device=DEVICE).view(1, 4, 1).expand(1, 4, n),
                torch.tensor([7.0, -1.0, 0.0, math.nan], device=DEVICE).repeat(n).view(1, n, 4).transpose(1, 2)):
