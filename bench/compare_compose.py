@@ -36,8 +36,8 @@ def main() -> None:
     for ch in (64, 128, 256, 512):
         w2, w1 = (torch.randn(ch, ch, 3, 3, dtype=torch.float64) for _ in range(2))
         case = compare_providers(f"compose {ch}x{ch}x{ch} 3x3", {
-            "nepenthe": lambda: compose_kernels64(w2, w1, (1, 1)),
-            "torch_conv_transpose2d": lambda: F.conv_transpose2d(w2, w1)},
+            "nepenthe": lambda w2=w2, w1=w1: compose_kernels64(w2, w1, (1, 1)),
+            "torch_conv_transpose2d": lambda w2=w2, w1=w1: F.conv_transpose2d(w2, w1)},
             suite="compose", repeats=args.repeats, warmup=1, threads=args.threads)
         rows += case
         timed = {r["provider"]: r["median_ms"] for r in case if not r["error"]}

@@ -35,7 +35,6 @@ from nepenthe.latency import LatencyResult
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fold_latency import collapsed_mlp  # noqa: E402
 
-
 MEASUREMENTS: list[dict] = []  # model / folded timings of both parts, for --csv
 
 

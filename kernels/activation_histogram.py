@@ -30,12 +30,12 @@ from .sign_histogram import (
     _div_rn,
     _double_bits,
     _flush_counts,
-    plan,
     _scalar_from_bits,
     _tile_coords,
     _tile_signature,
     _upcast,
     _upper_bits_for,
+    plan,
 )
 
 

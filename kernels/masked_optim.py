@@ -324,4 +324,5 @@ def aot_specializations():
                        {"num_warps": GPU_NUM_WARPS}, ["dtype_ptr", "meta_ptr"])
 
 
-__all__ = ["aot_specializations", "clear_cache", "masked_adamw_", "masked_adamw_kernel", "masked_sgd_", "masked_sgd_kernel"]
+__all__ = ["aot_specializations", "clear_cache", "masked_adamw_", "masked_adamw_kernel", "masked_sgd_",
+           "masked_sgd_kernel"]

@@ -7,7 +7,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .._utils import set_submodule
 from ..activations import Rectifier, rectifier_of_call, rectifier_of_module
 from . import algebra
 
@@ -16,10 +15,6 @@ def module_of(gm: fx.GraphModule, node) -> nn.Module | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
         return gm.get_submodule(node.target)
     return None
-
-
-def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    set_submodule(gm, target, module)
 
 
 def only_user(node: fx.Node) -> fx.Node | None:

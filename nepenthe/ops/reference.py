@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from . import constants as _constants
 from ._args import as_3d
-from .mask_bits import as_bool_mask
 from .constants import *  # noqa: F403  (the oracle's module carries the shared constants too)
 from .constants import ACTIVATIONS, NONFINITE, OFF, ON, SAT, ZERO
+from .mask_bits import as_bool_mask
 
 __all__ = ["activation", "activation_histogram_", "as_3d", "masked_adamw_", "masked_sgd_", "sign_histogram",
            "sign_histogram_", *_constants.__all__]

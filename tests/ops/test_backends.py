@@ -425,8 +425,10 @@ def test_packed_masks_step_exactly_like_bool_masks(backend, dtype):
 def test_packed_mask_of_the_wrong_length_is_refused():
     from nepenthe import ops
     p, g = torch.zeros(20), torch.zeros(20)
-    for bad in (torch.zeros(2, dtype=torch.uint8), torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8)):
-        with pytest.raises(ValueError, match=r"mask 0 must be a bool tensor of shape \(20,\) or a packed one.*uint8\[3\]"):
+    message = r"mask 0 must be a bool tensor of shape \(20,\) or a packed one.*uint8\[3\]"
+    for shape in ((2,), (3, 1), (20,)):
+        bad = torch.zeros(shape, dtype=torch.uint8)
+        with pytest.raises(ValueError, match=message):
             with backends.use_backend("torch"):
                 ops.masked_sgd_([p], [g], [], [bad], lr=0.1)
     try:

@@ -7,8 +7,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..._utils import set_submodule
 from .. import algebra
-from .._fx import module_of, only_user, rectifier_at, set_module
+from .._fx import module_of, only_user, rectifier_at
 from ..report import FoldReport
 
 __all__ = ["remove_constant_channels"]
@@ -53,6 +54,6 @@ def remove_constant_channels(gm: fx.GraphModule, report: FoldReport) -> None:
         if idx.numel():
             algebra.absorb_constant_inputs_(cons, values[idx], idx)
         keep = ~removable
-        set_module(gm, node.target, algebra.select_output_channels(prod, keep))
-        set_module(gm, consumer_node.target, algebra.select_input_channels(cons, keep))
+        set_submodule(gm, node.target, algebra.select_output_channels(prod, keep))
+        set_submodule(gm, consumer_node.target, algebra.select_input_channels(cons, keep))
         report.channels_removed[node.target] = report.channels_removed.get(node.target, 0) + int(removable.sum())

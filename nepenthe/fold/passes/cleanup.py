@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..._utils import set_submodule
 from ...activations import BATCHNORM_MODULES, PASS_THROUGH_MODULES
-from .._fx import module_of, only_user, set_module
+from .._fx import module_of, only_user
 from ..report import FoldReport
 
 __all__ = ["fuse_batchnorm", "remove_noops"]
@@ -52,7 +53,7 @@ def fuse_batchnorm(gm: fx.GraphModule, report: FoldReport) -> None:
             fused = fuse_linear_bn_eval(conv, bn)
         else:
             continue
-        set_module(gm, producer.target, fused)
+        set_submodule(gm, producer.target, fused)
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
         report.batchnorms_fused += 1

@@ -9,6 +9,7 @@ import operator
 import torch.fx as fx
 import torch.nn as nn
 
+from ..._utils import set_submodule
 from ...activations import ADD_FUNCTIONS, BATCHNORM_MODULES, rectifier_of_call, rectifier_of_module
 from .. import algebra, modules
 from .._fx import (
@@ -20,7 +21,6 @@ from .._fx import (
     module_of,
     only_user,
     pool_geometry,
-    set_module,
 )
 from ..report import FoldReport
 
@@ -249,7 +249,7 @@ def delete_empty_ops(gm: fx.GraphModule, report: FoldReport) -> None:
             geometry.append(conv_geometry(m))
         bias = m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
         const = modules.ConstantChannels(bias, -1 if linear else 1, geometry)
-        set_module(gm, node.target, const)
+        set_submodule(gm, node.target, const)
         node.args = (source,)
         report.ops_deleted.append(node.target)
         _propagate_constant(gm, node, const, report)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from ..._utils import set_submodule
 from ...activations import ADD_FUNCTIONS
 from .. import algebra, border
-from .._fx import erase, linear_op, module_of, only_user, set_module
+from .._fx import erase, linear_op, module_of, only_user
 from ..planner import Candidate, Planner
 from ..report import FoldReport, note_blocked
 
@@ -29,7 +30,7 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
                 continue
 
             def apply(merged, body=body):
-                set_module(gm, body.target, merged)
+                set_submodule(gm, body.target, merged)
                 node.replace_all_uses_with(body)
                 erase(gm, node)
 
@@ -45,7 +46,7 @@ def _skip_candidates(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
             return
 
         def apply(merged):
-            set_module(gm, a.target, merged)
+            set_submodule(gm, a.target, merged)
             node.replace_all_uses_with(a)
             erase(gm, node, b)
 
@@ -82,7 +83,7 @@ def _chain_candidate(gm: fx.GraphModule, node: fx.Node, report: FoldReport):
         corrected = algebra.conv_merge_blocker(first, second) is not None
 
     def apply(merged):
-        set_module(gm, node.target, merged)
+        set_submodule(gm, node.target, merged)
         node.args = (prev.args[0],) + tuple(node.args[1:])
         erase(gm, prev)
 
