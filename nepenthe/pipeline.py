@@ -99,6 +99,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     prune_cfg = cfg.prune
     if prune_cfg.checkpoint_dir is None:
         prune_cfg.checkpoint_dir = str(out / "checkpoints")
+    if prune_cfg.metric_scale is None:
+        prune_cfg.metric_scale = 1.0  # train.evaluate gives percent (an untrained model may score 0)
     result = prune(model, calib_loader, retrain=lambda m, it: train(m, train_loader, cfg.retrain, progress=tick),
                    evaluate=lambda m: evaluate(m, val_loader), config=prune_cfg, callbacks=[on_iteration],
                    device=device)

@@ -121,7 +121,8 @@ class ExperimentConfig:
 
     def prune_config(self, method: str, checkpoint_dir: str | None = None) -> PruneConfig:
         """The PruneConfig of one method (or variant): shared settings, then its overrides."""
-        fields = {**self.prune, "method": method, **self.method_overrides.get(method, {})}
+        # the runner's evaluate gives percent (an untrained model may score within [0, 1])
+        fields = {"metric_scale": 1.0, **self.prune, "method": method, **self.method_overrides.get(method, {})}
         try:
             return PruneConfig(**fields, checkpoint_dir=checkpoint_dir)
         except TypeError as exc:

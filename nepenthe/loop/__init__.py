@@ -30,16 +30,27 @@ A step cannot destroy the model:
 * **per-layer caps and protected layers** — ``layer_caps`` (glob → max sparsity), ``protect``
   (globs, plus ``"first"`` / ``"last"`` for the linear ops next to the input / output) and
   ``filter_fn(module, fqn)``.
+* **masks a user loop cannot undo** — ``retrain`` runs inside :func:`masks_enforced` (every
+  ``torch.optim`` step re-applies the masks), and weights revived any other way are zeroed with a
+  warning (:func:`repair_masked_weights`), so the sparsity reported is the model's.
+* **evaluate's scale** — percent, or a fraction (read as one, with a warning; or say it with
+  ``PruneConfig(metric_scale=...)``).
 """
 
 from ..errors import PruneError
 from .config import METHODS, SELECT_RULES, IterationRecord, PruneConfig, PruneResult
 from .iterate import prune, prune_, select_iteration
-from .masked_training import enforce_masks, keep_masks_after_steps, masked_optimizer
+from .masked_training import (
+    enforce_masks,
+    keep_masks_after_steps,
+    masked_optimizer,
+    masks_enforced,
+    repair_masked_weights,
+)
 from .methods import EASIER, EGP, IMP, Nepenthe, PruningMethod, get_method
 from .pruner import Pruner, Step
 
 __all__ = ["EASIER", "EGP", "IMP", "METHODS", "SELECT_RULES", "IterationRecord", "Nepenthe", "PruneConfig",
            "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "enforce_masks", "get_method",
-           "keep_masks_after_steps", "masked_optimizer", "prune", "prune_",
-           "select_iteration"]
+           "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "prune", "prune_",
+           "repair_masked_weights", "select_iteration"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -49,6 +50,9 @@ class PruneConfig:
     resume: bool = True
     max_calib_batches: int | None = None
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, repr=False)
+    # evaluate's value x is recorded as x * metric_scale percent; None: 100 when the dense model's
+    # value is within [0, 1] (a fraction, said in a warning), else 1
+    metric_scale: float | None = None
 
     def __post_init__(self):
         self.strategy = get_method(self.method)  # ValueError for an unknown name
@@ -66,6 +70,9 @@ class PruneConfig:
             raise ValueError(f"select must be one of {SELECT_RULES}, got {self.select!r}")
         if self.cut_max_sparsity is not None and not 0.0 <= self.cut_max_sparsity < 1.0:
             raise ValueError(f"cut_max_sparsity must be in [0, 1) or None, got {self.cut_max_sparsity}")
+        if self.metric_scale is not None and not (math.isfinite(self.metric_scale) and self.metric_scale > 0):
+            raise ValueError(f"metric_scale must be a positive number (100 for fractions, 1 for percent), got "
+                             f"{self.metric_scale}")
         if isinstance(self.protect, str):
             self.protect = (self.protect,)
         self.protect = tuple(self.protect)

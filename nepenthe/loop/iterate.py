@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..entropy import EntropyStats
 from ..errors import PruneError
 from .config import IterationRecord, PruneConfig, PruneResult
+from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step, _Snapshot
 
 __all__ = ["prune", "prune_", "select_iteration"]
@@ -26,10 +28,11 @@ def _checkpoint_path(directory: Path, iteration: int) -> Path:
 
 
 def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
-                     config: PruneConfig) -> None:
+                     config: PruneConfig, metric_scale: float) -> None:
     atomic_torch_save({
         "format": "nepenthe.checkpoint/2",
         "identity": config.identity(),
+        "metric_scale": metric_scale,  # what evaluate's values were multiplied by (percent in the records)
         "record": record.to_dict(),
         "linearized": sorted(pruner.replaced),
         "model": pruner.model.state_dict(),
@@ -89,6 +92,35 @@ def _failure(accuracy: float, tolerance: float | None, dense: float, delta: floa
     return None
 
 
+def _metric_scale(dense: float, config: PruneConfig) -> float:
+    """The factor that turns ``evaluate``'s values into percent: ``config.metric_scale`` when given,
+    else 100 when the dense model scores within [0, 1] (a fraction: the torchmetrics / Lightning /
+    Hugging Face habit; said in a warning), else 1."""
+    if config.metric_scale is not None:
+        return float(config.metric_scale)
+    if 0.0 <= dense <= 1.0:
+        warnings.warn(f"evaluate returned {dense:g} for the dense model: read as a fraction, so accuracies are "
+                      f"reported (and delta={config.delta} applied) in percent ({100 * dense:.4g}). Pass "
+                      "PruneConfig(metric_scale=1) if it is already a percentage.", UserWarning, stacklevel=3)
+        return 100.0
+    return 1.0
+
+
+def _retrain_with_masks(model: nn.Module, retrain: Callable, iteration: int) -> None:
+    """``retrain`` with every optimizer step re-applying the masks (:func:`masks_enforced`), then the
+    masked weights checked: any revived by an update the hooks cannot see are zeroed, with a warning,
+    so the sparsity reported is the model's."""
+    with masks_enforced(model):
+        retrain(model, iteration)
+    revived = repair_masked_weights(model)
+    if revived:
+        listed = ", ".join(f"{name} ({count})" for name, count in list(revived.items())[:4])
+        warnings.warn(f"iteration {iteration}: retrain left {sum(revived.values())} masked weights non-zero in "
+                      f"{len(revived)} parameter(s): {listed}; they were set back to zero. Update weights through "
+                      "a torch.optim optimizer (or nepenthe.MaskedSGD / MaskedAdamW) to keep the masks.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def prune_(
     model: nn.Module,
     calib_data: Iterable,
@@ -102,7 +134,9 @@ def prune_(
     """Run the iterative loop of SPEC §3 on ``model`` **in place** and return what happened.
 
     Each iteration measures the rectifiers on ``calib_data``, prunes by the method's rule,
-    calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent). A step
+    calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent, or a fraction:
+    see ``PruneConfig.metric_scale``). Whatever optimizer ``retrain`` uses, its steps re-apply the
+    masks, and masked weights revived any other way are zeroed with a warning. A step
     that ends below dense − ``delta`` or diverges is retried with a smaller amount (see the
     module docstring); the loop stops when that fails ``max_backoffs`` times, nothing is left to
     prune, or after ``max_iters``. The model is left as the iteration ``config.select`` picks among
@@ -129,6 +163,8 @@ def prune_(
         current = _Snapshot(last["model"], list(last["linearized"]))
         pruner.restore(current)
         records = [IterationRecord(**c["record"]) for c in checkpoints]
+        scale = float(config.metric_scale if config.metric_scale is not None
+                      else checkpoints[0].get("metric_scale", 1.0))
         stats = EntropyStats.from_state_dict(last["stats"])
         selected = select_iteration(records, config.select)
         keep = checkpoints[selected]
@@ -143,16 +179,17 @@ def prune_(
         started = time.perf_counter()
         stats = pruner.measure()
         dense = float(evaluate(model))
-        records.append(pruner.record(0, dense, stats, Step({}, [], {}), True, started, 0.0, []))
+        scale = _metric_scale(dense, config)
+        records.append(pruner.record(0, dense * scale, stats, Step({}, [], {}), True, started, 0.0, []))
         selected, current, best_stats = 0, pruner.snapshot(), stats
         best = current
         if directory:
-            _save_checkpoint(directory, pruner, records[0], stats, config)
+            _save_checkpoint(directory, pruner, records[0], stats, config, scale)
         for cb in callbacks:
             cb(records[0], model)
     dense = records[0].accuracy
     tolerance = None if config.delta is None else dense - config.delta
-    scale = _next_scale(records[-1], config)
+    metric_scale, scale = scale, _next_scale(records[-1], config)
 
     for iteration in range(len(records), config.max_iters + 1):
         started = time.perf_counter()
@@ -166,13 +203,13 @@ def prune_(
                 break
             failure, accuracy = None, None
             try:
-                retrain(model, iteration)
+                _retrain_with_masks(model, retrain, iteration)
             except FloatingPointError as exc:  # the built-in trainer's NaN/Inf loss, or the user's
                 failure = f"retraining diverged: {exc}"
             if failure is None and (bad := pruner.nonfinite_parameters()):
                 failure = f"retraining left NaN/Inf in {', '.join(bad[:3])}"
             if failure is None:
-                accuracy = float(evaluate(model))
+                accuracy = float(evaluate(model)) * metric_scale
                 failure = _failure(accuracy, tolerance, dense, config.delta)
             if failure is None or len(attempts) >= config.max_backoffs:
                 break
@@ -193,7 +230,8 @@ def prune_(
         record = pruner.record(iteration, accuracy, stats_now, step, failure is None, started, zeta, attempts, failure)
         records.append(record)
         if directory:
-            _save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config)
+            _save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config,
+                             metric_scale)
         for cb in callbacks:
             cb(record, model)
         if failure is not None:

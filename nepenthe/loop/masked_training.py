@@ -4,15 +4,17 @@ fused masked optimizers of :mod:`nepenthe.ops` (the bridge between the mask stor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
 from ..masks import mask_lookup, masked_parameters
 
-__all__ = ["enforce_masks", "keep_masks_after_steps", "masked_optimizer"]
+__all__ = ["enforce_masks", "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "repair_masked_weights"]
 
 
 @torch.no_grad()
@@ -49,3 +51,62 @@ def masked_optimizer(model: nn.Module, name: str = "sgd", params: Iterable | Non
     if name == "adamw":
         return ops.MaskedAdamW(params, masks=mask_lookup(model), **kwargs)
     raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+
+
+def _enforces_masks_itself(opt: torch.optim.Optimizer, held: dict) -> bool:
+    """A fused masked optimizer whose own masks cover every masked parameter it steps (its step
+    already leaves them zero: the fast path)."""
+    if not isinstance(opt, (ops.MaskedSGD, ops.MaskedAdamW)):
+        return False
+    return all(opt._mask_of(p) is not None for group in opt.param_groups for p in group["params"] if id(p) in held)
+
+
+@contextlib.contextmanager
+def masks_enforced(model: nn.Module) -> Iterator[None]:
+    """While the block runs, every ``torch.optim`` optimizer step (any optimizer, any trainer built on
+    them: a plain loop, Lightning, the Hugging Face ``Trainer``) re-applies ``model``'s masks to the
+    parameters it stepped and zeroes their optimizer state there, so weight decay and momentum
+    cannot revive pruned weights. The fused masked optimizers, which do this in their own step, are
+    left alone. The pruning loop runs ``retrain`` inside it; use it around your own training of a
+    pruned model.
+
+    A global optimizer step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``), removed
+    when the block ends; the masks are those attached when it starts.
+    """
+    held = {id(getattr(m, name)): (getattr(m, name), mask) for m, name, mask in masked_parameters(model)}
+    fast: dict[int, bool] = {}
+
+    @torch.no_grad()
+    def hook(opt, args, kwargs):
+        if id(opt) not in fast:
+            fast[id(opt)] = _enforces_masks_itself(opt, held)
+        if fast[id(opt)]:
+            return
+        for group in opt.param_groups:
+            for p in group["params"]:
+                entry = held.get(id(p))
+                if entry is not None and entry[0] is p:
+                    ops.apply_mask_(p, entry[1], opt.state.get(p))
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def repair_masked_weights(model: nn.Module) -> dict[str, int]:
+    """Zero masked weights that are not zero (an update that bypassed the optimizer hooks: a write
+    to ``.data``, a custom optimizer) and return how many were revived per parameter
+    (``{"layer.weight": count}``; empty when the masks held)."""
+    revived = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for module, param_name, mask in masked_parameters(model):
+        param = getattr(module, param_name)
+        dropped = ~mask if mask.dtype == torch.bool else mask == 0
+        count = int(torch.count_nonzero(param.detach()[dropped]))
+        if count:
+            revived[names.get(id(param), param_name)] = count
+            param.masked_fill_(dropped, 0)
+    return revived
