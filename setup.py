@@ -1,4 +1,11 @@
-"""Build script: the Python package always; the compiled extension ``nepenthe._C`` when sources exist.
+"""Build script: the Python package always; the compiled extension ``nepenthe._C`` when sources exist
+and torch is importable.
+
+The extension is built against the torch installed where pip runs, so build with
+``pip install --no-build-isolation .``. A default build (``pip install .``, ``pip wheel .``,
+``python -m build``) runs in an isolated environment without torch: it makes the pure-Python
+package, which works everywhere (the ops fall back to their PyTorch reference) and says so; rerun
+with ``--no-build-isolation`` for the fused C++ / CUDA kernels.
 
 Switches (environment variables):
   NEPENTHE_NO_EXT=1       pure-Python install, no compiled code at all (the package works without it)
@@ -6,11 +13,12 @@ Switches (environment variables):
   MAX_JOBS=N              parallel compile jobs (default: from cores and free memory, ~3 GiB a job)
 C++ CPU ops are built from csrc/*.cpp + csrc/cpu/*.cpp (OpenMP, -O3 -g0); CUDA ops from
 csrc/cuda/*.cu only when torch was built with CUDA and CUDA_HOME is set. Kernels written in
-Triton live in kernels/ and install as the subpackage ``nepenthe.kernels``.
+Triton are the subpackage ``nepenthe.kernels``.
 """
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -32,7 +40,13 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:  # no compiled ops in this tree yet
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:  # an isolated build environment: no torch to compile against
+        print("nepenthe: torch is not importable in this build environment, so the compiled kernels are not "
+              "built (the package falls back to its PyTorch reference ops). For the fused kernels: "
+              "pip install --no-build-isolation .", file=sys.stderr)
+        return [], {}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", _default_jobs())
@@ -56,11 +70,10 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 setup(
-    # every package under nepenthe/ (a new subpackage cannot be forgotten), plus kernels/ installed as one
-    packages=find_packages(include=["nepenthe", "nepenthe.*"]) + ["nepenthe.kernels"],
-    package_dir={"nepenthe.kernels": "kernels"},
+    # every package under nepenthe/ (a new subpackage cannot be forgotten)
+    packages=find_packages(include=["nepenthe", "nepenthe.*"]),
     # the experiment configurations shipped with the package (nepenthe experiment --list)
-    package_data={"nepenthe.experiment": ["configs/*.toml"]},
+    package_data={"nepenthe": ["py.typed"], "nepenthe.experiment": ["configs/*.toml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

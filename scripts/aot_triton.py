@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile every nepenthe Triton kernel ahead of time for an NVIDIA GPU, without a GPU.
 
-Every specialisation the GPU launchers of ``kernels/`` can produce (each op's ``aot_specializations``:
+Every specialisation the GPU launchers of ``nepenthe/kernels/`` can produce (each op's ``aot_specializations``:
 every dtype, activation kind, tile shape and unit-stride axis) goes through the full Triton pipeline
 down to a cubin for the target architecture (default sm_90, H100). One line per kernel; the exit
 status is non-zero when any kernel fails to compile.
@@ -35,7 +35,7 @@ def specializations(pattern: str | None = None) -> list:
     """(name, kernel, signature, constexprs, options) of every kernel specialisation, from the source tree."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from kernels import activation_histogram, masked_optim, sign_histogram  # the repo's kernels/, not an install
+    from nepenthe.kernels import activation_histogram, masked_optim, sign_histogram
 
     specs = []
     for module in (sign_histogram, activation_histogram, masked_optim):

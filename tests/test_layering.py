@@ -38,8 +38,6 @@ def _modules() -> dict[str, Path]:
         if parts[-1] == "__init__":
             parts = parts[:-1]
         found[".".join(parts)] = path
-    for path in sorted((ROOT / "kernels").glob("*.py")):  # installed as nepenthe.kernels
-        found["nepenthe.kernels" + ("" if path.stem == "__init__" else "." + path.stem)] = path
     return found
 
 

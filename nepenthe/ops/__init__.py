@@ -1,6 +1,6 @@
 """Layer 1: nepenthe's numerical ops, as ``torch.library`` custom ops with fused backends.
 
-One file per public op, like ``kernels/<op>.py`` and ``csrc/*/<op>_*``:
+One file per public op, like ``kernels/<op>.py`` (:mod:`nepenthe.kernels`) and ``csrc/*/<op>_*``:
 
 * :mod:`~nepenthe.ops.sign_histogram` — :func:`sign_histogram`, :func:`accumulate_sign_histogram_`
   (int64[C, 4]: ON, OFF, ZERO, SAT; ``bins=5`` adds NONFINITE);

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import importlib.util
 import logging
 import os
 import warnings
@@ -142,29 +141,12 @@ def _load_cuda():
     return extension
 
 
-def _import_kernels():
-    """``nepenthe.kernels`` by its absolute name. An install maps the repository's kernels/ there
-    (setup.py's package_dir); a source checkout used without installing (its root on sys.path) has
-    the same files as the top-level package ``kernels`` beside ``nepenthe/``, which is taken only
-    when it is that folder."""
-    try:
-        return importlib.import_module("nepenthe.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "nepenthe.kernels":
-            raise
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) != here:
-        raise ImportError("nepenthe.kernels is not installed (pip install --no-build-isolation -e .)")
-    return importlib.import_module("kernels")
-
-
 def _load_triton():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         raise ImportError("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU "
                           "through the interpreter, for testing)")
     try:
-        kernels = _import_kernels()
+        kernels = importlib.import_module("nepenthe.kernels")  # imports triton
     except ImportError as exc:
         raise ImportError(f"Triton is not importable ({exc}); pip install triton") from exc
     if not getattr(kernels, "AVAILABLE", False):

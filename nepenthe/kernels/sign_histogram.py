@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nepenthe.ops.constants import KERNEL_DTYPES  # shared with csrc/ and ops/
+from ..ops.constants import KERNEL_DTYPES  # shared with csrc/ and ops/
 
 UNIT_NONE, UNIT_C, UNIT_N = 0, 1, 2
 UNITS = (UNIT_NONE, UNIT_C, UNIT_N)

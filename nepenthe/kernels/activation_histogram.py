@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nepenthe.ops.constants import ACTIVATIONS
+from ..ops.constants import ACTIVATIONS
 
 from .sign_histogram import (
     ALIGNED_TILE_ARGS,
