@@ -8,8 +8,8 @@ Messages name the layer, tensor, file or key at fault and say what to do.
 
 from __future__ import annotations
 
-__all__ = ["BackendUnavailable", "ConfigError", "DatasetError", "ExperimentError", "FoldError", "MeasureError",
-           "NepentheError", "NonFiniteActivationError", "PruneError", "RecipeError", "TraceError"]
+__all__ = ["BackendUnavailable", "ConfigError", "DatasetError", "ExperimentError", "FoldError", "ForeignPruningError",
+           "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneError", "RecipeError", "TraceError"]
 
 
 class NepentheError(Exception):
@@ -42,6 +42,10 @@ class FoldError(NepentheError, RuntimeError):
 
 class RecipeError(NepentheError, ValueError):
     """A recipe cannot be written or read (unsupported module / function, malformed or tampered file)."""
+
+
+class ForeignPruningError(NepentheError, ValueError):
+    """The model carries another library's pruning reparametrization that nepenthe would misread."""
 
 
 class DatasetError(NepentheError, ValueError):

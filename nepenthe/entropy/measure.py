@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..errors import MeasureError
 from ..graph import TraceError, find_sites, trace
+from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from .probes import (
     _PROBED_GRAPHS,
     _Accumulator,
@@ -110,6 +111,8 @@ def measure(
     With ``distributed="auto"`` the counts are summed over all ranks when torch.distributed is
     initialised.
     """
+    model = unwrap_model(model)  # torch.compile / DDP / DataParallel: the user's own module paths
+    refuse_foreign_pruning(model, "measure")
     options = EntropyOptions(zero_as, aggregate, estimator, saturation)
     channel_dims = dict(channel_dims or {})
     device = torch.device(device) if device is not None else _model_device(model)

@@ -40,6 +40,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .._utils import as_args, first_tensor
 from ..entropy import EntropyStats
 from ..graph import Site, find_sites, trace
+from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from ..masks import remove_masks
 from ._fx import recompile, same_channel_dim
 from .passes.channels import remove_constant_channels
@@ -156,6 +157,8 @@ def fold(
     cost the planner more. Pass a batch of your serving batch size to plan for throughput.
     ``threads`` fixes the CPU threads of the timings.
     """
+    model = unwrap_model(model)  # torch.compile / DDP / DataParallel: fold the module they run
+    refuse_foreign_pruning(model, "fold")
     started = time.perf_counter()
     if not isinstance(stats, EntropyStats):
         raise TypeError(f"stats must be the EntropyStats of nepenthe.measure(model, data), got {type(stats).__name__}")

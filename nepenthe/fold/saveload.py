@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..errors import RecipeError
 from ..graph import trace
+from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from .recipe import (
     _READABLE_FORMATS,
     FORMAT,
@@ -46,6 +47,8 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
     allow-list, an attribute that is not a tensor, ...).
     """
     directory = Path(directory)
+    model = unwrap_model(model)
+    refuse_foreign_pruning(model, "save")
     report = getattr(model, "fold_report", None)
     if not isinstance(model, fx.GraphModule):  # e.g. fold() kept the original model (report.returned)
         source = _source(model, original if original is not None else model)

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from ..ops.constants import ACTIVATIONS
-
 from .sign_histogram import (
     ALIGNED_TILE_ARGS,
     GPU_NUM_WARPS,

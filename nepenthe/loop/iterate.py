@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..entropy import EntropyStats
 from ..errors import PruneError
+from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step, _Snapshot
@@ -145,6 +146,8 @@ def prune_(
     Extra keyword arguments go to :func:`nepenthe.measure` (e.g. ``input_fn``, ``device``).
     """
     config = config or PruneConfig()
+    model = unwrap_model(model)  # torch.compile / DDP / DataParallel: prune the module they run (in place)
+    refuse_foreign_pruning(model, "prune")
     pruner = Pruner(model, calib_data, config, measure_kwargs)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     records: list[IterationRecord] = []
