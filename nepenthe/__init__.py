@@ -17,7 +17,7 @@ from .errors import NepentheError
 from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save
 from .graph import TraceError
 from .latency import LatencyResult, compare_calls, compare_latency, latency
-from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, PruningMethod, prune, prune_
+from .loop import IterationRecord, PruneConfig, PruneError, PruneResult, PruningMethod, prune, prune_, prune_step
 from .ops import MaskedAdamW, MaskedSGD
 from .train import TrainConfig, evaluate, train
 
@@ -26,5 +26,5 @@ __all__ = [
     "MaskedSGD", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneConfig", "PruneError",
     "PruneResult", "PruningMethod", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__",
     "compare_calls", "compare_latency", "evaluate", "export_onnx", "fold", "latency", "load", "measure", "ops",
-    "prune", "prune_", "save", "train",
+    "prune", "prune_", "prune_step", "save", "train",
 ]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +192,22 @@ class EntropyStats:
         return cls(dict(state["histogram"]), sites, EntropyOptions(**state["options"]),
                    dict(state["batch_neuron_sum"]), dict(state["batch_layer_sum"]), int(state["batches"]))
 
+    def __reduce__(self):
+        # pickled as its state_dict (on the CPU), rebuilt by a function torch.load(weights_only=True) allows
+        return _rebuild_entropy_stats, (self.state_dict(),)
+
+    def __copy__(self) -> EntropyStats:  # copies keep their device (not the pickling path above)
+        return type(self)(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    def __deepcopy__(self, memo) -> EntropyStats:
+        return type(self)(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in dataclasses.fields(self)})
+
+    def __repr__(self) -> str:
+        neurons = sum(int(h.shape[0]) for h in self.histogram.values())
+        return (f"EntropyStats({len(self.histogram)} rectifier sites, {neurons} neurons, {self.batches} batches, "
+                f"zero-entropy sites {len(self.zero_entropy_layers)}, zero_as={self.options.zero_as!r}, "
+                f"aggregate={self.options.aggregate!r})")
+
     def summary(self) -> dict[str, dict]:
         """Per call site: neurons, entropy, always-ON/OFF counts (for reports)."""
         ent, off, on, sat = self.layer_entropy, self.always_off, self.always_on, self.always_saturated
@@ -200,3 +218,13 @@ class EntropyStats:
             for k, h in self.histogram.items()
         }
 
+
+
+def _rebuild_entropy_stats(state: dict) -> EntropyStats:
+    """Unpickling of :class:`EntropyStats` (``torch.save(stats)`` / ``torch.load``, also with
+    ``weights_only=True``: this function is on torch's allow-list, and its argument is plain tensors
+    and values)."""
+    return EntropyStats.from_state_dict(state)
+
+
+torch.serialization.add_safe_globals([_rebuild_entropy_stats])

@@ -39,7 +39,7 @@ A step cannot destroy the model:
 
 from ..errors import PruneError
 from .config import METHODS, SELECT_RULES, IterationRecord, PruneConfig, PruneResult
-from .iterate import prune, prune_, select_iteration
+from .iterate import prune, prune_, prune_step, select_iteration
 from .masked_training import (
     enforce_masks,
     keep_masks_after_steps,
@@ -52,5 +52,5 @@ from .pruner import Pruner, Step
 
 __all__ = ["EASIER", "EGP", "IMP", "METHODS", "SELECT_RULES", "IterationRecord", "Nepenthe", "PruneConfig",
            "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "enforce_masks", "get_method",
-           "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "prune", "prune_",
+           "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "prune", "prune_", "prune_step",
            "repair_masked_weights", "select_iteration"]

@@ -21,7 +21,7 @@ from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step, _Snapshot
 
-__all__ = ["prune", "prune_", "select_iteration"]
+__all__ = ["prune", "prune_", "prune_step", "select_iteration"]
 
 
 def _checkpoint_path(directory: Path, iteration: int) -> Path:
@@ -251,6 +251,23 @@ def prune_(
 # The in-place verb is prune_ (like torchao's quantize_); prune is the same function, kept for the
 # code written against it.
 prune = prune_
+
+
+def prune_step(model: nn.Module, calib_data: Iterable, *, config: PruneConfig | None = None, scale: float = 1.0,
+               **measure_kwargs) -> Step:
+    """One pruning step of ``config``'s method on ``model``, in place, without the loop: measure the
+    rectifiers on ``calib_data``, then mask ``scale * zeta`` of the remaining weights by the
+    entropy-weighted budget (NEPENTHE; IMP / EGP by their rules; EASIER replaces one activation).
+    Returns what it changed (``pruned`` weights per layer, ``linearized`` sites, ``capped`` layers).
+    No retraining, no evaluation, no back-off: train the model afterwards with the masks kept
+    (:func:`masks_enforced`, or the fused masked optimizers)."""
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    config = config or PruneConfig()
+    model = unwrap_model(model)
+    refuse_foreign_pruning(model, "prune_step")
+    pruner = Pruner(model, calib_data, config, measure_kwargs)
+    return pruner.prune_step(pruner.measure(), scale)
 
 
 def _finish(pruner: Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:

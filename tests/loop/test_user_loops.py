@@ -124,3 +124,18 @@ def test_an_evaluate_returning_a_fraction_is_read_as_one(data):
     assert explicit.iterations[0].accuracy == pytest.approx(as_percent.iterations[0].accuracy / 100)
     with pytest.raises(ValueError, match="metric_scale must be a positive number"):
         PruneConfig(metric_scale=0)
+
+
+def test_prune_step_is_one_step_without_the_loop(data):
+    from nepenthe import prune_step
+    from nepenthe.masks import get_masks
+
+    model = make_model()
+    step = prune_step(model, data["calib"], config=PruneConfig(zeta=0.5))
+    masks = get_masks(model)
+    assert step.pruned and sum(step.pruned.values()) == sum(int((~m).sum()) for m in masks.values()) > 0
+    assert all(bool((model.get_submodule(n).weight[~m] == 0).all()) for n, m in masks.items())
+    again = prune_step(model, data["calib"], config=PruneConfig(zeta=0.5), scale=0.5)  # masks only grow
+    assert all(bool((get_masks(model)[n] <= m).all()) for n, m in masks.items()) and sum(again.pruned.values()) > 0
+    with pytest.raises(ValueError, match="scale must be in"):
+        prune_step(model, data["calib"], scale=0)
