@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ._version import __version__
+from .errors import NepentheError
 
 __all__ = ["main"]
 
@@ -217,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     _experiment_parser(sub)
     args = parser.parse_args(argv)
     commands = {"run": _run, "bench": _bench, "experiment": _experiment}
+    # user-facing errors: one clear line, no traceback. Exit status 2: the command was given something
+    # it cannot use (bad values, a missing file or dataset: argparse's own usage errors are 2 too);
+    # 1: the run itself failed (a pruning, folding, I/O or backend error).
     try:
         return commands[args.command](args)
-    except (ValueError, RuntimeError, OSError) as exc:  # user-facing errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as exc:
         print(f"nepenthe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (NepentheError, RuntimeError, OSError) as exc:
+        print(f"nepenthe {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

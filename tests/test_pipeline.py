@@ -77,3 +77,17 @@ def test_run_on_an_image_dataset_with_augmentation(tmp_path, capsys):
     assert report["config"]["data_options"] == {"augment": True}
     assert report["fold"]["returned"] in ("folded", "folded_no_merges", "original") and "backoffs" in report
     assert "stop:" in capsys.readouterr().out
+
+
+def test_cli_exit_status_1_for_a_failed_run(monkeypatch, tmp_path, capsys):
+    """A run that fails (not a bad argument) exits 1 with one line, no traceback."""
+    from nepenthe import pipeline
+    from nepenthe.errors import FoldError
+
+    def failing(cfg):
+        raise FoldError("the fold went wrong here")
+
+    monkeypatch.setattr(pipeline, "run", failing)
+    assert cli.main(["run", "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == "nepenthe run: failed: the fold went wrong here\n"
