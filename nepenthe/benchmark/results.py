@@ -156,18 +156,19 @@ def write_results(result: Mapping, out: str | os.PathLike, plot: bool = True,
 def plot_speedups(result: Mapping, path: str | os.PathLike, say: Callable[[str], None] = print) -> bool:
     """Bars of the speed-up (unfolded / folded median) per batch size, one panel per scenario, one
     bar per mode. Returns False (and says so in one line) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure on an Agg canvas, without pyplot: the user's backend and open figures are left alone
+        import matplotlib  # noqa: F401  (first: its absence must not hide behind cached submodules)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         say("bench.png skipped: matplotlib is not installed (pip install 'nepenthe[plot]')")
         return False
     rows = [r for r in result["rows"] if not r.get("error")]
     names = list(dict.fromkeys(r["scenario"] for r in result["rows"]))
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.6 * max(1, len(names)), 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(names)), squeeze=False)
     width = 0.8 / max(1, len(modes))
     for ax, name in zip(axes[0], names):
         batches = sorted({r["batch"] for r in result["rows"] if r["scenario"] == name})
@@ -186,5 +187,4 @@ def plot_speedups(result: Mapping, path: str | os.PathLike, say: Callable[[str],
                  f"{env.get('date', '')[:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True

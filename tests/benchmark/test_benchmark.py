@@ -239,3 +239,10 @@ def test_cuda_devices_are_timed_with_cuda_events():
     model = torch.nn.Linear(2, 2)
     assert isinstance(_timer(model, (torch.zeros(1, 2),), 1, torch.device("cuda")), CudaEventTimer)
     assert not isinstance(_timer(model, (torch.zeros(1, 2),), 1, torch.device("cpu")), CudaEventTimer)
+
+
+def test_plot_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    result, paths = _suite(tmp_path, batches=(1,))
+    assert paths["png"].stat().st_size > 1000 and matplotlib.get_backend() == before
