@@ -4,11 +4,21 @@ A rectifier is recognised either as a module (``nn.ReLU()``, possibly inplace or
 call sites) or as a functional call in a torch.fx graph (``F.relu(x)``, ``torch.relu``,
 ``x.relu()``, ...). Both routes produce the same :class:`Rectifier` description, which the
 statistics layer uses for the SAT kink and the folding layer for the affine map of each region.
+
+Modules from other libraries are recognised by what they compute, not by class name: a module
+without children, parameters or buffers whose class is not from ``torch.nn`` (Hugging Face's
+``GELUActivation`` / ``NewGELUActivation`` / ``SiLUActivation``, timm's, a user's ``Swish``) is run
+once on a probe vector and matched against each rectifier (:func:`rectifier_of_module`); classes
+it cannot recognise that way are declared with :func:`register_rectifier`. Such modules stay whole
+(leaves) when a model is traced (:func:`nepenthe.graph.trace`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ADD_FUNCTIONS", "BATCHNORM_MODULES", "LINEAR_MODULES", "PASS_THROUGH_MODULES", "call_is_inplace",
-           "fused_kind", "Rectifier", "rectifier_of_call", "rectifier_of_module"]
+           "fused_kind", "Rectifier", "is_foreign_rectifier", "rectifier_of_call", "rectifier_of_module",
+           "register_rectifier"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,63 @@ class Rectifier:
         raise AssertionError(self.kind)
 
 
+_REGISTERED: dict[type, Callable[[nn.Module], Rectifier | None]] = {}
+_RECOGNISED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> Rectifier | None
+
+
+def register_rectifier(cls: type, rectifier: Rectifier | Callable[[nn.Module], Rectifier | None]) -> None:
+    """Declare that modules of class ``cls`` compute ``rectifier`` (a :class:`Rectifier`, or a function
+    of the module returning one, or None for "not a rectifier"), for activation classes that the
+    probe of :func:`rectifier_of_module` cannot recognise (parameters, a shape the probe does not fit)
+    or should not run. Subclasses are covered too."""
+    _REGISTERED[cls] = rectifier if callable(rectifier) and not isinstance(rectifier, Rectifier) else (
+        lambda module, r=rectifier: r)
+    _RECOGNISED.clear()
+
+
+# (Rectifier, reference function) in the order they are tried on the probe
+_CANDIDATES = (
+    (Rectifier("relu"), F.relu),
+    (Rectifier("relu6", upper=6.0), F.relu6),
+    (Rectifier("gelu", exact=False), F.gelu),
+    (Rectifier("gelu", exact=False, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
+    (Rectifier("silu", exact=False), F.silu),
+    (Rectifier("hardswish", exact=False), F.hardswish),
+)
+
+
+def _probe(module: nn.Module) -> Rectifier | None:
+    """The rectifier ``module`` computes, matched on a probe vector over [-8, 8] (``gelu`` and its
+    tanh form differ by up to 2e-4 there, so the 1e-5 tolerance tells them apart); None when it
+    matches none or does not run on a 1-d float tensor."""
+    x = torch.linspace(-8.0, 8.0, 2001)
+    try:
+        with torch.no_grad():
+            y = module(x.clone())  # a clone: an inplace activation must not change the probe
+    except Exception:  # noqa: BLE001 - not an elementwise activation of one tensor
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point():
+        return None
+    y = y.float()
+    for rect, fn in _CANDIDATES:
+        if torch.allclose(y, fn(x), rtol=1e-4, atol=1e-5):
+            return rect
+    slope = float(y[0] / x[0])  # leaky ReLU: identity above 0, one slope below
+    if 0.0 < slope < 1.0 and math.isfinite(slope) and torch.allclose(y, F.leaky_relu(x, slope), rtol=1e-4, atol=1e-6):
+        return Rectifier("leaky_relu", off_slope=slope)
+    return None
+
+
+def is_foreign_rectifier(module: nn.Module) -> bool:
+    """A rectifier module whose class is not one of ``torch.nn``'s (registered or recognised by
+    probing): tracing keeps it whole, as a leaf."""
+    return not type(module).__module__.startswith("torch.") and rectifier_of_module(module) is not None
+
+
 def rectifier_of_module(module: nn.Module) -> Rectifier | None:
-    """The Rectifier a module computes, or None when it is not one we measure."""
+    """The Rectifier a module computes, or None when it is not one we measure: ``torch.nn``'s
+    activation classes by type, registered classes (:func:`register_rectifier`), then any other
+    module without children, parameters or buffers by what it computes on a probe (see :func:`_probe`)."""
     # ReLU6 subclasses Hardtanh, so it must be checked by exact type before any Hardtanh rule.
     if isinstance(module, nn.ReLU6):
         return Rectifier("relu6", upper=6.0)
@@ -75,7 +141,23 @@ def rectifier_of_module(module: nn.Module) -> Rectifier | None:
         return Rectifier("silu", exact=False)
     if isinstance(module, nn.Hardswish):
         return Rectifier("hardswish", exact=False)
-    return None
+    for cls, describe in _REGISTERED.items():
+        if isinstance(module, cls):
+            return describe(module)
+    if type(module).__module__.startswith("torch."):  # torch's own modules: only the types above
+        return None
+    try:
+        return _RECOGNISED[module]
+    except KeyError:
+        pass
+    if torch.fx._symbolic_trace.is_fx_tracing():  # a probe now would be recorded into the graph
+        return None  # (nepenthe.graph.trace probes every module before it traces)
+    # only childless modules: a wrapper holding an nn.ReLU is traced into, and its child is the site
+    plain = (next(module.children(), None) is None and next(module.parameters(), None) is None
+             and next(module.buffers(), None) is None)
+    found = _probe(module) if plain else None
+    _RECOGNISED[module] = found
+    return found
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default):

@@ -24,6 +24,7 @@ from .activations import (
     LINEAR_MODULES,
     PASS_THROUGH_MODULES,
     Rectifier,
+    is_foreign_rectifier,
     rectifier_of_call,
     rectifier_of_module,
 )
@@ -33,12 +34,25 @@ __all__ = ["call_site_name", "cut_layers", "default_channel_dim", "find_sites", 
            "input_reaches_output", "last_linear_ops", "main_operand", "producer_of", "Site", "trace"]
 
 
+class _Tracer(fx.Tracer):
+    """``fx.symbolic_trace``'s tracer, keeping rectifier modules of other libraries whole (leaves),
+    so that a Hugging Face ``GELUActivation`` or a user's ``Swish`` is one call site, as ``nn.GELU``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or is_foreign_rectifier(m)
+
+
 def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:
     """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`."""
     if isinstance(model, fx.GraphModule):
         return model
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        rectifier_of_module(module)  # probe other libraries' activations now, not while tracing
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+        return fx.GraphModule(tracer.root, graph, name)
     except Exception as exc:  # fx raises many kinds of errors; all mean the same to the user
         raise TraceError(
             f"{purpose} needs a torch.fx-traceable model, but tracing {type(model).__name__} failed: "
