@@ -118,6 +118,12 @@ def _probe(module: nn.Module) -> Rectifier | None:
     return None
 
 
+def _fx_tracing() -> bool:
+    trace_state = torch.fx._symbolic_trace
+    check = getattr(trace_state, "is_fx_symbolic_tracing", None) or trace_state.is_fx_tracing
+    return bool(check())
+
+
 def is_foreign_rectifier(module: nn.Module) -> bool:
     """A rectifier module whose class is not one of ``torch.nn``'s (registered or recognised by
     probing): tracing keeps it whole, as a leaf."""
@@ -150,7 +156,7 @@ def rectifier_of_module(module: nn.Module) -> Rectifier | None:
         return _RECOGNISED[module]
     except KeyError:
         pass
-    if torch.fx._symbolic_trace.is_fx_tracing():  # a probe now would be recorded into the graph
+    if _fx_tracing():  # a probe now would be recorded into the graph
         return None  # (nepenthe.graph.trace probes every module before it traces)
     # only childless modules: a wrapper holding an nn.ReLU is traced into, and its child is the site
     plain = (next(module.children(), None) is None and next(module.parameters(), None) is None

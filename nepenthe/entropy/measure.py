@@ -196,6 +196,8 @@ def measure(
         raise MeasureError(_rectifier_hint(model, trace_error))
     for k in missing:  # a call site the data never reached (e.g. a branch not taken)
         del accs[k]
+    if hooks is not None:  # module paths and, seen while running, the Conv/Linear feeding each site
+        infos = {**hooks.site_infos(), **infos}
     stats = _stats_from(accs, infos, options, batches)
     if distributed is True or (distributed == "auto"):
         stats.all_reduce_()

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import ops
-from ..activations import Rectifier, call_is_inplace, fused_kind, rectifier_of_module
+from ..activations import LINEAR_MODULES, Rectifier, call_is_inplace, fused_kind, rectifier_of_module
 from ..errors import MeasureError, NonFiniteActivationError
 from ..graph import Site, call_site_name, default_channel_dim, find_sites, trace
 from ..structure import StructureKey, structure_key
@@ -293,6 +293,16 @@ class _HookProbes:
         self.handles = []
         self.batch_index = 0
         self.overridden: list[nn.Module] = []
+        self.hooked = 0  # rectifier modules with a pre-hook
+        # Which Conv/Linear feeds each call site, without a graph: during the first forward every
+        # Conv/Linear output is remembered by identity, and a rectifier whose input is that very
+        # tensor names it as producer (site_infos). Only the first forward: the outputs are kept alive.
+        self.producers: dict[str, str] = {}
+        self.paths: dict[str, str] = {}
+        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self._output_handles = [m.register_forward_hook(self._remember_output(p))
+                                for p, m in model.named_modules() if isinstance(m, LINEAR_MODULES)]
+        self._forwards = 0
         # one probe per module object, named by its first path as fx names it; remove_duplicate=False
         # would probe a module shared under several names once per alias and count every call repeatedly
         for path, module in model.named_modules():
@@ -305,20 +315,47 @@ class _HookProbes:
                 self.overridden.append(module)
             else:  # a subclass with its own forward: count its input, let it run unchanged
                 self.handles.append(module.register_forward_pre_hook(self._hook(path, rect)))
+                self.hooked += 1
         self.handles.append(model.register_forward_pre_hook(self._reset))
 
     @property
     def found_any(self) -> bool:
-        return bool(self.overridden) or len(self.handles) > 1
+        return bool(self.overridden) or self.hooked > 0
 
     def _reset(self, module, args):
         self.calls.clear()
+        self._forwards += 1
+        if self._forwards == 2:  # producers are known from the first forward
+            self._stop_remembering()
 
-    def _acc_for_call(self, path: str, rect: Rectifier) -> _Accumulator:
+    def _remember_output(self, path: str):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                self._outputs[id(out)] = (path, out)
+        return hook
+
+    def _stop_remembering(self) -> None:
+        for h in self._output_handles:
+            h.remove()
+        self._output_handles.clear()
+        self._outputs.clear()
+
+    def site_infos(self) -> dict[str, SiteInfo]:
+        """Module path and, where the first forward showed it, the producing Conv/Linear of each call
+        site (the rectifier and channel dim come from the accumulators)."""
+        return {name: SiteInfo(Rectifier("relu"), None, self.producers.get(name), path)
+                for name, path in self.paths.items()}
+
+    def _acc_for_call(self, path: str, rect: Rectifier, x: torch.Tensor | None = None) -> _Accumulator:
         """The accumulator of this call of the module at ``path`` (``path``, ``path#1``, ...)."""
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
         name = call_site_name(path, index)
+        if name not in self.paths:
+            self.paths[name] = path
+            hit = self._outputs.get(id(x)) if x is not None else None
+            if hit is not None and hit[1] is x:
+                self.producers[name] = hit[0]
         acc = self.accs.get(name)
         if acc is None:
             info = self.infos.get(name)
@@ -330,7 +367,7 @@ class _HookProbes:
     def _hook(self, path: str, rect: Rectifier):
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
-                self._acc_for_call(path, rect).update(args[0].detach())
+                self._acc_for_call(path, rect, args[0]).update(args[0].detach())
         return hook
 
     def _fused_forward(self, module: nn.Module, path: str, rect: Rectifier, kind: str):
@@ -338,7 +375,7 @@ class _HookProbes:
         stock_forward = type(module).forward
 
         def forward(x):
-            acc = self._acc_for_call(path, rect)
+            acc = self._acc_for_call(path, rect, x)
             if inplace and x.requires_grad and torch.is_grad_enabled():
                 # an inplace activation inside autograd stays PyTorch's own op (counted separately)
                 acc.update(x.detach())
@@ -347,6 +384,7 @@ class _HookProbes:
         return forward
 
     def remove(self) -> None:
+        self._stop_remembering()
         for h in self.handles:
             h.remove()
         self.handles.clear()

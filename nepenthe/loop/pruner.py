@@ -54,7 +54,10 @@ class Pruner:
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
         self.method = config.strategy
         self.graph = self._trace()
-        self.site_layers: dict[str, str] = self._site_layers() if self.graph is not None else {}
+        if self.graph is not None:
+            self.site_layers: dict[str, str] = self._site_layers()
+        else:
+            self.site_layers = self._site_layers_by_running() if self.method.needs_graph else {}
         self.layers = self.method.layers(self)
         if not self.layers and self.method.scalable:
             raise PruneError(
@@ -65,12 +68,27 @@ class Pruner:
         try:
             return trace(self.model, "finding the layers that feed each rectifier")
         except TraceError as exc:
-            if self.method.needs_graph:
-                raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
-            # e.g. IMP prunes every Conv/Linear without knowing the graph; only the cut check is lost
+            # IMP prunes every Conv/Linear without knowing the graph; the entropy methods find the
+            # layer feeding each rectifier by running the model (_site_layers_by_running). Either
+            # way only the cut check is lost.
             warnings.warn(f"{exc} {self.method.name.upper()} runs without the cut check: a layer may be emptied even "
                           "when that disconnects the network (use layer_caps to cap it).", stacklevel=3)
             return None
+
+    def _site_layers_by_running(self) -> dict[str, str]:
+        """Call site -> the Conv/Linear feeding it, for a model fx cannot trace: one measured batch,
+        where each rectifier whose input is a Conv/Linear's output tensor itself names it (a
+        rectifier after another op, e.g. a gated MLP's product, has no producer and is not pruned)."""
+        stats = measure(self.model, self.calib, **{**self.measure_kwargs, "max_batches": 1})
+        modules = dict(self.model.named_modules())
+        found = {name: info.producer for name, info in stats.sites.items() if info.producer is not None}
+        if not found:
+            raise PruneError(f"{type(self.model).__name__} cannot be traced, and running it showed no rectifier fed "
+                             "directly by a Conv/Linear, so there is no layer to prune by entropy; method='imp' "
+                             "prunes without that link.")
+        return {site: layer for site, layer in found.items()
+                if not self.protected(layer)
+                and (self.config.filter_fn is None or self.config.filter_fn(modules[layer], layer))}
 
     def protected(self, name: str) -> bool:
         """Whether ``protect`` names module ``name``."""

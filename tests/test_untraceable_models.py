@@ -1,0 +1,88 @@
+"""Models torch.fx cannot trace (data-dependent Python control flow, Hugging Face transformers):
+measure finds each rectifier and, by running the model, the Conv/Linear that feeds it, so the
+entropy methods prune them too (without the cut check)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nepenthe
+from nepenthe.masks import get_masks
+
+
+class Branchy(nn.Module):
+    """Linear -> GELU-like module -> Linear, with Python control flow on a tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)
+        self.fc3, self.act2 = nn.Linear(6, 16), nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # fx cannot trace a branch on a tensor's value
+            h = self.act(self.fc1(x))
+        else:
+            h = x
+        return self.fc2(h) + self.fc2(self.act2(self.fc3(x) * 2))  # act2's input is no layer's output
+
+
+def test_untraceable_model_is_measured_with_producers_and_pruned():
+    torch.manual_seed(0)
+    model = Branchy()
+    data = [torch.randn(32, 6) for _ in range(2)]
+    with pytest.warns(UserWarning, match="hooks|forward hooks|trace"):
+        stats = nepenthe.measure(model, data)
+    assert {k: (s.producer, s.module_path) for k, s in stats.sites.items()} == {
+        "act": ("fc1", "act"), "act2": (None, "act2")}
+    with pytest.warns(UserWarning, match="without the cut check"):
+        step = nepenthe.prune_step(model, data, config=nepenthe.PruneConfig(zeta=0.5))
+    assert set(get_masks(model)) == {"fc1"} and step.pruned["fc1"] > 0
+
+
+def _transformers():
+    try:
+        importlib.import_module("torchvision")
+    except Exception:  # noqa: BLE001 - a torchvision whose C ops do not load breaks transformers' imports
+        sys.modules["torchvision"] = None
+    return pytest.importorskip("transformers")
+
+
+def _hf_models():
+    tf = _transformers()
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    text = lambda: torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    return {
+        "bert": (lambda: tf.BertModel(tf.BertConfig(vocab_size=100, max_position_embeddings=64, **small)),
+                 text, "gelu"),
+        "roberta": (lambda: tf.RobertaModel(tf.RobertaConfig(vocab_size=100, max_position_embeddings=64, **small)),
+                    text, "gelu"),
+        "vit": (lambda: tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)),
+                lambda: torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "gelu"),
+        "llama": (lambda: tf.LlamaModel(tf.LlamaConfig(vocab_size=100, max_position_embeddings=64,
+                                                        num_key_value_heads=2, **small)), text, "silu"),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "vit", "llama"])
+def test_hugging_face_models_measure_and_prune(name):
+    build, batch, kind = _hf_models()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    data = [batch(), batch()]
+    stats = nepenthe.measure(model, data)
+    assert len(stats.histogram) == 2 and {s.rectifier.kind for s in stats.sites.values()} == {kind}
+    producers = {s.producer for s in stats.sites.values()}
+    if name == "llama":  # act(gate(x)) * up(x): the gate projection feeds the SiLU
+        assert all(p and p.endswith("gate_proj") for p in producers)
+    else:
+        assert all(p and p.endswith(("intermediate.dense", "mlp.fc1")) for p in producers), producers
+    step = nepenthe.prune_step(model, data, config=nepenthe.PruneConfig(zeta=0.5))
+    assert set(get_masks(model)) == producers and sum(step.pruned.values()) > 0
+    with torch.no_grad():
+        out = model(data[0])
+    assert torch.isfinite(out.last_hidden_state).all()
