@@ -86,3 +86,61 @@ def test_hugging_face_models_measure_and_prune(name):
     with torch.no_grad():
         out = model(data[0])
     assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_untraceable_model_folds_its_mlp_blocks_by_modules():
+    torch.manual_seed(0)
+    model = Branchy()
+    with torch.no_grad():
+        model.fc1.bias.fill_(50.0)  # fc1's GELU: every neuron ON on the data
+        model.fc3.bias.fill_(50.0)
+    data = [torch.randn(32, 6) for _ in range(2)]
+    stats = nepenthe.measure(model, data)
+    folded = nepenthe.fold(model, stats, data[0], approximate=True)
+    report = folded.fold_report
+    skipped = {s["node"]: s["reason"] for s in report.skipped}
+    assert "no torch.fx graph" in skipped["(model)"] and "not a Linear's output" in skipped["act2"]
+    # fc2 also serves the second branch: the block is not merged (a shared module), and says why
+    assert report.merges == [] and "runs more than once" in skipped["act"] and report.returned == "original"
+
+    class Single(nn.Module):  # the same block with fc2 used once
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x))) if x.sum() > -1e9 else x[:, :3]
+
+    model = Single()
+    with torch.no_grad():
+        model.fc1.bias.fill_(50.0)  # fc1's GELU: every neuron ON on the data
+    folded = nepenthe.fold(model, nepenthe.measure(model, data), data[0], approximate=True)
+    report = folded.fold_report
+    assert report.merges == ["fc1 + fc2"] and report.removed == ["act"] and report.returned == "folded"
+    assert isinstance(folded.act, nn.Identity) and folded.fc1.out_features == 3
+    torch.testing.assert_close(folded(data[1]), model(data[1]), rtol=1e-4, atol=1e-4)
+    assert report.approximation_error["act"]["max_rel_error"] < 1e-6
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_hugging_face_mlp_blocks_fold_or_say_why(name):
+    build, batch, kind = _hf_models()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    layer0 = model.encoder.layer[0].intermediate.dense if name == "bert" else model.layers[0].mlp.gate_proj
+    with torch.no_grad():
+        layer0.bias.fill_(30.0) if layer0.bias is not None else layer0.weight.mul_(0)
+    data = [batch(), batch()]
+    stats = nepenthe.measure(model, data)
+    folded = nepenthe.fold(model, stats, data[0], approximate=True)
+    report = folded.fold_report
+    skipped = {s["node"]: s["reason"] for s in report.skipped}
+    if name == "bert":  # Linear -> GELU -> Linear: one Linear, exact up to GELU on the data
+        assert report.merges == ["encoder.layer.0.intermediate.dense + encoder.layer.0.output.dense"]
+        assert report.max_rel_error < 1e-5 and report.params_after < report.params_before
+        with torch.no_grad():
+            torch.testing.assert_close(folded(data[1]).last_hidden_state, model(data[1]).last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+    else:  # down(act(gate(x)) * up(x)): the product cannot fold into one Linear, and the report says so
+        assert report.merges == [] and report.returned == "original"
+        assert "does not feed exactly one Linear" in skipped["layers.0.mlp.act_fn"]

@@ -299,8 +299,8 @@ class _HookProbes:
         # tensor names it as producer (site_infos). Only the first forward: the outputs are kept alive.
         self.producers: dict[str, str] = {}
         self.paths: dict[str, str] = {}
-        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
-        self._output_handles = [m.register_forward_hook(self._remember_output(p))
+        self._outputs: dict[int, tuple[str, torch.Tensor, int]] = {}  # id -> (path, output, its neuron dim)
+        self._output_handles = [m.register_forward_hook(self._remember_output(p, -1 if isinstance(m, nn.Linear) else 1))
                                 for p, m in model.named_modules() if isinstance(m, LINEAR_MODULES)]
         self._forwards = 0
         # one probe per module object, named by its first path as fx names it; remove_duplicate=False
@@ -328,10 +328,10 @@ class _HookProbes:
         if self._forwards == 2:  # producers are known from the first forward
             self._stop_remembering()
 
-    def _remember_output(self, path: str):
+    def _remember_output(self, path: str, neuron_dim: int):
         def hook(module, args, out):
             if isinstance(out, torch.Tensor):
-                self._outputs[id(out)] = (path, out)
+                self._outputs[id(out)] = (path, out, neuron_dim)
         return hook
 
     def _stop_remembering(self) -> None:
@@ -351,15 +351,18 @@ class _HookProbes:
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
         name = call_site_name(path, index)
+        producer_dim = None
         if name not in self.paths:
             self.paths[name] = path
             hit = self._outputs.get(id(x)) if x is not None else None
             if hit is not None and hit[1] is x:
-                self.producers[name] = hit[0]
+                self.producers[name], producer_dim = hit[0], hit[2]
         acc = self.accs.get(name)
         if acc is None:
             info = self.infos.get(name)
             dim = self.channel_dims.get(name, info.channel_dim if info else None)
+            if dim is None:  # fed by a Linear: its output features (the last dim of [B, T, C] tokens)
+                dim = producer_dim
             acc = self.accs[name] = _Accumulator(name, rect, dim, self.options)
         acc.batch_index = self.batch_index
         return acc

@@ -39,10 +39,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .._utils import as_args, first_tensor
 from ..entropy import EntropyStats
-from ..graph import Site, find_sites, trace
+from ..graph import Site, TraceError, find_sites, trace
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from ..masks import remove_masks
 from ._fx import recompile, same_channel_dim
+from .blocks import fold_blocks
 from .passes.channels import remove_constant_channels
 from .passes.cleanup import fuse_batchnorm, remove_noops
 from .passes.constants import absorb_constant_addends, collapse_constant_additions, delete_empty_ops
@@ -171,11 +172,16 @@ def fold(
         timing_args = tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in timing_args)
     was_training = model.training
     model.eval()
+    untraceable = None
     try:
         reference = _first_tensor(model(*args)) if verify else None  # what _verify compares with
         gm = trace(copy.deepcopy(model), "folding")
+    except TraceError as exc:
+        untraceable = exc
     finally:
         model.train(was_training)
+    if untraceable is not None:  # no graph: the MLP blocks that hooks show, folded module by module
+        return fold_blocks(model, stats, example_input, approximate=approximate, reason=str(untraceable))
     gm.eval()
     remove_masks(gm)
     sites = find_sites(gm)  # once: BN fusion below keeps the activation nodes and producer names
