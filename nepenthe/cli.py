@@ -7,12 +7,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 
 from ._version import __version__
 from .errors import NepentheError
 
 __all__ = ["main"]
+
+
+def _json_flag(parser, what: str) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"print {what} as one JSON object on stdout (everything else goes to stderr)")
+
+
+def _quiet_stdout(args):
+    """With --json, what the command prints for people goes to stderr: stdout holds the JSON only."""
+    return contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
+
+
+_HEADLINE = ("dense_accuracy", "pruned_accuracy", "folded_accuracy", "rectifier_layers_total",
+             "rectifier_layers_removed", "latency_ms_before", "latency_ms_after", "latency_speedup",
+             "selected_iteration", "stop_reason", "sparsity")
 
 
 def _run_parser(sub) -> None:
@@ -25,6 +42,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--dataset", default="digits", choices=available_datasets())
     p.add_argument("--model", default="mlp", choices=available_models())
     p.add_argument("--out", default="runs/digits-mlp", help="output folder (report.json, entropy.png, folded/)")
+    _json_flag(p, "the report's headline numbers")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (default: where installed)")
     p.add_argument("--data-limit", type=int, default=None, help="keep only this many samples per split")
     p.add_argument("--augment", action="store_true",
@@ -81,8 +99,14 @@ def _run(args) -> int:
         approximate=args.approximate, planner=args.planner, deploy_batch=args.deploy_batch,
         latency_batch=args.latency_batch, threads=args.threads,
         progress=False if args.no_progress else None)
-    run(cfg)
-    print(f"\nwrote {cfg.out}/report.json, {cfg.out}/entropy.png and {cfg.out}/folded/")
+    with _quiet_stdout(args):
+        run(cfg)
+        print(f"\nwrote {cfg.out}/report.json, {cfg.out}/entropy.png and {cfg.out}/folded/")
+    if args.json:
+        from pathlib import Path
+
+        report = json.loads((Path(cfg.out) / "report.json").read_text())
+        print(json.dumps({"out": str(cfg.out), **{k: report.get(k) for k in _HEADLINE}}))
     return 0
 
 
@@ -119,6 +143,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--fold-batch", type=int, default=None,
                    help="fold once per scenario on a batch of this size (default: fold at each batch size)")
     p.add_argument("--out", default="bench-out", help="output folder (bench.json, bench.csv, bench.png)")
+    _json_flag(p, "each row's timings and the targets")
 
 
 def _bench(args) -> int:
@@ -139,8 +164,15 @@ def _bench(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.fold_batch is not None and args.fold_batch < 1:
         raise ValueError(f"--fold-batch must be >= 1, got {args.fold_batch}")
-    main_bench(args.scenarios, args.batches, args.modes, args.device, args.threads, args.repeats, args.warmup,
-               args.out, planner=args.planner, fold_batch=args.fold_batch)
+    with _quiet_stdout(args):
+        result = main_bench(args.scenarios, args.batches, args.modes, args.device, args.threads, args.repeats,
+                            args.warmup, args.out, planner=args.planner, fold_batch=args.fold_batch)
+    if args.json:
+        from .benchmark import check_targets
+
+        keys = ("scenario", "batch", "mode", "before_ms", "after_ms", "speedup", "flops_ratio", "returned", "error")
+        print(json.dumps({"out": str(args.out), "rows": [{k: r.get(k) for k in keys} for r in result["rows"]],
+                          "targets": check_targets(result)}, default=str))
     return 0
 
 
@@ -151,6 +183,7 @@ def _experiment_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="a .toml file, or the name of a shipped configuration (see --list)")
     p.add_argument("--list", action="store_true", help="list the shipped configurations and exit")
     p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+    _json_flag(p, "what results.json holds")
     p.add_argument("--epochs-scale", type=float, default=None,
                    help="multiply every training duration (dense and retraining epochs, milestones) by this")
     p.add_argument("--seeds", type=_csv_list("seed", int), default=None, help="comma-separated; overrides the config")
@@ -193,11 +226,14 @@ def _experiment(args) -> int:
     if cfg.to_dict() != raw:  # validate the overridden values as a config file would be
         cfg = from_dict(_toml_shaped(cfg))
     out = args.out or f"runs/{cfg.name}"
-    results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
-    from .experiment.results import markdown_table
+    with _quiet_stdout(args):
+        results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
+        from .experiment.results import markdown_table
 
-    print("\n" + markdown_table(results))
-    print(f"\nwrote {out}/results.md, results.csv, results.json, accuracy_vs_removed.png, entropy.png")
+        print("\n" + markdown_table(results))
+        print(f"\nwrote {out}/results.md, results.csv, results.json, accuracy_vs_removed.png, entropy.png")
+    if args.json:
+        print(json.dumps(results, default=str))
     return 0
 
 

@@ -246,3 +246,13 @@ def test_plot_leaves_the_users_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     result, paths = _suite(tmp_path, batches=(1,))
     assert paths["png"].stat().st_size > 1000 and matplotlib.get_backend() == before
+
+
+def test_cli_json_output_is_the_only_stdout(tmp_path, capsys):
+    rc = main(["bench", "--scenarios", "mlp_block", "--batches", "1", "--modes", "eager", "--repeats", "2",
+               "--warmup", "0", "--threads", "1", "--planner", "all", "--out", str(tmp_path / "b"), "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)  # stdout is one JSON object, the table went to stderr
+    assert payload["rows"][0]["scenario"] == "mlp_block" and payload["rows"][0]["speedup"] > 0
+    assert payload["targets"] and "mlp_block" in captured.err
