@@ -1,4 +1,4 @@
-"""The entropy-weighted pruning budget of NEPENTHE (SPEC §2), and the magnitude masks it implies.
+"""The entropy-weighted pruning budget of NEPENTHE (docs/method.md §2), and the magnitude masks it implies.
 
 ``weights_to_prune`` decides *how many* weights each prunable layer loses this round;
 ``magnitude_masks`` decides *which* (the smallest remaining magnitudes, per layer). Both work on
@@ -60,7 +60,7 @@ def weights_to_prune(
     temperature: float = 1.0,
     limits: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Number of weights to prune in each layer this round (SPEC §2).
+    """Number of weights to prune in each layer this round (docs/method.md §2).
 
     ``entropy[l]`` is H_l of the rectifier layer fed by l, ``remaining[l]`` its unmasked weight
     count, ``irrelevances[l]`` = H_l · mean|w| (see :func:`irrelevance`). Layers with H = 0 or no

@@ -1,4 +1,4 @@
-"""Layer 5: latency of a model on one input, and of two models compared fairly (SPEC §5).
+"""Layer 5: latency of a model on one input, and of two models compared fairly (docs/method.md §5).
 
 Built on ``torch.utils.benchmark.Timer`` on CPU, which fixes the thread count for the
 measurement; on CUDA devices each timed block is bracketed by CUDA events on the current stream

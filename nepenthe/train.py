@@ -18,7 +18,7 @@ __all__ = ["evaluate", "make_optimizer", "make_scheduler", "train", "TrainConfig
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe. Defaults are short CPU-friendly runs; SPEC §3 lists the paper's."""
+    """Optimisation recipe. Defaults are short CPU-friendly runs; docs/method.md §3 lists the paper's."""
 
     epochs: float = 10  # may be fractional: 0.5 = half the batches of one epoch
     lr: float = 0.05

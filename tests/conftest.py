@@ -30,18 +30,27 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def torchvision_models():
-    """``torchvision.models``, or skip when torchvision is not installed.
+    """``torchvision.models``, or skip when torchvision is not installed (see import_torchvision_models)."""
+    models = import_torchvision_models()
+    if models is None:
+        pytest.skip("torchvision is not installed")
+    return models
+
+
+def import_torchvision_models():
+    """``torchvision.models``, or None when torchvision is not installed.
 
     PyPI's torchvision wheel ships C++ ops (nms, roi_align, ...) built against the CUDA build of
     torch; on the CPU build (CI) registering their fake kernels fails during ``import torchvision``.
     Its model definitions are pure Python and use none of those ops, so the import is retried with
     those registrations skipped: the models under test are then torchvision's own, unmodified.
+    (Hugging Face transformers imports torchvision too: tests of it call this first.)
     """
     try:
         import torchvision.models as models
         return models
     except ModuleNotFoundError:
-        pytest.skip("torchvision is not installed")
+        return None
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
             raise

@@ -4,9 +4,6 @@ entropy methods prune them too (without the cut check)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
@@ -45,10 +42,9 @@ def test_untraceable_model_is_measured_with_producers_and_pruned():
 
 
 def _transformers():
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # noqa: BLE001 - a torchvision whose C ops do not load breaks transformers' imports
-        sys.modules["torchvision"] = None
+    from tests.conftest import import_torchvision_models
+
+    import_torchvision_models()  # transformers imports torchvision: the CPU-build workaround first
     return pytest.importorskip("transformers")
 
 

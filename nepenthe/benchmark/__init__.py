@@ -1,4 +1,4 @@
-"""Latency benchmark suite: the paper's models before and after folding (SPEC §5, issue 4).
+"""Latency benchmark suite: the paper's models before and after folding (docs/method.md §5, issue 4).
 
 Each :class:`Scenario` builds, without training and deterministically (seeded), a model in the
 state pruning would leave it in: chosen rectifier call sites declared linear by forced statistics

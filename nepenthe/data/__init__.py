@@ -75,7 +75,7 @@ _DATASETS: dict[str, _Entry] = {
 
 def unaugmented(dataset: Dataset) -> Dataset:
     """``dataset`` without training-time augmentation (itself when it has none): calibration data
-    Ξ is measured as it is (SPEC §1), while the training loader may augment."""
+    Ξ is measured as it is (docs/method.md §1), while the training loader may augment."""
     return dataset.unaugmented() if isinstance(dataset, ImageTensorDataset) and dataset.augment else dataset
 
 

@@ -100,7 +100,7 @@ def measure(
     distributed: bool | str = "auto",
     progress: bool = False,
 ) -> EntropyStats:
-    """Sign histograms and entropies of every rectifier of ``model`` over ``data`` (SPEC §1).
+    """Sign histograms and entropies of every rectifier of ``model`` over ``data`` (docs/method.md §1).
 
     ``data`` yields batches: a tensor, a tuple/list whose first element is the input (labels are
     ignored), a dict passed as keyword arguments, or anything ``input_fn(batch)`` turns into the

@@ -1,5 +1,5 @@
 """The statistics type: per-call-site sign histograms and everything derived from them
-(:class:`EntropyStats`), the options of SPEC §1 (:class:`EntropyOptions`) and the errors of measuring."""
+(:class:`EntropyStats`), the options of docs/method.md §1 (:class:`EntropyOptions`) and the errors of measuring."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ESTIMATORS = ("pooled", "batch_mean")
 
 @dataclass
 class EntropyOptions:
-    """How histograms become entropies (SPEC §1). Defaults are the project's decisions."""
+    """How histograms become entropies (docs/method.md §1). Defaults are the project's decisions."""
 
     zero_as: str = "exclude"
     aggregate: str = "mean"
@@ -119,7 +119,7 @@ class EntropyStats:
 
     @property
     def zero_entropy_layers(self) -> list[str]:
-        """Call sites whose layer entropy is exactly 0 (SPEC: linearizable layers)."""
+        """Call sites whose layer entropy is exactly 0 (linearizable layers, docs/method.md §1)."""
         return [k for k, v in self.layer_entropy.items() if v == 0.0]
 
     @property

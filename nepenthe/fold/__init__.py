@@ -1,4 +1,4 @@
-"""Layer 4: folding zero-entropy rectifiers away (SPEC §4), and saving / loading the result."""
+"""Layer 4: folding zero-entropy rectifiers away (docs/method.md §4), and saving / loading the result."""
 
 from ..errors import RecipeError
 from .core import fold

@@ -1,4 +1,4 @@
-"""Exact algebra on linear modules: the building blocks of folding (SPEC §4).
+"""Exact algebra on linear modules: the building blocks of folding (docs/method.md §4).
 
 Every function returns new modules (or edits one in place, as its name says) and computes in
 float64 before casting back, so that a chain of merges adds no more rounding than one matmul.

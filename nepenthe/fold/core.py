@@ -1,6 +1,6 @@
 """``fold``: turn a pruned model with zero-entropy rectifiers into a shallower, equivalent one.
 
-Passes over a torch.fx graph of a copy of the model (SPEC §4):
+Passes over a torch.fx graph of a copy of the model (docs/method.md §4):
 
 1. BatchNorm (eval) is fused into the Conv/Linear before it (``torch.nn.utils.fusion``).
 2. Each linearizable rectifier becomes the per-channel affine map it computes on the data
@@ -117,7 +117,7 @@ def fold(
     verify: bool = True,
     tolerance: float = 1e-5,
 ) -> nn.Module:
-    """A shallower copy of ``model`` with its zero-entropy rectifiers folded away (SPEC §4).
+    """A shallower copy of ``model`` with its zero-entropy rectifiers folded away (docs/method.md §4).
 
     ``stats`` are the statistics of ``model`` on its calibration data (``nepenthe.measure``).
     ``example_input`` (a tensor or a tuple of positional inputs) is used to check the result:

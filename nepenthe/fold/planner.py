@@ -1,4 +1,4 @@
-"""The fold planner: which exact merges to make (SPEC §4.5), in bounded time and reproducibly.
+"""The fold planner: which exact merges to make (docs/method.md §4.5), in bounded time and reproducibly.
 
 Merging is exact but not always faster: two 3×3 convs become one 5×5 (more FLOPs), a depthwise conv
 merged with a pointwise one becomes a dense conv. Dropping activations, fusing BatchNorm, deleting

@@ -1,4 +1,4 @@
-"""The iterative NEPENTHE loop (SPEC §3) and its baselines, with back-off, checkpoints and resume.
+"""The iterative NEPENTHE loop (docs/method.md §3) and its baselines, with back-off, checkpoints and resume.
 
 ::
 

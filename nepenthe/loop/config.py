@@ -85,7 +85,7 @@ class PruneConfig:
         return self.strategy.name
 
     def entropy_options(self) -> dict:
-        """The method's measure options (SPEC §3 baselines), with the config's overrides."""
+        """The method's measure options (docs/method.md §3 baselines), with the config's overrides."""
         opts = dict(self.strategy.entropy)
         for key in opts:
             if getattr(self, key) is not None:

@@ -1,4 +1,4 @@
-"""``prune``: the iterative loop (SPEC §3) with back-off, checkpoints and resume, and the rule that
+"""``prune``: the iterative loop (docs/method.md §3) with back-off, checkpoints and resume, and the rule that
 selects the iteration it returns."""
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def prune_(
     callbacks: Sequence[Callable[[IterationRecord, nn.Module], object]] = (),
     **measure_kwargs,
 ) -> PruneResult:
-    """Run the iterative loop of SPEC §3 on ``model`` **in place** and return what happened.
+    """Run the iterative loop of docs/method.md §3 on ``model`` **in place** and return what happened.
 
     Each iteration measures the rectifiers on ``calib_data``, prunes by the method's rule,
     calls ``retrain(model, iteration)`` and ``evaluate(model)`` (accuracy in percent, or a fraction:

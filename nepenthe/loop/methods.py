@@ -34,7 +34,7 @@ __all__ = ["EASIER", "EGP", "IMP", "METHODS", "Nepenthe", "PruningMethod", "get_
 class PruningMethod:
     """One pruning rule. Subclasses set ``name`` and implement :meth:`step`.
 
-    * ``entropy`` — the :func:`nepenthe.measure` options the method's statistics use (SPEC §1);
+    * ``entropy`` — the :func:`nepenthe.measure` options the method's statistics use (docs/method.md §1);
     * ``needs_graph`` — False when the method can run on a model torch.fx cannot trace (the loop
       then has no cut check);
     * ``scalable`` — False when a step cannot be made smaller (back-off then tries the step's
@@ -48,7 +48,7 @@ class PruningMethod:
 
     def layers(self, pruner: Pruner) -> dict[str, nn.Module]:
         """The prunable Conv/Linear layers by qualified name: by default those that feed a rectifier
-        (SPEC §2's set L), minus protected / filtered ones."""
+        (docs/method.md §2's set L), minus protected / filtered ones."""
         modules = dict(pruner.model.named_modules())
         return {p: modules[p] for p in dict.fromkeys(pruner.site_layers.values())}
 
@@ -61,7 +61,7 @@ class PruningMethod:
 
 
 class Nepenthe(PruningMethod):
-    """The entropy-weighted budget of SPEC §2: low-entropy, low-magnitude layers lose the most."""
+    """The entropy-weighted budget of docs/method.md §2: low-entropy, low-magnitude layers lose the most."""
 
     name = "nepenthe"
 

@@ -102,7 +102,7 @@ class Pruner:
         return False
 
     def _site_layers(self) -> dict[str, str]:
-        """Call site -> the Conv/Linear feeding it (the prunable set L of SPEC §2)."""
+        """Call site -> the Conv/Linear feeding it (the prunable set L of docs/method.md §2)."""
         try:
             infos = describe_sites(self.model)
         except TraceError as exc:

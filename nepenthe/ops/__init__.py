@@ -8,7 +8,7 @@ One file per public op, like ``kernels/<op>.py`` (:mod:`nepenthe.kernels`) and `
   :func:`activation_histogram` (differentiable), the inplace :func:`activation_histogram_` and the
   accumulating :func:`accumulate_activation_histogram`, for relu, relu6, leaky_relu, gelu,
   gelu_tanh, silu, hardswish;
-* :mod:`~nepenthe.ops.entropy` — :func:`entropy_from_histogram` (SPEC §1 options) and its math;
+* :mod:`~nepenthe.ops.entropy` — :func:`entropy_from_histogram` (docs/method.md §1 options) and its math;
 * :mod:`~nepenthe.ops.masked_optim` — :func:`masked_sgd_`, :func:`masked_adamw_` (multi-tensor),
   :func:`apply_mask_`; :mod:`~nepenthe.ops.optim` — the drop-in optimizers :class:`MaskedSGD`,
   :class:`MaskedAdamW`; :mod:`~nepenthe.ops.mask_bits` — bit-packed masks (:func:`pack_mask`,

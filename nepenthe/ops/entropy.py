@@ -1,4 +1,4 @@
-"""``nepenthe::entropy_from_histogram``: per-neuron and layer entropies of a sign histogram (SPEC §1)."""
+"""``nepenthe::entropy_from_histogram``: per-neuron and layer entropies of a sign histogram (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def state_counts(hist: torch.Tensor, zero_as: str = "exclude") -> tuple[torch.Te
 def neuron_entropy_from_histogram(hist: torch.Tensor, zero_as: str = "exclude") -> torch.Tensor:
     """Per-neuron entropy in bits (float64[C]) of the rectifier's regions on the data.
 
-    Without an upper kink this is the binary entropy of p = ON / (ON + OFF) of SPEC §1. With a
+    Without an upper kink this is the binary entropy of p = ON / (ON + OFF) of docs/method.md §1. With a
     kink (ReLU6) the ON state is split into "linear" (0 < z < upper) and SAT (z >= upper), so the
     entropy is over three regions and is 0 exactly when the neuron stays in one region, i.e. when
     the rectifier is affine on it — the property folding needs. A neuron with no counted
@@ -97,7 +97,7 @@ def _(hist, zero_as, aggregate):
 
 
 def entropy_from_histogram(hist: Tensor, zero_as: str = "exclude", aggregate: str = "mean") -> tuple[Tensor, Tensor]:
-    """(per-neuron entropy float64[C], layer entropy float64 scalar tensor) of a sign histogram (SPEC §1).
+    """(per-neuron entropy float64[C], layer entropy float64 scalar tensor) of a sign histogram (docs/method.md §1).
 
     ``zero_as``: "exclude" (paper), "off" (EGP) or "on" (EASIER); ``aggregate``: "mean",
     "mixed_mean" (EGP) or "sum".

@@ -5,7 +5,7 @@ module (see :mod:`nepenthe.ops.backends` for the contract) and is tested against
 counts exactly, floats within per-dtype tolerances.
 
 Histogram layout: ``int64[C, bins]`` with columns ``ON, OFF, ZERO, SAT`` and, when ``bins == 5``,
-``NONFINITE`` (see SPEC §1):
+``NONFINITE`` (see docs/method.md §1):
 
 * ON        z > 0 (+Inf included)
 * OFF       z < 0 (-Inf included)

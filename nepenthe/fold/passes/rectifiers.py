@@ -103,7 +103,7 @@ def _zero_dead_neurons(gm: fx.GraphModule, node: fx.Node, rect: Rectifier, off: 
 
 def approximation_errors(gm: fx.GraphModule, sites: list[Site], stats: EntropyStats, args: tuple) -> dict:
     """For each GELU/SiLU/Hardswish about to be linearized: how far the linear map is from the
-    activation on the example input (the replacement is approximate by nature; SPEC §4.4)."""
+    activation on the example input (the replacement is approximate by nature; docs/method.md §4.4)."""
     chosen = [s for s in sites if not s.rectifier.exact and s.name in stats.histogram and stats.linearizable(s.name)]
     wanted = {s.node.args[0] for s in chosen if s.node.args and isinstance(s.node.args[0], fx.Node)}
     if not wanted:
