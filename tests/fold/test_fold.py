@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nepenthe import FoldError, TraceError, fold, measure
+from nepenthe import FoldError, fold, measure
 from nepenthe.fold import FoldReport, critical_path
 from nepenthe.fold.modules import BorderCorrectedConv
 from nepenthe.fold.preview import empty_layers
@@ -493,14 +493,18 @@ class DataDependent(nn.Module):
         return self.head(self.act(self.fc1(x)))
 
 
-def test_untraceable_model_raises_actionable_trace_error():
+def test_untraceable_model_is_folded_by_modules_and_says_why():
+    """Without a graph fold takes the module route (nepenthe.fold.blocks, tested in
+    tests/test_untraceable_models.py) and its report keeps the actionable trace error."""
     model = DataDependent().eval()
     x = uniform(32, 6, seed=1)
     with pytest.warns(UserWarning, match="forward hooks"):
         stats = measure(model, [x])  # measuring falls back to hooks
-    with pytest.raises(TraceError, match="data-dependent Python control flow") as info:
-        fold(model, stats, x)
-    assert "DataDependent" in str(info.value) and "torch.fx" in str(info.value)
+    folded = fold(model, stats, x)
+    why = folded.fold_report.skipped[0]
+    assert why["node"] == "(model)" and "data-dependent Python control flow" in why["reason"]
+    assert "DataDependent" in why["reason"] and "torch.fx" in why["reason"]
+    torch.testing.assert_close(folded(x), model(x))
 
 
 def test_stats_of_another_model_are_refused():
