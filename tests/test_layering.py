@@ -26,7 +26,7 @@ LAYERS = {
     "nepenthe.fold": 4,
     "nepenthe.benchmark": 5,
     "nepenthe.train": 6, "nepenthe.data": 6, "nepenthe.report": 6, "nepenthe.pipeline": 6, "nepenthe.cli": 6,
-    "nepenthe.experiment": 6, "nepenthe": 6,
+    "nepenthe.experiment": 6, "nepenthe.integrations": 6, "nepenthe": 6,
 }
 NAMES = {0: "support", 1: "ops", 2: "statistics", 3: "pruning", 4: "folding", 5: "benchmark", 6: "front ends"}
 
