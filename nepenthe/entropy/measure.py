@@ -199,6 +199,13 @@ def measure(
     if hooks is not None:  # module paths and, seen while running, the Conv/Linear feeding each site
         infos = {**hooks.site_infos(), **infos}
     stats = _stats_from(accs, infos, options, batches)
+    unseen = [k for k, n in stats.num_samples.items() if n == 0]
+    if unseen and len(unseen) == len(stats.histogram):
+        raise MeasureError(f"the calibration data held no samples ({batches} batch(es), every one empty): no "
+                           "rectifier was observed; pass batches with at least one sample")
+    if unseen:
+        warnings.warn(f"rectifier(s) {unseen[:4]} saw no observation (0 samples): their neurons count as unknown, "
+                      "never as zero-entropy, and fold leaves them as they are", stacklevel=2)
     if distributed is True or (distributed == "auto"):
         stats.all_reduce_()
     return stats

@@ -98,8 +98,9 @@ class EntropyStats:
     # ----- neuron states (always from pooled counts: they are facts about the data) -----------
     @property
     def always_off(self) -> dict[str, torch.Tensor]:
-        """bool[C]: neurons never ON (only OFF or exactly zero) on the data."""
-        return {k: h[:, ops.ON] == 0 for k, h in self.histogram.items()}
+        """bool[C]: neurons never ON (only OFF or exactly zero) on the data; a neuron the data never
+        reached (no observation at all) is not: nothing is known about it."""
+        return {k: (h[:, ops.ON] == 0) & (h[:, :3].sum(1) > 0) for k, h in self.histogram.items()}
 
     @property
     def always_on(self) -> dict[str, torch.Tensor]:
@@ -119,8 +120,10 @@ class EntropyStats:
 
     @property
     def zero_entropy_layers(self) -> list[str]:
-        """Call sites whose layer entropy is exactly 0 (linearizable layers, docs/method.md §1)."""
-        return [k for k, v in self.layer_entropy.items() if v == 0.0]
+        """Call sites whose layer entropy is exactly 0 (linearizable layers, docs/method.md §1); a site
+        that saw no observation has no entropy to speak of and is not listed."""
+        seen = self.num_samples
+        return [k for k, v in self.layer_entropy.items() if v == 0.0 and seen[k] > 0]
 
     @property
     def num_samples(self) -> dict[str, int]:

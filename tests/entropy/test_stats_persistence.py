@@ -40,3 +40,20 @@ def test_copies_and_repr():
     text = repr(stats)
     assert text.startswith("EntropyStats(2 rectifier sites, 16 neurons, 2 batches, zero-entropy sites ")
     assert "\n" not in text and len(text) < 200
+
+
+def test_no_observation_is_not_zero_entropy_and_fold_keeps_it():
+    """A layer the data never reached is unknown, not always-OFF: fold must not delete it."""
+    import pytest
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(nepenthe.MeasureError, match="held no samples"):
+        nepenthe.measure(model, [torch.randn(0, 6)])
+    stats = nepenthe.measure(model, [torch.randn(16, 6)])
+    stats.histogram["1"].zero_()  # as if no sample had reached it
+    assert not bool(stats.always_off["1"].any()) and not stats.linearizable("1")
+    assert stats.zero_entropy_layers == []
+    x = torch.randn(16, 6)
+    folded = nepenthe.fold(model, stats, x)
+    assert folded.fold_report.rectifier_layers_removed == 0
+    torch.testing.assert_close(folded(x), model(x))
