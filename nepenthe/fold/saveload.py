@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import stat
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,7 +82,42 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
     return directory
 
 
+MAX_RECIPE_BYTES = 64 * 2**20  # a recipe is JSON text: far smaller than this even for large models
+
+
+def _checked_file(path: Path, directory: Path) -> Path:
+    """``path`` when it is a regular file inside ``directory`` (a symlink may point elsewhere in the
+    folder, not out of it); RecipeError otherwise. Checked before anything is read, so that a FIFO
+    cannot block, a device cannot be read without end and a link cannot pull in another file."""
+    if not path.exists() and not path.is_symlink():
+        raise RecipeError(f"{path} is missing; pass the folder written by nepenthe.save")
+    resolved = path.resolve()
+    if directory.resolve() not in resolved.parents:
+        raise RecipeError(f"{path} points outside {directory} (to {resolved}); nepenthe.save writes plain files")
+    mode = resolved.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise RecipeError(f"{path} is {kind}; nepenthe.save writes regular files")
+    return resolved
+
+
+def _check_tensor_archive(path: Path) -> None:
+    """torch.save's zip archive stores its entries uncompressed: a compressed entry (which could
+    expand to far more memory than the file's size) means the file was not written by nepenthe.save."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except zipfile.BadZipFile:
+        return  # torch.load refuses it below with its own message
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size]
+    if packed:
+        raise RecipeError(f"{path} has compressed entries ({packed[:3]}); torch.save never compresses, so it was "
+                          "altered: refused before reading")
+
+
 def _load_tensors(path: Path, map_location) -> dict[str, torch.Tensor]:
+    path = _checked_file(path, path.parent)
+    _check_tensor_archive(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -113,12 +150,17 @@ def load(directory: str | Path, original: nn.Module | Callable[[], nn.Module] | 
         raise TypeError(f"load(directory, original=None, map_location='cpu'): got {original!r} as `original`; "
                         "pass the device as map_location=")
     directory = Path(directory)
+    if not (directory / "recipe.json").exists() and not (directory / "recipe.json").is_symlink():
+        raise RecipeError(f"{directory} has no recipe.json; pass the folder written by nepenthe.save")
+    recipe_path = _checked_file(directory / "recipe.json", directory)
+    if recipe_path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{recipe_path} is {recipe_path.stat().st_size} bytes, over the {MAX_RECIPE_BYTES} a recipe "
+                          "can be; it was not written by nepenthe.save")
     try:
-        recipe = json.loads((directory / "recipe.json").read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{directory} has no recipe.json; pass the folder written by nepenthe.save") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{directory / 'recipe.json'} is not valid JSON: {exc}") from exc
+        recipe = json.loads(recipe_path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # bad JSON, a 5000-digit number, deep nesting
+        raise RecipeError(f"{directory / 'recipe.json'} is not valid JSON: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}") from None
     if not isinstance(recipe, dict) or recipe.get("format") not in _READABLE_FORMATS:
         raise RecipeError(f"not a nepenthe folded-model recipe (expected format {FORMAT!r})")
     state = _load_tensors(directory / "weights.pt", map_location)
@@ -138,8 +180,8 @@ def load(directory: str | Path, original: nn.Module | Callable[[], nn.Module] | 
         gm = _rebuild(recipe, state, constants, original)
     except RecipeError:
         raise
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
-        raise RecipeError(f"malformed recipe: {type(exc).__name__}: {exc}") from exc
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError, SyntaxError) as exc:
+        raise RecipeError(f"malformed recipe: {type(exc).__name__}: {str(exc)[:300]}") from None
     try:
         gm.load_state_dict(state, strict=True, assign=True)  # assign: keep the saved dtypes and devices
     except RuntimeError as exc:
