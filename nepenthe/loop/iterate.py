@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_torch_save, atomic_write_json
+from ..checkpoint import atomic_torch_save, atomic_write_json, payload_checksum, remove_stale_temporaries
 from ..entropy import EntropyStats
 from ..errors import PruneError
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
@@ -30,7 +30,7 @@ def _checkpoint_path(directory: Path, iteration: int) -> Path:
 
 def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
                      config: PruneConfig, metric_scale: float) -> None:
-    atomic_torch_save({
+    payload = {
         "format": "nepenthe.checkpoint/2",
         "identity": config.identity(),
         "metric_scale": metric_scale,  # what evaluate's values were multiplied by (percent in the records)
@@ -38,18 +38,40 @@ def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, s
         "linearized": sorted(pruner.replaced),
         "model": pruner.model.state_dict(),
         "stats": stats.state_dict(),
-    }, _checkpoint_path(directory, record.iteration))
+    }
+    payload["checksum"] = payload_checksum(payload)  # tells a damaged file from a good one on resume
+    atomic_torch_save(payload, _checkpoint_path(directory, record.iteration))
+
+
+def _read_checkpoint(path: Path) -> dict | str:
+    """The checkpoint at ``path``, or why it cannot be used (unreadable, not ours, damaged)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file, or one we did not write
+        return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if not isinstance(ckpt, dict) or not {"identity", "record", "model", "stats", "linearized"} <= set(ckpt):
+        return "not a nepenthe checkpoint (keys missing)"
+    if "checksum" in ckpt and ckpt["checksum"] != payload_checksum(ckpt):
+        return "damaged: its checksum does not match its content"
+    return ckpt
 
 
 def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
+    """The consecutive checkpoints a resume can use. A damaged one (and any after it) is set aside
+    with a warning and the run resumes from the last good one; a good checkpoint of another run is
+    refused (PruneError)."""
     found = sorted(directory.glob("iter_*.pt"))
     checkpoints = []
     for i, path in enumerate(found):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a file we did not write, or one damaged outside nepenthe
-            raise PruneError(f"cannot read checkpoint {path}: {exc}. "
-                             "Move it away or start in an empty folder.") from exc
+        ckpt = _read_checkpoint(path)
+        if isinstance(ckpt, str):
+            if i == 0:
+                raise PruneError(f"checkpoint {path} cannot be used ({ckpt}); it holds the dense model, so there is "
+                                 "nothing to resume from: use another checkpoint_dir or resume=False")
+            later = [p.name for p in found[i + 1:]]
+            warnings.warn(f"checkpoint {path.name} cannot be used ({ckpt}): resuming from iteration {i - 1} instead"
+                          + (f" (ignoring {later})" if later else ""), RuntimeWarning, stacklevel=3)
+            break
         if ckpt.get("identity") != config.identity():
             raise PruneError(f"checkpoint {path} was written with {ckpt.get('identity')}, but this run uses "
                              f"{config.identity()}; use another checkpoint_dir or resume=False.")
@@ -153,6 +175,8 @@ def prune_(
     records: list[IterationRecord] = []
     stop_reason = f"reached max_iters={config.max_iters}"
 
+    if directory and directory.exists():
+        remove_stale_temporaries(directory)  # killed writes leave .iter_*.pt.*.tmp behind
     if directory and not config.resume and directory.exists():
         # starting over: files of an earlier run must not be mixed into a later resume of this one
         for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:

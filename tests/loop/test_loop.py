@@ -264,13 +264,27 @@ def test_resume_with_other_settings_is_refused(data, uninterrupted, tmp_path):
     assert len(result.iterations) == 2
 
 
-def test_corrupt_checkpoint_is_reported_by_name(data, uninterrupted, tmp_path):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(data, uninterrupted, tmp_path):
+    """A damaged latest checkpoint (truncated, or a flipped weight the checksum catches) is named in a
+    warning and the run resumes from the one before; a damaged dense checkpoint is an error; the
+    temporary files of killed writes are removed."""
     directory, _, _ = uninterrupted
-    for p in directory.glob("iter_00[01].pt"):
+    for p in directory.glob("iter_00[012].pt"):
         (tmp_path / p.name).write_bytes(p.read_bytes())
-    (tmp_path / "iter_001.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(PruneError, match=r"iter_001\.pt"):
-        run(data, max_iters=3, delta=None, checkpoint_dir=str(tmp_path))
+    (tmp_path / "iter_002.pt").write_bytes(b"not a checkpoint at all")
+    ckpt = torch.load(tmp_path / "iter_001.pt", weights_only=True)
+    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][key].view(-1)[0] += 1.0  # one flipped weight, the old checksum kept
+    torch.save(ckpt, tmp_path / "iter_001.pt")
+    stale = tmp_path / ".iter_003.pt.abc123.tmp"
+    stale.write_bytes(b"half a write")
+    damaged = r"iter_001\.pt cannot be used \(damaged: its checksum.*resuming from iteration 0"
+    with pytest.warns(RuntimeWarning, match=damaged):
+        result = run(data, max_iters=2, delta=None, checkpoint_dir=str(tmp_path))
+    assert [r.iteration for r in result.iterations] == [0, 1, 2] and not stale.exists()
+    (tmp_path / "iter_000.pt").write_bytes(b"garbage")
+    with pytest.raises(PruneError, match=r"iter_000\.pt cannot be used \(unreadable"):
+        run(data, max_iters=2, delta=None, checkpoint_dir=str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------------
