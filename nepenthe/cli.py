@@ -39,7 +39,8 @@ def _run_parser(sub) -> None:
 
     p = sub.add_parser("run", help="train dense, prune with NEPENTHE, fold, measure latency, write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", choices=available_datasets())
+    p.add_argument("--dataset", default="digits", choices=available_datasets(),
+                   type=lambda name: name.replace("-", "_"))  # fashion-mnist, as people type it
     p.add_argument("--model", default="mlp", choices=available_models())
     p.add_argument("--out", default="runs/digits-mlp", help="output folder (report.json, entropy.png, folded/)")
     _json_flag(p, "the report's headline numbers")
@@ -80,10 +81,46 @@ def _run_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# run's numeric flags: (smallest allowed, largest allowed or None, whether the bound itself is allowed)
+_RUN_RANGES = {
+    "data_limit": (1, None), "image_size": (1, None), "threads": (1, None), "batch_size": (1, None),
+    "epochs": (0, None), "retrain_epochs": (0, None), "iters": (0, None), "max_backoffs": (0, None),
+    "deploy_batch": (1, None), "latency_batch": (1, None),
+}
+
+
+def _check_run_flags(args) -> None:
+    """ValueError naming the flag for a value the run cannot use (before any data is loaded)."""
+    for name, (low, high) in _RUN_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0.0 < args.zeta <= 1.0:
+        raise ValueError(f"--zeta must be in (0, 1], got {args.zeta}")
+    for flag, value in (("--lr", args.lr), ("--retrain-lr", args.retrain_lr), ("--temperature", args.temperature)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    if args.device != "auto":
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {args.device!r} is not a device ({exc}); use auto, cpu, cuda or "
+                             "cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no usable CUDA device; use --device cpu "
+                             "(or auto)")
+
+
 def _run(args) -> int:
     from .loop import PruneConfig
     from .pipeline import RunConfig, run
     from .train import TrainConfig
+
+    _check_run_flags(args)
 
     data_options = {k: v for k, v in (("augment", args.augment or None), ("image_size", args.image_size),
                                       ("test_domain", args.test_domain)) if v is not None}
@@ -259,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1: the run itself failed (a pruning, folding, I/O or backend error).
     try:
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        again = (f"; rerun the same command to resume from the checkpoints in {out}" if out and args.command != "bench"
+                 else "")
+        print(f"\nnepenthe {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as exc:
         print(f"nepenthe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -91,3 +91,28 @@ def test_cli_exit_status_1_for_a_failed_run(monkeypatch, tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err == "nepenthe run: failed: the fold went wrong here\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency-batch", "0"], "--latency-batch must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--zeta", "1.5"], "--zeta must be in (0, 1], got 1.5"),
+    (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+])
+def test_cli_run_flags_are_range_checked(argv, message, tmp_path, capsys):
+    assert cli.main(["run", "--out", str(tmp_path / "o"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    from nepenthe import pipeline
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    assert cli.main(["run", "--dataset", "fashion-mnist", "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
