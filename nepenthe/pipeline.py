@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from . import report as reporting
+from ._version import __version__
 from .checkpoint import atomic_write_json
 from .data import load_dataset, make_loader, unaugmented
 from .environment import environment
+from .errors import ConfigError
 from .fold import fold, save
 from .latency import compare_latency
 from .loop import PruneConfig, prune
@@ -59,6 +61,51 @@ class RunConfig:
         return d
 
 
+# RunConfig fields that do not decide the result (where it goes, how it is shown or timed, where the
+# dataset files happen to lie) and PruneConfig's resume switches
+_NOT_IN_FINGERPRINT = {"out", "progress", "threads", "latency_repeats", "data_root"}
+_PRUNE_NOT_IN_FINGERPRINT = {"resume", "checkpoint_dir"}
+FINGERPRINT_FILE = "run_config.json"
+
+
+def fingerprint(cfg: RunConfig) -> dict:
+    """Everything that decides a run's result (data, split, seed, model, every training, pruning and
+    folding setting, the package version), as JSON-able values."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    d["prune"] = {k: v for k, v in d["prune"].items() if k not in _PRUNE_NOT_IN_FINGERPRINT}
+    if not isinstance(d["prune"].get("method"), str):
+        d["prune"]["method"] = cfg.prune.method_name
+    d["nepenthe"] = __version__
+    return json.loads(json.dumps(d, default=str))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_fingerprint(cfg: RunConfig, out: Path) -> None:
+    """Refuse to resume a run folder made with other settings (its checkpoints would be mixed into
+    this run); write this run's fingerprint otherwise. ``--no-resume`` starts over and overwrites."""
+    path = out / FINGERPRINT_FILE
+    mine = fingerprint(cfg)
+    if cfg.prune.resume and path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except (ValueError, OSError):
+            theirs = None
+        if theirs != mine:
+            old, new = _flat(theirs or {}), _flat(mine)
+            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)]
+            raise ConfigError(f"{out} holds a run made with other settings ({'; '.join(changed[:6]) or 'unreadable'}"
+                              f"{'; ...' if len(changed) > 6 else ''}). Rerun with --no-resume to start over there, "
+                              "or give another --out")
+    atomic_write_json(mine, path)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +117,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_fingerprint(cfg, out)  # before any training: a mismatch costs nothing
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

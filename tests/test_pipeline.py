@@ -116,3 +116,18 @@ def test_cli_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pipeline, "run", interrupted)
     assert cli.main(["run", "--dataset", "fashion-mnist", "--out", str(tmp_path / "o"), "--no-progress"]) == 130
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused_before_training(run_dir, capsys):
+    """The run folder remembers what decided its result: --seed 1 (or another model, dataset, --iters)
+    over it is refused in one line naming the change, before any training; --no-resume starts over."""
+    fp = json.loads((run_dir / "run_config.json").read_text())
+    assert fp["seed"] == 0 and fp["prune"]["max_iters"] == 3 and "out" not in fp and fp["nepenthe"]
+    for extra, change in ((["--seed", "1"], "seed: 0 -> 1"), (["--iters", "4"], "prune.max_iters: 3 -> 4"),
+                          (["--model", "plain_mlp"], "model: 'mlp' -> 'plain_mlp'")):
+        argv = ["run", "--out", str(run_dir), "--epochs", "12", "--retrain-epochs", "3", "--iters", "3",
+                "--latency-batch", "64", "--no-progress", "--threads", "1", *extra]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert change in err and "--no-resume" in err and err.count("\n") == 1
+    assert json.loads((run_dir / "run_config.json").read_text()) == fp  # untouched by the refusals
