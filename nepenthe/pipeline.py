@@ -26,7 +26,7 @@ from .models import build_model
 from .progress import progress_bar
 from .train import TrainConfig, evaluate, train
 
-__all__ = ["run", "RunConfig", "summary"]
+__all__ = ["FINGERPRINT_FILE", "RunConfig", "fingerprint", "run", "summary"]
 
 
 @dataclass
