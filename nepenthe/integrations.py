@@ -39,11 +39,9 @@ def lightning_keep_masks():
         from pytorch_lightning import Callback
 
     class KeepMasks(Callback):
-        def on_before_zero_grad(self, trainer, pl_module, optimizer):  # runs right after optimizer.step()
+        # Lightning zeroes the gradients right after each optimizer step (with gradient accumulation
+        # too, only after the step), so this runs once per step
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
             enforce_masks(pl_module, optimizer)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # gradient accumulation
-            for optimizer in trainer.optimizers:
-                enforce_masks(pl_module, optimizer)
 
     return KeepMasks()

@@ -298,7 +298,7 @@ class _HookProbes:
         # Conv/Linear output is remembered by identity, and a rectifier whose input is that very
         # tensor names it as producer (site_infos). Only the first forward: the outputs are kept alive.
         self.producers: dict[str, str] = {}
-        self.paths: dict[str, str] = {}
+        self.paths: dict[str, tuple[str, Rectifier]] = {}  # call site -> (module path, its rectifier)
         self._outputs: dict[int, tuple[str, torch.Tensor, int]] = {}  # id -> (path, output, its neuron dim)
         self._output_handles = [m.register_forward_hook(self._remember_output(p, -1 if isinstance(m, nn.Linear) else 1))
                                 for p, m in model.named_modules() if isinstance(m, LINEAR_MODULES)]
@@ -343,8 +343,8 @@ class _HookProbes:
     def site_infos(self) -> dict[str, SiteInfo]:
         """Module path and, where the first forward showed it, the producing Conv/Linear of each call
         site (the rectifier and channel dim come from the accumulators)."""
-        return {name: SiteInfo(Rectifier("relu"), None, self.producers.get(name), path)
-                for name, path in self.paths.items()}
+        return {name: SiteInfo(rect, None, self.producers.get(name), path)
+                for name, (path, rect) in self.paths.items()}
 
     def _acc_for_call(self, path: str, rect: Rectifier, x: torch.Tensor | None = None) -> _Accumulator:
         """The accumulator of this call of the module at ``path`` (``path``, ``path#1``, ...)."""
@@ -353,7 +353,7 @@ class _HookProbes:
         name = call_site_name(path, index)
         producer_dim = None
         if name not in self.paths:
-            self.paths[name] = path
+            self.paths[name] = (path, rect)
             hit = self._outputs.get(id(x)) if x is not None else None
             if hit is not None and hit[1] is x:
                 self.producers[name], producer_dim = hit[0], hit[2]

@@ -80,15 +80,11 @@ class Pruner:
         where each rectifier whose input is a Conv/Linear's output tensor itself names it (a
         rectifier after another op, e.g. a gated MLP's product, has no producer and is not pruned)."""
         stats = measure(self.model, self.calib, **{**self.measure_kwargs, "max_batches": 1})
-        modules = dict(self.model.named_modules())
-        found = {name: info.producer for name, info in stats.sites.items() if info.producer is not None}
-        if not found:
+        if not any(info.producer is not None for info in stats.sites.values()):
             raise PruneError(f"{type(self.model).__name__} cannot be traced, and running it showed no rectifier fed "
                              "directly by a Conv/Linear, so there is no layer to prune by entropy; method='imp' "
                              "prunes without that link.")
-        return {site: layer for site, layer in found.items()
-                if not self.protected(layer)
-                and (self.config.filter_fn is None or self.config.filter_fn(modules[layer], layer))}
+        return self._prunable(stats.sites)
 
     def protected(self, name: str) -> bool:
         """Whether ``protect`` names module ``name``."""
@@ -107,6 +103,10 @@ class Pruner:
             infos = describe_sites(self.model)
         except TraceError as exc:
             raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
+        return self._prunable(infos)
+
+    def _prunable(self, infos) -> dict[str, str]:
+        """Call site -> its producer, for the sites with one that ``protect`` and ``filter_fn`` leave prunable."""
         modules = dict(self.model.named_modules())
         return {name: info.producer for name, info in infos.items()
                 if info.producer is not None and not self.protected(info.producer)
