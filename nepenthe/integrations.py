@@ -39,9 +39,13 @@ def lightning_keep_masks():
         from pytorch_lightning import Callback
 
     class KeepMasks(Callback):
-        # Lightning zeroes the gradients right after each optimizer step (with gradient accumulation
-        # too, only after the step), so this runs once per step
-        def on_before_zero_grad(self, trainer, pl_module, optimizer):
-            enforce_masks(pl_module, optimizer)
+        # After the batch's optimizer step(s), outside the training closure: Lightning 2 calls
+        # on_before_zero_grad between the forward and the backward, where an in-place change of a
+        # weight would break the autograd graph. Re-applying masks is idempotent, so with gradient
+        # accumulation (no step on some batches) this only costs a pass over the masked weights.
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            optimizers = list(getattr(trainer, "optimizers", None) or [None])
+            for optimizer in optimizers:
+                enforce_masks(pl_module, optimizer)
 
     return KeepMasks()

@@ -14,7 +14,7 @@ fi
 PY="$VENV/bin/python"
 STAMP="$VENV/.nepenthe-install-stamp"
 # Reinstall only when packaging files or the compiled extension's sources changed since the last install.
-WANT="$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
+WANT="$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/env.sh"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[nepenthe] installing dependencies into $VENV (first run: a few minutes)" >&2
     pip_install() {  # quiet, minus this machine's notices about absent local index folders
@@ -27,12 +27,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # --no-build-isolation: build the C++ extension nepenthe._C against the torch installed above
     # instead of downloading another (about a minute on 2 cores)
     pip_install "numpy<2.4" --no-build-isolation -e "$ROOT[cli,plot,dev,export]"
-    # torchvision, for the tests on its unmodified models: the release made for the torch installed
-    # above (an unpinned one would replace torch with another, multi-GB build). Optional: without
-    # it (e.g. offline) those tests skip.
+    # torchvision, timm and Lightning, for the compatibility tests on their unmodified models and
+    # trainer: the torchvision release made for the torch installed above (an unpinned one would
+    # replace torch with another, multi-GB build). Optional: without them (e.g. offline) those tests skip.
     TORCH_RELEASE="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
     pip_install --retries 1 --timeout 30 torchvision "torch==$TORCH_RELEASE" ||
         echo "[nepenthe] no torchvision for torch $TORCH_RELEASE: the tests on torchvision's models will skip" >&2
+    pip_install --retries 1 --timeout 30 "timm>=1.0" "lightning>=2.2" "torch==$TORCH_RELEASE" \
+        "torchvision==$("$PY" -c 'import importlib.metadata as m; print(m.version("torchvision"))' 2>/dev/null || echo 0)" ||
+        echo "[nepenthe] no timm / Lightning: the tests on their models and trainer will skip" >&2
     echo "$WANT" > "$STAMP"
 fi
 export PY ROOT

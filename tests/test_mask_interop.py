@@ -33,6 +33,25 @@ def test_wrapped_models_are_measured_under_their_own_names():
         assert torch.equal(stats.histogram["1"], plain.histogram["1"])
 
 
+def test_ddp_wrapped_model_is_measured_pruned_and_folded_under_its_own_names(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = _net()
+        plain = nepenthe.measure(model, DATA)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        assert unwrap_model(wrapped) is model
+        stats = nepenthe.measure(wrapped, DATA)
+        assert list(stats.histogram) == ["1"] and torch.equal(stats.histogram["1"], plain.histogram["1"])
+        step = nepenthe.prune_step(wrapped, DATA, config=nepenthe.PruneConfig(zeta=0.5))
+        assert set(step.pruned) <= {"0", "2"} and get_mask(model[0]) is not None  # the masks are on the module
+        folded = nepenthe.fold(wrapped, stats, DATA[0])
+        assert not any(name.startswith("module.") for name in folded.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_torch_prune_models_are_refused_naming_the_module_and_the_fix():
     model = _net()
     torch_prune.l1_unstructured(model[0], "weight", amount=0.5)

@@ -140,3 +140,39 @@ def test_hugging_face_mlp_blocks_fold_or_say_why(name):
     else:  # down(act(gate(x)) * up(x)): the product cannot fold into one Linear, and the report says so
         assert report.merges == [] and report.returned == "original"
         assert "does not feed exactly one Linear" in skipped["layers.0.mlp.act_fn"]
+
+
+def test_module_folded_model_saves_as_a_patch_and_refuses_what_does_not_fit(tmp_path):
+    import json
+
+    from nepenthe.errors import RecipeError
+
+    tf = _transformers()
+    build, batch, _ = _hf_models()["bert"]
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        model.encoder.layer[0].intermediate.dense.bias.fill_(30.0)
+    data = [batch(), batch()]
+    folded = nepenthe.fold(model, nepenthe.measure(model, data), data[0], approximate=True)
+    nepenthe.save(folded, tmp_path)
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["format"] == "nepenthe.module-patch/1" and len(recipe["blocks"]) == 1
+    with torch.no_grad():
+        assert torch.equal(nepenthe.load(tmp_path, original=build)(data[1]).last_hidden_state,
+                           folded(data[1]).last_hidden_state)
+    with pytest.raises(RecipeError, match="needs its architecture"):
+        nepenthe.load(tmp_path)
+    wider = lambda: tf.BertModel(tf.BertConfig(vocab_size=100, max_position_embeddings=64, hidden_size=32,  # noqa: E731
+                                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=96))
+    with pytest.raises(RecipeError, match="shape"):
+        nepenthe.load(tmp_path, original=wider)
+    for role, value, match in [("producer", "embeddings.word_embeddings", "must be nn.Linear"),
+                               ("rectifier", "encoder.layer.1.output.dense", "not a rectifier"),
+                               ("consumer", "encoder.__class__", "invalid consumer path"),
+                               ("producer", "no.such.module", "no submodule")]:
+        tampered = json.loads(json.dumps(recipe))
+        tampered["blocks"][0][role] = value
+        (tmp_path / "recipe.json").write_text(json.dumps(tampered))
+        with pytest.raises(RecipeError, match=match):
+            nepenthe.load(tmp_path, original=build)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from .._utils import as_args, first_tensor, set_submodule
 from ..activations import rectifier_of_module
 from ..entropy import EntropyStats
+from ..masks import remove_masks
 from .report import FoldReport, count_params
 
 __all__ = ["fold_blocks"]
@@ -130,12 +131,13 @@ def fold_blocks(model: nn.Module, stats: EntropyStats, example_input, *, approxi
     try:
         with torch.no_grad():
             reference = first_tensor(model(*args)).detach()
-        folded = copy.deepcopy(model).eval()
+        folded = remove_masks(copy.deepcopy(model)).eval()  # as on the graph route: an inference model
         links, calls = _links(folded, args)
     finally:
         model.train(was_training)
     scale = float(reference.abs().max()) or 1.0
-    report = FoldReport(params_before=count_params(folded), rectifier_layers_total=len(stats.histogram))
+    report = FoldReport(params_before=count_params(folded), rectifier_layers_total=len(stats.histogram),
+                        route="modules")
     report.skipped.append({"node": "(model)", "reason": f"no torch.fx graph, MLP blocks folded by modules: {reason}"})
     for site, (producer, consumer_list) in links.items():
         if site not in stats.histogram:

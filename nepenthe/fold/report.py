@@ -60,6 +60,9 @@ class FoldReport:
     # model name ("folded", "folded_no_merges") -> its VARIANT_FIELDS and the "reason" it was not returned
     discarded: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of fold
+    # "graph": a torch.fx graph was rewritten; "modules": no graph, MLP blocks merged module by module
+    # (nepenthe.fold.blocks), saved as a patch of the original architecture (nepenthe.fold.patch)
+    route: str = "graph"
 
     def to_dict(self) -> dict:
         return asdict(self)

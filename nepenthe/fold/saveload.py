@@ -18,6 +18,7 @@ from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..errors import RecipeError
 from ..graph import trace
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
+from .patch import PATCH_FORMAT, apply_patch, is_module_patch, patch_recipe
 from .recipe import (
     _READABLE_FORMATS,
     FORMAT,
@@ -52,6 +53,10 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
     model = unwrap_model(model)
     refuse_foreign_pruning(model, "save")
     report = getattr(model, "fold_report", None)
+    if is_module_patch(model):  # folded without a graph: saved as a patch of its architecture
+        recipe = patch_recipe(model)
+        recipe["source"] = _source(model, original if original is not None else model)
+        return _write(model, directory, recipe, {}, report, extra)
     if not isinstance(model, fx.GraphModule):  # e.g. fold() kept the original model (report.returned)
         source = _source(model, original if original is not None else model)
         model = trace(copy.deepcopy(model), "saving")
@@ -65,6 +70,10 @@ def save(model: nn.Module, directory: str | Path, extra: dict | None = None, *,
                 _from_original(original, target, target.split("."), spec["type"])
         _check_functions(original, sorted({n["target"] for n in recipe["nodes"] if n["op"] == "call_function"
                                            and n["target"].startswith(FROM_ORIGINAL)}))
+    return _write(model, directory, recipe, constants, report, extra)
+
+
+def _write(model: nn.Module, directory: Path, recipe: dict, constants: dict, report, extra: dict | None) -> Path:
     if report is not None:
         recipe["fold_report"] = report.to_dict()
     if extra:
@@ -161,9 +170,12 @@ def load(directory: str | Path, original: nn.Module | Callable[[], nn.Module] | 
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # bad JSON, a 5000-digit number, deep nesting
         raise RecipeError(f"{directory / 'recipe.json'} is not valid JSON: {type(exc).__name__}: "
                           f"{str(exc)[:200]}") from None
-    if not isinstance(recipe, dict) or recipe.get("format") not in _READABLE_FORMATS:
+    if not isinstance(recipe, dict) or recipe.get("format") not in (*_READABLE_FORMATS, PATCH_FORMAT):
         raise RecipeError(f"not a nepenthe folded-model recipe (expected format {FORMAT!r})")
     state = _load_tensors(directory / "weights.pt", map_location)
+    if recipe["format"] == PATCH_FORMAT:
+        model = apply_patch(recipe, state, original, str(directory))
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
     attributes = recipe.get("attributes", {})
     wants_constants = isinstance(attributes, dict) and any(
         isinstance(v, dict) and v.get("kind") == "constant" for v in attributes.values())
