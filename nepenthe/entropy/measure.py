@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..distributed import agreed, is_active
 from ..errors import MeasureError
 from ..graph import TraceError, find_sites, trace
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
@@ -109,8 +110,34 @@ def measure(
     ``saturation=False`` gives ReLU6 the two-state (ON/OFF) entropy of the EGP/EASIER code instead
     of the three-region one (the histograms are the same either way).
     With ``distributed="auto"`` the counts are summed over all ranks when torch.distributed is
-    initialised.
+    initialised (every rank then holds the same statistics, equal to one process measuring the
+    union of the ranks' data; a rank's shard may be smaller or hold empty batches). When measuring
+    fails on some ranks, every rank raises the same :class:`nepenthe.distributed.RankError`
+    instead of waiting for the others.
     """
+    local = dict(zero_as=zero_as, aggregate=aggregate, estimator=estimator, saturation=saturation, device=device,
+                 max_batches=max_batches, input_fn=input_fn, channel_dims=channel_dims, progress=progress)
+    if (distributed is True or distributed == "auto") and is_active():
+        with agreed("measure"):  # a rank that fails here must not leave the others in the reduce below
+            stats = _measure_here(model, data, **local)
+        stats.all_reduce_()
+    else:
+        stats = _measure_here(model, data, **local)
+    # after the reduce, so that a rank whose shard held only empty batches is fine when others saw samples
+    unseen = [k for k, n in stats.num_samples.items() if n == 0]
+    if unseen and len(unseen) == len(stats.histogram):
+        raise MeasureError(f"the calibration data held no samples ({stats.batches} batch(es), every one empty): no "
+                           "rectifier was observed; pass batches with at least one sample")
+    if unseen:
+        warnings.warn(f"rectifier(s) {unseen[:4]} saw no observation (0 samples): their neurons count as unknown, "
+                      "never as zero-entropy, and fold leaves them as they are", stacklevel=2)
+    return stats
+
+
+def _measure_here(model: nn.Module, data: Iterable, *, zero_as: str, aggregate: str, estimator: str,
+                  saturation: bool, device, max_batches: int | None, input_fn: Callable | None,
+                  channel_dims: Mapping[str, int] | None, progress: bool) -> EntropyStats:
+    """:func:`measure` on this process's data only."""
     model = unwrap_model(model)  # torch.compile / DDP / DataParallel: the user's own module paths
     refuse_foreign_pruning(model, "measure")
     options = EntropyOptions(zero_as, aggregate, estimator, saturation)
@@ -143,7 +170,7 @@ def measure(
             model.train(was_training)
             raise
         if trace_error is not None:
-            warnings.warn(f"{trace_error} Measuring activation modules only, through forward hooks.", stacklevel=2)
+            warnings.warn(f"{trace_error} Measuring activation modules only, through forward hooks.", stacklevel=3)
         runner = model
 
     batches = 0
@@ -170,7 +197,7 @@ def measure(
                 # The trace succeeded but does not run on real inputs (fx bakes e.g. `if mask is None`
                 # into the graph): measure the module activations through hooks instead.
                 warnings.warn(f"the torch.fx trace of {type(model).__name__} fails on real inputs ({exc!r}); "
-                              "measuring activation modules only, through forward hooks.", stacklevel=2)
+                              "measuring activation modules only, through forward hooks.", stacklevel=3)
                 if _PROBED_GRAPHS.get(model) is probed:
                     del _PROBED_GRAPHS[model]
                 accs.clear()
@@ -198,17 +225,7 @@ def measure(
         del accs[k]
     if hooks is not None:  # module paths and, seen while running, the Conv/Linear feeding each site
         infos = {**hooks.site_infos(), **infos}
-    stats = _stats_from(accs, infos, options, batches)
-    unseen = [k for k, n in stats.num_samples.items() if n == 0]
-    if unseen and len(unseen) == len(stats.histogram):
-        raise MeasureError(f"the calibration data held no samples ({batches} batch(es), every one empty): no "
-                           "rectifier was observed; pass batches with at least one sample")
-    if unseen:
-        warnings.warn(f"rectifier(s) {unseen[:4]} saw no observation (0 samples): their neurons count as unknown, "
-                      "never as zero-entropy, and fold leaves them as they are", stacklevel=2)
-    if distributed is True or (distributed == "auto"):
-        stats.all_reduce_()
-    return stats
+    return _stats_from(accs, infos, options, batches)
 
 
 def _stats_from(accs: dict[str, _Accumulator], infos: Mapping[str, SiteInfo], options: EntropyOptions,

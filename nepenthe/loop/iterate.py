@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import distributed as ranks
 from ..checkpoint import atomic_torch_save, atomic_write_json, payload_checksum, remove_stale_temporaries
 from ..entropy import EntropyStats
 from ..errors import PruneError
@@ -30,6 +31,14 @@ def _checkpoint_path(directory: Path, iteration: int) -> Path:
 
 def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
                      config: PruneConfig, metric_scale: float) -> None:
+    """Rank 0 writes (every rank holds the same state); the others wait for it to succeed or fail."""
+    with ranks.agreed(f"writing checkpoint {_checkpoint_path(directory, record.iteration)}"):
+        if ranks.is_main():
+            _write_checkpoint(directory, pruner, record, stats, config, metric_scale)
+
+
+def _write_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
+                      config: PruneConfig, metric_scale: float) -> None:
     payload = {
         "format": "nepenthe.checkpoint/2",
         "identity": config.identity(),
@@ -129,12 +138,44 @@ def _metric_scale(dense: float, config: PruneConfig) -> float:
     return 1.0
 
 
+def _evaluate(evaluate: Callable, model: nn.Module, what: str) -> float:
+    """``evaluate(model)`` as the one number every rank decides with: the mean over ranks (exact
+    when ``evaluate`` already returns the global value, e.g. torchmetrics with sync, or when the
+    ranks' validation shards are of equal size); a failure on any rank stops every rank."""
+    with ranks.agreed(what):
+        value = float(evaluate(model))
+    return ranks.mean_over_ranks(value)
+
+
+def _agreed_failure(failure: str | None) -> str | None:
+    """The failure of this attempt as every rank sees it: the first rank's that had one (a rank
+    whose retraining diverged makes every rank back off)."""
+    if not ranks.is_active():
+        return failure
+    failures: list = [None] * ranks.world_size()
+    torch.distributed.all_gather_object(failures, failure)
+    first = next(((r, f) for r, f in enumerate(failures) if f is not None), None)
+    return None if first is None else first[1] if first[0] == 0 else f"rank {first[0]}: {first[1]}"
+
+
+_SAME_WEIGHTS_HINT = ("retrain must leave the same weights on every rank: wrap the model in "
+                      "torch.nn.parallel.DistributedDataParallel for training (as nepenthe.train does under torchrun), "
+                      "or train every rank on the same data with the same seed")
+
+
 def _retrain_with_masks(model: nn.Module, retrain: Callable, iteration: int) -> None:
     """``retrain`` with every optimizer step re-applying the masks (:func:`masks_enforced`), then the
     masked weights checked: any revived by an update the hooks cannot see are zeroed, with a warning,
-    so the sparsity reported is the model's."""
-    with masks_enforced(model):
-        retrain(model, iteration)
+    so the sparsity reported is the model's. FloatingPointError (a diverged loss) goes to the
+    caller; any other error on any rank stops every rank (:func:`nepenthe.distributed.agreed`)."""
+    diverged = None
+    with ranks.agreed(f"retrain (iteration {iteration})"), masks_enforced(model):
+        try:
+            retrain(model, iteration)
+        except FloatingPointError as exc:  # a failed attempt, decided together by the caller
+            diverged = exc
+    if diverged is not None:
+        raise diverged
     revived = repair_masked_weights(model)
     if revived:
         listed = ", ".join(f"{name} ({count})" for name, count in list(revived.items())[:4])
@@ -175,13 +216,16 @@ def prune_(
     records: list[IterationRecord] = []
     stop_reason = f"reached max_iters={config.max_iters}"
 
-    if directory and directory.exists():
-        remove_stale_temporaries(directory)  # killed writes leave .iter_*.pt.*.tmp behind
-    if directory and not config.resume and directory.exists():
-        # starting over: files of an earlier run must not be mixed into a later resume of this one
-        for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
-            stale.unlink(missing_ok=True)
-    checkpoints = _load_checkpoints(directory, config) if directory and config.resume and directory.exists() else []
+    with ranks.agreed(f"preparing the checkpoint folder {directory}"):
+        if directory and directory.exists() and ranks.is_main():
+            remove_stale_temporaries(directory)  # killed writes leave .iter_*.pt.*.tmp behind
+            if not config.resume:
+                # starting over: files of an earlier run must not be mixed into a later resume of this one
+                for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
+                    stale.unlink(missing_ok=True)
+    with ranks.agreed(f"reading the checkpoints in {directory}"):  # every rank resumes from the same files
+        checkpoints = (_load_checkpoints(directory, config) if directory and config.resume and directory.exists()
+                       else [])
     if checkpoints:
         last = checkpoints[-1]
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
@@ -205,7 +249,7 @@ def prune_(
     else:
         started = time.perf_counter()
         stats = pruner.measure()
-        dense = float(evaluate(model))
+        dense = _evaluate(evaluate, model, "evaluate (the dense model)")
         scale = _metric_scale(dense, config)
         records.append(pruner.record(0, dense * scale, stats, Step({}, [], {}), True, started, 0.0, []))
         selected, current, best_stats = 0, pruner.snapshot(), stats
@@ -228,6 +272,9 @@ def prune_(
             step = pruner.prune_step(stats, scale, avoid)
             if step.empty:
                 break
+            ranks.check_identical(pruner.mask_digest(), f"the masks of iteration {iteration}",
+                                  "the ranks measured different statistics or held different weights before pruning; "
+                                  + _SAME_WEIGHTS_HINT)
             failure, accuracy = None, None
             try:
                 _retrain_with_masks(model, retrain, iteration)
@@ -235,8 +282,11 @@ def prune_(
                 failure = f"retraining diverged: {exc}"
             if failure is None and (bad := pruner.nonfinite_parameters()):
                 failure = f"retraining left NaN/Inf in {', '.join(bad[:3])}"
+            failure = _agreed_failure(failure)
             if failure is None:
-                accuracy = float(evaluate(model)) * metric_scale
+                ranks.check_identical(ranks.digest(model.parameters()), f"the weights after retrain (iteration "
+                                      f"{iteration})", _SAME_WEIGHTS_HINT)
+                accuracy = _evaluate(evaluate, model, f"evaluate (iteration {iteration})") * metric_scale
                 failure = _failure(accuracy, tolerance, dense, config.delta)
             if failure is None or len(attempts) >= config.max_backoffs:
                 break
@@ -297,7 +347,7 @@ def prune_step(model: nn.Module, calib_data: Iterable, *, config: PruneConfig | 
 def _finish(pruner: Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:
     """Leave the model as the selected iteration and package the result."""
     pruner.restore(best)
-    if pruner.config.checkpoint_dir:
+    if pruner.config.checkpoint_dir and ranks.is_main():
         atomic_write_json({"selected": selected, "stop_reason": stop_reason,
                            "iterations": [r.to_dict() for r in records]},
                           Path(pruner.config.checkpoint_dir) / "summary.json")

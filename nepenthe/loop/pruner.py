@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .. import budget
 from .._utils import set_submodule
+from ..distributed import digest
 from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from ..errors import PruneError
 from ..graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
@@ -213,6 +214,11 @@ class Pruner:
         # copies: a mask buffer must not alias the snapshot, which may be restored again later
         restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if k.endswith(MASK_SUFFIX)})
         self.model.load_state_dict(snap.state)
+
+    def mask_digest(self) -> int:
+        """A digest of every prunable layer's mask (compared across ranks after each step)."""
+        masks = [get_mask(self.layers[n]) for n in sorted(self.layers)]
+        return digest(m for m in masks if m is not None)
 
     def nonfinite_parameters(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]

@@ -1,0 +1,139 @@
+"""Support tier: decisions that every process of a torch.distributed group takes together.
+
+Under ``torchrun`` each rank runs the same loop on its shard of the data. A rank that fails alone
+(an empty shard, NaN inputs, a bug in the user's ``retrain``) must not leave the others waiting in
+the next collective until the process-group timeout (30 minutes for gloo), and a value that
+decides what happens next (the accuracy against the tolerance, the stop) must be the same number
+on every rank. So each phase ends with one small collective that says whether any rank failed
+(:func:`agreed`): when one did, every rank raises the same :class:`RankError` naming the ranks and
+their errors. Values are agreed by :func:`mean_over_ranks`, and state that must be identical
+(masks, weights after retraining) is compared by digest (:func:`check_identical`).
+
+Everything here is a no-op without an initialised process group, so single-process code pays
+nothing. Collectives use CUDA tensors for NCCL and CPU tensors otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .errors import NepentheError
+
+__all__ = ["RankError", "agree", "agreed", "barrier", "check_identical", "digest", "is_active", "is_main",
+           "mean_over_ranks", "rank", "world_size"]
+
+
+class RankError(NepentheError, RuntimeError):
+    """Raised on every rank when a phase failed on some of them; ``failures`` maps rank -> error."""
+
+    def __init__(self, message: str, failures: dict[int, str]):
+        super().__init__(message)
+        self.failures = failures
+
+
+def is_active(group=None) -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main(group=None) -> bool:
+    """Rank 0, or the only process: the one that writes reports and checkpoints."""
+    return rank(group) == 0
+
+
+def barrier(group=None) -> None:
+    if is_active(group):
+        dist.barrier(group=group)
+
+
+def _device(group=None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def agree(error: BaseException | None, what: str, group=None) -> None:
+    """One collective: every rank says whether its part of ``what`` failed (``error``). If any did,
+    every rank raises the same :class:`RankError` (chained to its own error where it had one);
+    otherwise every rank goes on. Without a process group ``error`` is simply re-raised."""
+    if not is_active(group):
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if int(flag.item()) == 0:
+        return
+    messages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
+    failures = {r: m for r, m in enumerate(messages) if m is not None}
+    listed = "; ".join(f"rank {r}: {m}" for r, m in failures.items())
+    raise RankError(f"{what} failed on {len(failures)} of {len(messages)} rank(s), so every rank stops here — "
+                    f"{listed}", failures) from error
+
+
+@contextmanager
+def agreed(what: str, group=None) -> Iterator[None]:
+    """Run the block on every rank, then :func:`agree` on whether it failed anywhere. The block
+    must not need a collective after a point where it may fail on one rank only (put such a
+    collective after the ``with``)."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every error is handed to agree, which re-raises it
+        error = exc
+    agree(error, what, group)
+
+
+def mean_over_ranks(value: float, group=None) -> float:
+    """The mean of ``value`` over the ranks (the value itself without a process group): the one
+    number every rank decides with (e.g. accuracies of per-rank validation shards)."""
+    if not is_active(group):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device(group))
+    dist.all_reduce(t, group=group)
+    return float(t.item()) / dist.get_world_size(group)
+
+
+def digest(tensors: Iterable[torch.Tensor]) -> int:
+    """A 63-bit digest of the tensors' values, shapes and dtypes (in order)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        if t.numel():
+            h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def check_identical(value: int, what: str, hint: str, group=None) -> None:
+    """Every rank must hold the same ``value`` (a :func:`digest`); otherwise every rank raises the
+    same :class:`RankError` naming the ranks that differ from rank 0, with ``hint`` (what to do)."""
+    if not is_active(group):
+        return
+    t = torch.tensor([value], dtype=torch.int64, device=_device(group))
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t, group=group)
+    values = [int(g.item()) for g in gathered]
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise RankError(f"{what} differ between ranks (rank(s) {differ} differ from rank 0): {hint}",
+                        {r: f"{what} differ from rank 0" for r in differ})
