@@ -13,6 +13,7 @@ the neighbouring linear ops into one.
 from . import ops
 from ._version import __version__
 from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure
+from .distributed import RankError
 from .errors import NepentheError
 from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save
 from .graph import TraceError
@@ -24,7 +25,7 @@ from .train import TrainConfig, evaluate, train
 __all__ = [
     "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
     "MaskedSGD", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneConfig", "PruneError",
-    "PruneResult", "PruningMethod", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__",
+    "PruneResult", "PruningMethod", "RankError", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__",
     "compare_calls", "compare_latency", "evaluate", "export_onnx", "fold", "latency", "load", "measure", "ops",
     "prune", "prune_", "prune_step", "save", "train",
 ]

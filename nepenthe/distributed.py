@@ -109,8 +109,11 @@ def mean_over_ranks(value: float, group=None) -> float:
     if not is_active(group):
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=_device(group))
-    dist.all_reduce(t, group=group)
-    return float(t.item()) / dist.get_world_size(group)
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t, group=group)
+    values = [float(g.item()) for g in gathered]
+    # the value itself when the ranks agree (a sum divided back can differ in the last bit)
+    return values[0] if len(set(values)) == 1 else sum(values) / len(values)
 
 
 def digest(tensors: Iterable[torch.Tensor]) -> int:

@@ -1,0 +1,125 @@
+"""Measure and prune in 2 and 3 gloo processes against one process (tests/distributed/worker.py):
+bit-identical statistics, masks, weights and accuracies; every failure on one rank raised as the
+same error on all ranks, never a hang (every run is bounded by a timeout)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.worker import SCENARIOS
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 240  # the whole scenario list; a hang (60 s group timeout per collective) fails the test
+
+
+def _launch(world: int, out: Path) -> dict[str, list[dict]]:
+    out.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(r), str(world),
+                               str(out / "rendezvous"), str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(max(world, 1))]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"{world} processes did not finish in {TIMEOUT_S} s (a hang); last lines:\n"
+                    + "\n".join(log[-1500:] for log in logs))
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return {s.__name__: [torch.load(out / f"{s.__name__}.{r}.pt", weights_only=False) for r in range(max(world, 1))]
+            for s in SCENARIOS}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict[str, list[dict]]]:
+    base = tmp_path_factory.mktemp("distributed")
+    return {world: _launch(world, base / f"world{world}") for world in (0, 2, 3)}
+
+
+def _ok(result: dict) -> object:
+    assert "ok" in result, f"{result.get('error')}: {result.get('message')}"
+    return result["ok"]
+
+
+def _equal(a, b, where: str = "") -> None:
+    """Bit-identical nested results (tensors by torch.equal, floats exactly)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("scenario", ["measure", "prune_same_retrain"])
+def test_ranks_match_one_process_bit_for_bit(runs, world, scenario):
+    """Unequal shards (with 3 ranks one holds only empty batches): the same histograms, entropies,
+    masks, weights and accuracies as one process over all the data."""
+    single = _ok(runs[0][scenario][0])
+    for r, result in enumerate(runs[world][scenario]):
+        _equal(_ok(result), single, f"rank {r}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_retraining_keeps_every_rank_identical(runs, world):
+    results = [_ok(r) for r in runs[world]["prune_ddp_retrain"]]
+    assert results[0]["records"][-1][2] > 0  # it pruned
+    for r, result in enumerate(results[1:], 1):
+        _equal(result, results[0], f"rank {r}")
+
+
+@pytest.mark.parametrize("scenario, match", [
+    ("measure_nan_on_rank_1", r"measure failed on 1 of \d rank\(s\).*rank 1: NonFiniteActivationError"),
+    ("measure_no_batches_on_last_rank", r"measure failed on 1 of \d rank\(s\).*no batches"),
+    ("prune_retrain_without_ddp", r"the weights after retrain \(iteration 1\) differ between ranks.*"
+                                  r"DistributedDataParallel"),
+    ("prune_evaluate_fails_on_rank_1", r"evaluate \(iteration 1\) failed on 1 of \d rank\(s\).*rank 1: ValueError: "
+                                       r"validation shard is corrupt"),
+])
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_failure_on_one_rank_is_the_same_error_on_every_rank(runs, world, scenario, match):
+    results = runs[world][scenario]
+    assert all(r.get("error") == "RankError" for r in results), results
+    assert len({r["message"] for r in results}) == 1
+    assert re.search(match, results[0]["message"]), results[0]["message"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_decisions_are_taken_together(runs, world):
+    # one rank's diverged retraining: every rank backs off the same way
+    diverged = [_ok(r) for r in runs[world]["prune_retrain_diverges_on_rank_1"]]
+    assert any("rank 1: retraining diverged" in str(rec[4]) for rec in diverged[0]["records"]) or \
+        "rank 1: retraining diverged" in diverged[0]["stop"]
+    # each rank's own shard accuracy: the loop decides with their mean, identically everywhere
+    per_rank = [_ok(r) for r in runs[world]["prune_per_rank_accuracy"]]
+    for results in (diverged, per_rank):
+        for r, result in enumerate(results[1:], 1):
+            _equal(result, results[0], f"rank {r}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_zero_writes_and_every_rank_resumes(runs, world):
+    results = [_ok(r) for r in runs[world]["prune_with_checkpoints_then_resume"]]
+    single = _ok(runs[0]["prune_with_checkpoints_then_resume"][0])
+    for r, result in enumerate(results):
+        assert result["files"] == ["iter_000.pt", "iter_001.pt", "iter_002.pt", "iter_003.pt", "summary.json"]
+        _equal(result["again"][:3], result["first"], f"rank {r}: resumed records")
+        _equal({k: result[k] for k in ("again", "masks")}, {k: single[k] for k in ("again", "masks")}, f"rank {r}")
