@@ -12,8 +12,8 @@ the neighbouring linear ops into one.
 
 from . import ops
 from ._version import __version__
-from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure
 from .distributed import RankError
+from .entropy import EntropyStats, MeasureError, NonFiniteActivationError, StatsRecorder, measure
 from .errors import NepentheError
 from .fold import ChannelAffine, FoldError, FoldReport, RecipeError, export_onnx, fold, load, save
 from .graph import TraceError
@@ -25,7 +25,7 @@ from .train import TrainConfig, evaluate, train
 __all__ = [
     "ChannelAffine", "EntropyStats", "FoldError", "FoldReport", "IterationRecord", "LatencyResult", "MaskedAdamW",
     "MaskedSGD", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneConfig", "PruneError",
-    "PruneResult", "PruningMethod", "RankError", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig", "__version__",
-    "compare_calls", "compare_latency", "evaluate", "export_onnx", "fold", "latency", "load", "measure", "ops",
-    "prune", "prune_", "prune_step", "save", "train",
+    "PruneResult", "PruningMethod", "RankError", "RecipeError", "StatsRecorder", "TraceError", "TrainConfig",
+    "__version__", "compare_calls", "compare_latency", "evaluate", "export_onnx", "fold", "latency", "load",
+    "measure", "ops", "prune", "prune_", "prune_step", "save", "train",
 ]
