@@ -115,12 +115,31 @@ def _check_run_flags(args) -> None:
                              "(or auto)")
 
 
+def _check_out(out: str) -> None:
+    """ValueError naming --out when the output folder cannot be one (a file, an unwritable place);
+    the folder is created here, so that a run never trains first and fails on its first write."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: the folder cannot be created ({exc.strerror or exc}); choose a writable "
+                         "place") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable; choose another folder")
+
+
 def _run(args) -> int:
     from .loop import PruneConfig
     from .pipeline import RunConfig, run
     from .train import TrainConfig
 
     _check_run_flags(args)
+    _check_out(args.out)
 
     data_options = {k: v for k, v in (("augment", args.augment or None), ("image_size", args.image_size),
                                       ("test_domain", args.test_domain)) if v is not None}
@@ -189,6 +208,7 @@ def _bench(args) -> int:
     unknown = [s for s in args.scenarios if s not in available_scenarios()]
     if unknown:
         raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(available_scenarios())}")
+    _check_out(args.out)
     bad = [b for b in args.batches if b < 1]
     if bad:
         raise ValueError(f"batch sizes must be >= 1, got {bad[0]}")
@@ -263,6 +283,7 @@ def _experiment(args) -> int:
     if cfg.to_dict() != raw:  # validate the overridden values as a config file would be
         cfg = from_dict(_toml_shaped(cfg))
     out = args.out or f"runs/{cfg.name}"
+    _check_out(out)
     with _quiet_stdout(args):
         results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
         from .experiment.results import markdown_table

@@ -99,6 +99,8 @@ def test_cli_exit_status_1_for_a_failed_run(monkeypatch, tmp_path, capsys):
     (["--zeta", "1.5"], "--zeta must be in (0, 1], got 1.5"),
     (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    (["--out", __file__], "is a file; name a folder"),
+    (["--out", "/proc/nepenthe-out"], "the folder cannot be created"),
 ])
 def test_cli_run_flags_are_range_checked(argv, message, tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "o"), "--no-progress", *argv]) == 2
