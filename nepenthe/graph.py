@@ -30,7 +30,7 @@ from .activations import (
 )
 from .errors import TraceError
 
-__all__ = ["call_site_name", "cut_layers", "default_channel_dim", "find_sites", "first_linear_ops",
+__all__ = ["call_site_name", "cut_layers", "default_channel_dim", "find_sites", "first_linear_ops", "is_fully_sharded",
            "input_reaches_output", "last_linear_ops", "main_operand", "producer_of", "Site", "trace"]
 
 
@@ -42,10 +42,24 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name) or is_foreign_rectifier(m)
 
 
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:
     """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`."""
     if isinstance(model, fx.GraphModule):
         return model
+    if isinstance(model, nn.Module) and is_fully_sharded(model):
+        # FSDP2 gathers a module's parameters in the root module's forward hooks: a traced graph
+        # (a new root) would run its submodules on their shards (a wrong result, or FSDP's own error)
+        raise TraceError(f"{purpose} needs a torch.fx graph, but {type(model).__name__} is sharded by FSDP2 "
+                         "(fully_shard), whose submodules only run inside the root module's forward.")
     for module in model.modules() if isinstance(model, nn.Module) else ():
         rectifier_of_module(module)  # probe other libraries' activations now, not while tracing
     try:
