@@ -20,6 +20,8 @@ Files written by :func:`~nepenthe.fold.save` into one folder:
   ``nodes``       every graph node: op, name, target (a function or method *name* from the
                   allow-lists below, ``"<from original>module:function"`` for a function of the
                   model's own code, or a module / attribute path) and encoded arguments;
+  ``dtypes``      (since format /3) the dtype of every tensor in weights.pt and constants.pt, so
+                  that load refuses a tensor whose dtype the recipe does not declare;
   ``source``      (informational) the model's class, nepenthe and torch versions.
 
 Loading never unpickles code and never resolves a name from the recipe outside the allow-lists:
@@ -52,15 +54,13 @@ from ..masks import MASK_SUFFIX, remove_masks
 from .allowlist import (
     _DTYPES,
     _FUNCTION_NAMES,
-    _FUNCTIONS,
     _METHODS,
     _check_getattr,
-    _check_identifier,
     _check_path,
-    _decode,
     _encode,
     _lookup,
 )
+from .recipe_graph import _VIEW_MODULES, _build_graph, _check_structure, _check_writes
 from .registry import (
     _MODULES,
     _build_module,
@@ -69,10 +69,11 @@ from .registry import (
 
 __all__ = ["FORMAT", "FROM_ORIGINAL", "to_recipe"]
 
-FORMAT = "nepenthe.folded/2"
+FORMAT = "nepenthe.folded/3"
 
 
-_READABLE_FORMATS = ("nepenthe.folded/1", FORMAT)  # /1: no attributes, no modules from the original
+# /1: no attributes, no modules from the original; /2: no "dtypes" (the dtype of every saved tensor)
+_READABLE_FORMATS = ("nepenthe.folded/1", "nepenthe.folded/2", FORMAT)
 
 
 FROM_ORIGINAL = "<from original>"
@@ -169,11 +170,16 @@ def _describe(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     attributes = {k: _tensor_info(v, "parameter" if k in params else "buffer") for k, v in state.items()
                   if k not in provided}
     attributes.update({k: _tensor_info(v, "constant") for k, v in constants.items()})
+    _check_structure(gm.graph)  # refuse now what load would refuse
+    _check_writes(gm.graph, lambda t: getattr(gm.get_submodule(t), "inplace", False) is True,
+                 lambda t: type(gm.get_submodule(t)).__name__ in _VIEW_MODULES)
     for target in modules:  # refuse now what load would refuse
         _check_path("module path", target)
     for key in attributes:
         _check_path("attribute", key)
-    recipe = {"format": FORMAT, "source": _source(gm), "modules": modules, "attributes": attributes, "nodes": nodes}
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in [*state.items(), *constants.items()]}
+    recipe = {"format": FORMAT, "source": _source(gm), "modules": modules, "attributes": attributes, "nodes": nodes,
+              "dtypes": dtypes}
     return recipe, {k: v.detach().cpu() for k, v in constants.items()}
 
 
@@ -325,62 +331,11 @@ def _add_attribute(root: nn.Module, key: str, info, constants: dict[str, torch.T
         raise RecipeError(f"recipe attribute {key!r} cannot be registered: {exc}") from exc
 
 
-def _build_graph(recipe: dict, allowed_attributes: set[str], functions: dict[str, Callable]) -> fx.Graph:
-    graph = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    modules = recipe["modules"]
-    for entry in recipe["nodes"]:
-        if not isinstance(entry, dict):
-            raise RecipeError(f"malformed node {entry!r} in recipe")
-        op, target, name = entry.get("op"), entry.get("target"), entry.get("name")
-        _check_identifier("node name", name)
-        if name in nodes:
-            raise RecipeError(f"recipe defines node {name!r} twice")
-        args, kwargs = _decode(entry.get("args", {"tuple": []}), nodes), _decode(entry.get("kwargs", {"dict": {}}),
-                                                                                  nodes)
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise RecipeError(f"node {name!r} has malformed arguments")
-        for key in kwargs:
-            _check_identifier(f"keyword argument of node {name!r}", key)
-        if op == "call_function":
-            if isinstance(target, str) and target in functions:  # checked against the original's graph
-                target = functions[target]
-            elif target not in _FUNCTIONS:
-                raise RecipeError(f"recipe calls function {target!r}, which is not in the allow-list")
-            else:
-                if target == "builtins.getattr":
-                    _check_getattr(name, args)
-                target = _FUNCTIONS[target]
-        elif op == "call_method":
-            if target not in _METHODS:
-                raise RecipeError(f"recipe calls method {target!r}, which is not in the allow-list")
-        elif op == "call_module":
-            if not isinstance(target, str) or target not in modules:
-                raise RecipeError(f"recipe calls module {target!r}, which its module list does not declare")
-        elif op == "get_attr":
-            _check_path("attribute", target)  # it is written into the generated forward
-            if target not in allowed_attributes:
-                raise RecipeError(f"recipe reads attribute {target!r}, which is neither in weights.pt nor a "
-                                  "declared constant")
-        elif op == "placeholder":
-            _check_identifier("input name", target)  # it becomes a parameter name in the generated forward
-        elif op == "output":
-            if len(args) != 1:
-                raise RecipeError("malformed output node in recipe")
-            graph.output(args[0])
-            continue
-        else:
-            raise RecipeError(f"unknown node op {op!r} in recipe")
-        nodes[name] = graph.create_node(op, target, args, kwargs, name=name)
-    try:
-        graph.lint()
-    except RuntimeError as exc:
-        raise RecipeError(f"recipe graph is malformed: {exc}") from exc
-    return graph
-
-
 def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
-             original) -> fx.GraphModule:
+             original, check: Callable[[fx.GraphModule], None] | None = None) -> fx.GraphModule:
+    """The GraphModule a recipe describes, its tensors on the meta device (``state`` / ``constants``
+    give names, and the tensors of constants); ``check(gm)`` runs once its modules and attributes
+    are in place, before the graph is built and its code generated."""
     if not isinstance(recipe, dict) or recipe.get("format") not in _READABLE_FORMATS:
         raise RecipeError(f"not a nepenthe folded-model recipe (expected format {FORMAT!r})")
     modules, attributes, node_list = recipe.get("modules"), recipe.get("attributes", {}), recipe.get("nodes")
@@ -426,9 +381,11 @@ def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, 
             remove_masks(module)
     for key, info in attributes.items():
         _add_attribute(gm, key, info, constants)
-    gm.graph = _build_graph(recipe, set(state) | {k for k, v in attributes.items()
-                                                  if isinstance(v, dict) and v.get("kind") == "constant"},
-                            functions)
+    if check is not None:
+        check(gm)
+    graph = _build_graph(recipe, set(state) | {k for k, v in attributes.items()
+                                               if isinstance(v, dict) and v.get("kind") == "constant"}, functions)
+    gm.graph = graph  # generates and compiles forward: every name in it was checked above
     try:
         gm.graph.lint()  # now also checks that every module / attribute a node names exists
     except RuntimeError as exc:

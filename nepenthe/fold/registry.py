@@ -166,6 +166,9 @@ def _register_builtin_modules() -> None:
 _register_builtin_modules()
 
 
+_FACTORY_KWARGS = frozenset({"device", "dtype", "memory_format", "pin_memory", "layout"})
+
+
 def _build_module(cls_name: str, kwargs) -> nn.Module:
     spec = _MODULES.get(cls_name) if isinstance(cls_name, str) else None
     if spec is None:
@@ -173,6 +176,11 @@ def _build_module(cls_name: str, kwargs) -> nn.Module:
                           f"(nepenthe.fold.register_module)")
     if not isinstance(kwargs, dict):
         raise RecipeError(f"recipe gives module class {cls_name!r} malformed arguments {kwargs!r}")
+    factory = sorted(set(kwargs) & _FACTORY_KWARGS)
+    if factory:  # an explicit device= would allocate despite the meta device below (and before any size check)
+        raise RecipeError(f"recipe gives module class {cls_name!r} the argument(s) {factory}; saved modules are built "
+                          "on the meta device and take device and dtype from weights.pt (load(map_location=...)), "
+                          "so nepenthe.save never writes them: remove them from recipe.json or save again")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         with torch.device("meta"):  # shapes only: every tensor is then taken from the saved files
@@ -182,4 +190,8 @@ def _build_module(cls_name: str, kwargs) -> nn.Module:
                           f"{type(exc).__name__}: {exc}") from exc
     if type(module) is not spec.cls:
         raise RecipeError(f"building {cls_name!r} gave a {type(module).__name__}")
+    real = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if not t.is_meta]
+    if real:
+        raise RecipeError(f"building {cls_name!r} allocated {real[:3]} outside the meta device; its registered build "
+                          "must create tensors with the current default device (no device=)")
     return module

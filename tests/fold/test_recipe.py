@@ -617,7 +617,7 @@ def test_weights_are_read_with_weights_only(tmp_path, folded_cnn, capsys):
     state = torch.load(weights, weights_only=True)
 
     torch.save({**state, "payload": Payload()}, weights)  # a pickle that would run code
-    with pytest.raises(RecipeError, match="weights_only=True"):
+    with pytest.raises(RecipeError, match="plain tensors: .*print"):  # refused by name, before torch.load
         load(tmp_path / "w")
     assert "unpickled code ran" not in capsys.readouterr().out
 
@@ -626,11 +626,11 @@ def test_weights_are_read_with_weights_only(tmp_path, folded_cnn, capsys):
         load(tmp_path / "w")
 
     torch.save({k: v for k, v in state.items() if k != "fc.bias"}, weights)
-    with pytest.raises(RecipeError, match="(?s)does not match.*fc.bias"):
+    with pytest.raises(RecipeError, match="list different tensors.*fc.bias"):
         load(tmp_path / "w")
 
     weights.write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(RecipeError, match="weights_only=True"):
+    with pytest.raises(RecipeError, match="zip end record"):
         load(tmp_path / "w")
     assert "unpickled code ran" not in capsys.readouterr().out
 
