@@ -2,8 +2,8 @@
 library's pruning reparametrization (``torch.nn.utils.prune``, ``torch.ao.pruning`` /
 ``torch.nn.utils.parametrize``).
 
-nepenthe keeps a mask as a bool buffer ``<param>_mask`` next to an unrenamed parameter
-(:mod:`nepenthe.masks`). ``torch.nn.utils.prune`` renames the parameter to ``<param>_orig``, keeps a
+nepenthe keeps a mask as a bool buffer ``<param>_mask`` (or a packed ``<param>_mask_bits``) next to an
+unrenamed parameter (:mod:`nepenthe.masks`). ``torch.nn.utils.prune`` renames the parameter to ``<param>_orig``, keeps a
 *float* ``<param>_mask`` buffer of the same name and recomputes the weight in a forward pre-hook;
 read as ours, its mask would be wrong. So the entry points refuse such a model with an error that
 names the modules and the fix (:func:`refuse_foreign_pruning`); :func:`adopt_torch_prune` converts
@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .errors import ForeignPruningError
-from .masks import MASK_SUFFIX, masked_parameters, set_mask
+from .masks import MASK_SUFFIX, get_mask, masked_parameters, remove_mask, set_mask
 
 __all__ = ["ForeignPruningError", "adopt_torch_prune", "export_torch_prune", "foreign_pruning",
            "refuse_foreign_pruning", "unwrap_model"]
@@ -94,9 +94,10 @@ def export_torch_prune(model: nn.Module) -> list[str]:
     pre-hook), for tools that read that format. Returns the converted ``module.param`` names."""
     converted = []
     names = {id(m): n for n, m in model.named_modules()}
-    for module, param_name, mask in masked_parameters(model):
-        del module._buffers[param_name + MASK_SUFFIX]
-        torch_prune.custom_from_mask(module, param_name, mask.bool())
+    for module, param_name, _ in masked_parameters(model):
+        keep = get_mask(module, param_name)  # bool, whether stored as bool or packed
+        remove_mask(module, param_name)
+        torch_prune.custom_from_mask(module, param_name, keep)
         name = names.get(id(module), "")
         converted.append(f"{name}.{param_name}" if name else param_name)
     return converted

@@ -6,111 +6,316 @@ holds zeros at masked positions, and the mask is re-applied after every optimize
 pruned model's ``state_dict`` has the original keys plus ``*.weight_mask``, loads into the same
 architecture (after :func:`restore_masks` on a fresh instance), and runs at full speed without
 nepenthe installed.
+
+**Packed storage** (opt in: ``set_mask(..., packed=True)``, :func:`pack_masks_` for a whole model,
+``PruneConfig(pack_masks=True)`` in the loop): the mask is a ``uint8`` buffer ``<param>_mask_bits``
+of ``ceil(numel / 8)`` bytes instead, bit ``i % 8`` (least significant first) of byte ``i // 8``
+being element ``i`` of the parameter in row-major order (``numpy.packbits(..., bitorder="little")``),
+so 0.125 byte per weight instead of 1. A parameter has one form or the other, never both; its
+state_dict key says which. :func:`get_mask` returns a bool tensor either way (unpacked on demand,
+one layer at a time), so code that reads masks needs no change; :func:`stored_mask` returns the
+buffer as stored, which the fused masked optimizers read directly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-__all__ = ["MASK_SUFFIX", "get_mask", "get_masks", "mask_buffer_name", "mask_lookup", "masked_modules",
-           "masked_parameters", "prunable_modules", "remaining_weights", "remove_masks", "restore_masks", "set_mask",
-           "sparsity"]
+__all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "get_mask", "get_masks", "has_mask", "is_mask_key", "mask_buffer_name",
+           "mask_lookup", "masked_modules", "masked_parameters", "pack_mask", "pack_masks_", "packed_mask_bytes",
+           "prunable_modules", "remaining_weights", "remove_mask", "remove_masks", "restore_masks", "set_mask",
+           "sparsity", "stored_mask", "unpack_mask", "unpack_masks_"]
 
 MASK_SUFFIX = "_mask"
+PACKED_SUFFIX = "_mask_bits"
+
+_BIT_WEIGHTS = tuple(1 << i for i in range(8))
 
 
-def mask_buffer_name(param_name: str = "weight") -> str:
-    return param_name + MASK_SUFFIX
+# ----- the bit layout ------------------------------------------------------------------------------------
+def packed_mask_bytes(numel: int) -> int:
+    """The length of the packed mask of a parameter with ``numel`` elements."""
+    return (int(numel) + 7) // 8
 
 
-def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
-    """Attach (or replace) the bool mask of ``module.<param_name>`` and zero the masked weights."""
-    param = getattr(module, param_name)
-    if mask.shape != param.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {param_name} of shape {tuple(param.shape)}"
-                         f" in {type(module).__name__}")
-    mask = mask.to(device=param.device, dtype=torch.bool)
-    name = mask_buffer_name(param_name)
+@torch.no_grad()
+def pack_mask(mask: Tensor) -> Tensor:
+    """The packed form of a ``bool`` mask (any shape and layout), on its device: ``uint8[ceil(n/8)]``,
+    bits past ``n`` in the last byte 0.
+
+    Written with torch ops (one pass of byte-sized temporaries): packing runs when a mask changes,
+    once per pruning round, not per optimizer step, so a dedicated kernel would not pay for itself.
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"{mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"pack_mask: expected a bool mask (True = keep), got a {got}")
+    flat = mask.reshape(-1).view(torch.uint8)  # bool storage holds 0 / 1 bytes
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    # eight distinct powers of two sum to at most 255: the uint8 sum is exact
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def unpack_mask(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The ``bool`` mask of ``shape`` that ``packed`` holds (contiguous, on ``packed``'s device); the
+    bits past the last element are ignored."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if (not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1
+            or packed.numel() != packed_mask_bytes(n)):
+        got = f"{packed.dtype}{list(packed.shape)}" if isinstance(packed, Tensor) else type(packed).__name__
+        raise ValueError(f"unpack_mask: a packed mask of {shape} must be uint8[{packed_mask_bytes(n)}], got {got}")
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = torch.bitwise_and(packed.unsqueeze(1), weights) != 0
+    return bits.reshape(-1)[:n].reshape(shape)
+
+
+def _count_kept_bits(bits: Tensor, numel: int) -> int:
+    """Set bits among the first ``numel`` of a packed mask, without unpacking it (8 byte-sized passes)."""
+    total = sum(int(torch.bitwise_and(bits, b).count_nonzero()) for b in _BIT_WEIGHTS)
+    tail = numel % 8
+    if tail and bits.numel():  # padding bits of the last byte: 0 when we wrote them, not counted when not
+        total -= bin(int(bits[-1]) >> tail).count("1")
+    return total
+
+
+# ----- one parameter -------------------------------------------------------------------------------------
+def mask_buffer_name(param_name: str = "weight", packed: bool = False) -> str:
+    return param_name + (PACKED_SUFFIX if packed else MASK_SUFFIX)
+
+
+def is_mask_key(key: str) -> bool:
+    """Whether a buffer name / state_dict key is a nepenthe mask (bool ``*_mask`` or packed ``*_mask_bits``)."""
+    return key.endswith(MASK_SUFFIX) or key.endswith(PACKED_SUFFIX)
+
+
+def _layer(module: nn.Module, param_name: str, where: str | None) -> str:
+    return where or f"{type(module).__name__}.{param_name}"
+
+
+def _checked_bits(bits, param: Tensor, where: str) -> Tensor:
+    """``bits`` when it is a valid packed mask of ``param`` (untrusted: a state_dict), else ValueError."""
+    want = packed_mask_bytes(param.numel())
+    if not isinstance(bits, Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != want \
+            or bits.is_sparse:
+        got = f"{bits.dtype}{list(bits.shape)}" if isinstance(bits, Tensor) else type(bits).__name__
+        raise ValueError(f"{where}: a packed mask of a parameter of shape {tuple(param.shape)} ({param.numel()} "
+                         f"elements) must be a dense uint8[{want}] tensor (nepenthe.masks.pack_mask), got {got}; "
+                         "the state_dict does not belong to this model or is damaged")
+    return bits
+
+
+def _check_packed_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs) -> None:
+    """load_state_dict pre-hook of a module holding packed masks: torch checks a buffer's shape but
+    casts any dtype into it, so a float or int tensor of the right length would be read as bits."""
+    for name, buf in module._buffers.items():
+        if buf is None or not name.endswith(PACKED_SUFFIX) or prefix + name not in state_dict:
+            continue
+        value = state_dict[prefix + name]
+        if not isinstance(value, Tensor) or value.dtype != torch.uint8:
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(f"{prefix}{name}: a packed mask must be uint8 (1 bit per weight), got {got}")
+    for name, buf in module._buffers.items():  # the other form in the state_dict: say how to load it
+        if buf is not None and name.endswith(PACKED_SUFFIX) and strict:
+            bool_key = prefix + name[: -len(PACKED_SUFFIX)] + MASK_SUFFIX
+            if bool_key in state_dict and prefix + name not in state_dict:
+                error_msgs.append(f"{bool_key} is a bool mask but the model stores {prefix}{name} packed: call "
+                                  "nepenthe.masks.restore_masks(model, state_dict) before load_state_dict")
+
+
+def _store(module: nn.Module, param_name: str, tensor: Tensor, packed: bool) -> None:
+    """Make ``tensor`` the mask buffer of ``module.<param_name>`` in its form, dropping the other form."""
+    other = mask_buffer_name(param_name, not packed)
+    if other in module._buffers:
+        del module._buffers[other]
+    name = mask_buffer_name(param_name, packed)
     if name in module._buffers:
-        module._buffers[name] = mask
+        module._buffers[name] = tensor
     else:
-        module.register_buffer(name, mask)
+        module.register_buffer(name, tensor)
+    if packed and not any(getattr(h, "hook", h) is _check_packed_load
+                          for h in module._load_state_dict_pre_hooks.values()):
+        module.register_load_state_dict_pre_hook(_check_packed_load)
+
+
+def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, packed: bool | None = None,
+             where: str | None = None) -> None:
+    """Attach (or replace) the mask of ``module.<param_name>`` (any tensor of the parameter's shape,
+    nonzero = keep) and zero the masked weights.
+
+    ``packed``: store it bit-packed (``<param>_mask_bits``, see the module docstring) or as a bool
+    buffer (``<param>_mask``); None keeps the form the parameter's mask has now (bool for a first
+    mask). ``where`` names the layer in errors (default: the module's class and parameter).
+    """
+    param = getattr(module, param_name)
+    if not isinstance(mask, Tensor) or mask.shape != param.shape:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{_layer(module, param_name, where)}: mask of shape {got} does not fit {param_name} of "
+                         f"shape {tuple(param.shape)} in {type(module).__name__}")
+    if packed is None:
+        packed = mask_buffer_name(param_name, True) in module._buffers
+    keep = mask.to(device=param.device, dtype=torch.bool)
+    _store(module, param_name, pack_mask(keep) if packed else keep, packed)
     with torch.no_grad():
-        param.mul_(mask.to(param.dtype))
+        param.mul_(keep.to(param.dtype))
 
 
-def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | None:
-    return module._buffers.get(mask_buffer_name(param_name))
+def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> None:
+    """Attach an already packed mask (validated) and zero the masked weights."""
+    param = getattr(module, param_name)
+    bits = _checked_bits(bits, param, where).to(param.device).contiguous()
+    _store(module, param_name, bits, True)
+    with torch.no_grad():
+        param.mul_(unpack_mask(bits, param.shape).to(param.dtype))
 
 
+def stored_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
+    """The mask buffer of ``module.<param_name>`` as stored: bool of the parameter's shape, packed
+    ``uint8[ceil(numel/8)]``, or None."""
+    found = module._buffers.get(mask_buffer_name(param_name))
+    return found if found is not None else module._buffers.get(mask_buffer_name(param_name, True))
+
+
+def has_mask(module: nn.Module, param_name: str = "weight") -> bool:
+    return stored_mask(module, param_name) is not None
+
+
+def get_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
+    """The bool mask of ``module.<param_name>`` (None: unmasked). For bool storage it is the buffer
+    itself; for packed storage an unpacked copy (editing it changes nothing: use :func:`set_mask`)."""
+    found = module._buffers.get(mask_buffer_name(param_name))
+    if found is not None:
+        return found
+    bits = module._buffers.get(mask_buffer_name(param_name, True))
+    return None if bits is None else unpack_mask(bits, getattr(module, param_name).shape)
+
+
+# ----- a whole model -------------------------------------------------------------------------------------
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> module for every module carrying a weight mask."""
-    return {n: m for n, m in model.named_modules() if get_mask(m) is not None}
+    return {n: m for n, m in model.named_modules() if has_mask(m)}
 
 
-def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+def get_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Qualified module name -> bool weight mask (packed ones unpacked: a byte per weight for all of them)."""
     return {n: get_mask(m) for n, m in masked_modules(model).items()}
 
 
-def masked_parameters(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(module, parameter name, mask) for every ``<param>_mask`` buffer of the model (weights,
-    biases, any parameter)."""
+def _mask_param_name(module: nn.Module, buffer_name: str) -> str | None:
+    """The parameter a buffer is the mask of, or None when it is no mask buffer of a parameter."""
+    for suffix in (PACKED_SUFFIX, MASK_SUFFIX):
+        if buffer_name.endswith(suffix):
+            param_name = buffer_name[: -len(suffix)]
+            if isinstance(module._parameters.get(param_name), Tensor):
+                return param_name
+    return None
+
+
+def masked_parameters(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """(module, parameter name, mask as stored) for every mask buffer of the model (weights, biases,
+    any parameter). The mask is the buffer itself: bool of the parameter's shape, or packed uint8
+    (:func:`stored_mask`); ``nepenthe.ops.apply_mask_`` and the masked optimizers take either,
+    :func:`get_mask` gives the bool form."""
     found = []
     for module in model.modules():
         for buffer_name, mask in module._buffers.items():
-            param_name = buffer_name[: -len(MASK_SUFFIX)]
-            if buffer_name.endswith(MASK_SUFFIX) and isinstance(module._parameters.get(param_name), torch.Tensor):
+            param_name = _mask_param_name(module, buffer_name) if mask is not None else None
+            if param_name is not None:
                 found.append((module, param_name, mask))
     return found
 
 
-def mask_lookup(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    """``parameter -> its current mask buffer (or None)`` for the fused optimizers' ``masks=``.
+def mask_lookup(model: nn.Module) -> Callable[[Tensor], Tensor | None]:
+    """``parameter -> its current mask buffer, as stored (or None)`` for the fused optimizers' ``masks=``.
 
     The lookup goes by (module, parameter name) at every call, so masks attached or replaced
-    after the optimizer was built (a new pruning round) are used from the next step on.
+    after the optimizer was built (a new pruning round) are used from the next step on; packed
+    ones are handed over packed (the optimizers read the bits).
     """
     owners = {}
     for module in model.modules():
         for param_name, param in module._parameters.items():
             if param is not None:
-                owners.setdefault(id(param), (module, mask_buffer_name(param_name)))
+                owners.setdefault(id(param), (module, param_name))
 
-    def lookup(param: torch.Tensor) -> torch.Tensor | None:
+    def lookup(param: Tensor) -> Tensor | None:
         owner = owners.get(id(param))
-        return None if owner is None else owner[0]._buffers.get(owner[1])
+        return None if owner is None else stored_mask(*owner)
     return lookup
 
 
-def restore_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Create the mask buffers a state_dict holds, so ``model.load_state_dict`` accepts it.
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Create the mask buffers a state_dict holds, each in the form it is stored in (bool
+    ``*_mask`` or packed ``*_mask_bits``), so ``model.load_state_dict`` accepts it.
 
-    A freshly constructed model has no ``*.weight_mask`` buffers; call this first, then
-    ``model.load_state_dict(state_dict)``.
+    A freshly constructed model has no mask buffers; call this first, then
+    ``model.load_state_dict(state_dict)``. A mask that does not fit its parameter (shape, or a packed
+    one's dtype and length) is refused with ValueError naming its key.
     """
     modules = dict(model.named_modules())
     for key, value in state_dict.items():
-        if not key.endswith(MASK_SUFFIX):
+        if not is_mask_key(key):
             continue
+        packed = key.endswith(PACKED_SUFFIX)
         owner, _, buffer = key.rpartition(".")
-        param_name = buffer[: -len(MASK_SUFFIX)]
+        param_name = buffer[: -len(PACKED_SUFFIX if packed else MASK_SUFFIX)]
         module = modules.get(owner)
-        if module is None or not isinstance(getattr(module, param_name, None), torch.Tensor):
+        if module is None or not isinstance(getattr(module, param_name, None), Tensor):
             raise KeyError(f"state_dict has mask {key!r} but the model has no parameter {owner}.{param_name}")
-        set_mask(module, value.to(torch.bool), param_name)
+        twin = (owner + "." if owner else "") + mask_buffer_name(param_name, not packed)
+        if twin in state_dict:
+            raise ValueError(f"state_dict holds two masks of {owner}.{param_name} ({key!r} and {twin!r}); "
+                             "keep one")
+        if packed:
+            _set_bits(module, value, param_name, key)
+        else:
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{key}: a mask must be a tensor, got {type(value).__name__}")
+            set_mask(module, value.to(torch.bool), param_name, packed=False, where=key)
     return model
+
+
+def remove_mask(module: nn.Module, param_name: str = "weight") -> None:
+    """Drop the mask of ``module.<param_name>``, bool or packed (the zeros stay in the parameter)."""
+    for packed in (False, True):
+        module._buffers.pop(mask_buffer_name(param_name, packed), None)
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
-    """Drop every mask buffer (the zeros stay in the parameters)."""
-    for module, param_name, _ in masked_parameters(model):
-        del module._buffers[mask_buffer_name(param_name)]
+    """Drop every mask buffer, bool or packed (the zeros stay in the parameters)."""
+    for module in model.modules():
+        for name in [n for n, b in module._buffers.items() if b is not None and _mask_param_name(module, n)]:
+            del module._buffers[name]
     return model
 
 
+def pack_masks_(model: nn.Module) -> nn.Module:
+    """Store every bool mask of ``model`` bit-packed (1/8 of the memory), in place; the weights and
+    what :func:`get_mask` returns do not change."""
+    for module, param_name, mask in masked_parameters(model):
+        if mask.dtype == torch.bool:
+            _store(module, param_name, pack_mask(mask), True)
+    return model
+
+
+def unpack_masks_(model: nn.Module) -> nn.Module:
+    """Store every packed mask of ``model`` as a bool buffer again, in place (the inverse of :func:`pack_masks_`)."""
+    for module, param_name, mask in masked_parameters(model):
+        if mask.dtype != torch.bool:
+            _store(module, param_name, unpack_mask(mask, getattr(module, param_name).shape), False)
+    return model
+
+
+# ----- selection and counts ------------------------------------------------------------------------------
 def prunable_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
                      types: Iterable[type] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) -> dict[str, nn.Module]:
     """Every Conv/Linear of ``model`` accepted by ``filter_fn(module, fqn)``."""
@@ -119,18 +324,21 @@ def prunable_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], boo
             if isinstance(m, types) and (filter_fn is None or filter_fn(m, n))}
 
 
+def remaining_weights(module: nn.Module) -> int:
+    """Kept weights of ``module.weight`` (all of them without a mask); a packed mask is counted as bits."""
+    mask = stored_mask(module)
+    n = module.weight.numel()
+    if mask is None:
+        return n
+    return int(mask.sum()) if mask.dtype == torch.bool else _count_kept_bits(mask, n)
+
+
 def sparsity(modules: Mapping[str, nn.Module]) -> tuple[float, dict[str, float]]:
     """(overall fraction of masked weights, per-layer fraction) over the given modules."""
     per_layer, masked, total = {}, 0, 0
     for name, module in modules.items():
-        mask = get_mask(module)
         n = module.weight.numel()
-        m = 0 if mask is None else n - int(mask.sum())
+        m = n - remaining_weights(module)
         per_layer[name] = m / n if n else 0.0
         masked, total = masked + m, total + n
     return (masked / total if total else 0.0), per_layer
-
-
-def remaining_weights(module: nn.Module) -> int:
-    mask = get_mask(module)
-    return module.weight.numel() if mask is None else int(mask.sum())

@@ -64,7 +64,7 @@ class RunConfig:
 # RunConfig fields that do not decide the result (where it goes, how it is shown or timed, where the
 # dataset files happen to lie) and PruneConfig's resume switches
 _NOT_IN_FINGERPRINT = {"out", "progress", "threads", "latency_repeats", "data_root"}
-_PRUNE_NOT_IN_FINGERPRINT = {"resume", "checkpoint_dir"}
+_PRUNE_NOT_IN_FINGERPRINT = {"resume", "checkpoint_dir", "pack_masks"}  # mask storage decides no result
 FINGERPRINT_FILE = "run_config.json"
 
 

@@ -27,7 +27,7 @@ from .. import ops
 from ..activations import Rectifier
 from ..entropy import EntropyStats, measure
 from ..graph import find_sites, trace
-from ..masks import remove_masks
+from ..masks import remove_masks, stored_mask
 from .modules import StateRectifier
 from .passes.rectifiers import dead_neuron_producer, region_affine
 
@@ -102,8 +102,8 @@ def empty_layers(model: nn.Module, names: Iterable[str]) -> nn.Module:
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"{name!r} ({type(module).__name__}) has no weight to empty")
         weight.zero_()
-        mask = getattr(module, "weight_mask", None)
-        if isinstance(mask, torch.Tensor):
+        mask = stored_mask(module)  # bool or packed: all zeros means every weight masked in both
+        if mask is not None:
             mask.zero_()
     return model
 

@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from ..errors import RecipeError
 from ..graph import TraceError, trace
-from ..masks import MASK_SUFFIX, remove_masks
+from ..masks import is_mask_key, remove_masks
 from .allowlist import (
     _DTYPES,
     _FUNCTION_NAMES,
@@ -376,8 +376,8 @@ def _rebuild(recipe: dict, state: dict[str, torch.Tensor], constants: dict[str, 
         except KeyError as exc:
             raise RecipeError(f"recipe module path {target!r} clashes with an attribute of the module") from exc
     for target, module in taken:  # folding drops the masks of pruned layers; so does a copy from the original
-        if any(k.endswith(MASK_SUFFIX) for k, _ in module.named_buffers()) and \
-                not any(k.startswith(target + ".") and k.endswith(MASK_SUFFIX) for k in state):
+        if any(is_mask_key(k) for k, _ in module.named_buffers()) and \
+                not any(k.startswith(target + ".") and is_mask_key(k) for k in state):  # bool or packed masks
             remove_masks(module)
     for key, info in attributes.items():
         _add_attribute(gm, key, info, constants)

@@ -3,7 +3,8 @@
 Launch. Parameters are grouped by dtype; each group is ONE launch over all its tensors. The launcher
 builds one int64 metadata tensor on the device (cached by tensor addresses and sizes, so a training
 loop builds it once): per tensor the data pointers of param / grad / states / mask, its numel and
-whether it has a mask; per program the (tensor index, chunk index) of the ``CHUNK`` elements it
+its mask's kind (none; a bool byte per element; packed bits, bit ``i % 8`` of byte ``i // 8``, read as
+bits, never unpacked); per program the (tensor index, chunk index) of the ``CHUNK`` elements it
 updates. A program loads its pointers from those tables (int64 addresses bitcast to typed pointers)
 and walks its chunk in ``BLOCK``-element steps: load, update in fp32 (fp64 for fp64) with torch's
 operations one by one, set masked entries to exactly +0.0, store. A whole chunk runs with a constant
@@ -42,8 +43,29 @@ def _table_ptr(meta_ptr, row, n_tensors, t, ELEM: tl.constexpr, ALIGNED: tl.cons
 
 
 @triton.jit
+def _keep(k_ptr, offs, inb, mask_kind):
+    """Whether each element is kept. ``mask_kind``: 0 no mask, 1 one bool byte per element, 2 packed bits
+    (bit ``offs % 8`` of byte ``offs // 8``, least significant first); ``k_ptr`` is at the chunk's first
+    mask byte either way (a chunk starts on a multiple of 8 elements)."""
+    if mask_kind == 2:
+        byte = tl.load(k_ptr + (offs >> 3), mask=inb, other=255).to(tl.int32)
+        keep = ((byte >> (offs & 7)) & 1) != 0
+    else:
+        keep = tl.load(k_ptr + offs, mask=inb & (mask_kind != 0), other=1) != 0
+    return keep
+
+
+@triton.jit
+def _mask_ptr(meta_ptr, row, n_tensors, t, start, mask_kind, MASK_ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
+    """The first mask byte of the chunk starting at element ``start``: a byte per element, or per 8 packed."""
+    ptr = _table_ptr(meta_ptr, row, n_tensors, t, tl.uint8, ALIGNED, MASK_ALIGN)
+    return ptr + tl.where(mask_kind == 2, start >> 3, start)
+
+
+@triton.jit
 def _program_chunk(meta_ptr, n_tensors, n_rows: tl.constexpr, n_programs, CHUNK: tl.constexpr):
-    """(tensor index, first element, elements left from there, has_mask) of this program's chunk."""
+    """(tensor index, first element, elements left from there, mask kind: 0 none, 1 bool, 2 packed) of
+    this program's chunk."""
     pid = tl.program_id(0)
     t = tl.load(meta_ptr + n_rows * n_tensors + pid)
     start = tl.load(meta_ptr + n_rows * n_tensors + n_programs + pid) * CHUNK
@@ -53,7 +75,7 @@ def _program_chunk(meta_ptr, n_tensors, n_rows: tl.constexpr, n_programs, CHUNK:
 
 
 # ----- SGD ---------------------------------------------------------------------------------------------
-# metadata rows: params, grads, momentum buffers, masks, numels, has_mask | program tensor | program chunk
+# metadata rows: params, grads, momentum buffers, masks, numels, mask kinds | program tensor | program chunk
 
 
 @triton.jit
@@ -70,7 +92,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, k_ptr, offs, inb, has_mask, lr, momentum, on
         b = tl.where(first_step != 0, g, tl.fma(one_minus_dampening, g, b * momentum))
         g = tl.where(nesterov != 0, tl.fma(momentum, b, g), b)
     p = tl.fma(-lr, g, p)
-    keep = tl.load(k_ptr + offs, mask=inb & (has_mask != 0), other=1) != 0
+    keep = _keep(k_ptr, offs, inb, has_mask)
     tl.store(p_ptr + offs, tl.where(keep, p, 0.0).to(ELEM), mask=inb)
     if HAS_MOMENTUM:
         tl.store(b_ptr + offs, tl.where(keep, b, 0.0).to(ELEM), mask=inb)
@@ -89,7 +111,7 @@ def masked_sgd_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
     p_ptr = _table_ptr(meta_ptr, 0, n_tensors, t, ELEM, ALIGNED) + start
     g_ptr = _table_ptr(meta_ptr, 1, n_tensors, t, ELEM, ALIGNED) + start
     b_ptr = _table_ptr(meta_ptr, 2, n_tensors, t, ELEM, ALIGNED) + start
-    k_ptr = _table_ptr(meta_ptr, 3, n_tensors, t, tl.int8, ALIGNED, MASK_ALIGN) + start
+    k_ptr = _mask_ptr(meta_ptr, 3, n_tensors, t, start, has_mask, MASK_ALIGN, ALIGNED)
     like = _upcast(tl.full((), 0, ELEM))
     lr = _scalar_from_bits(lr_bits, like)
     momentum = _scalar_from_bits(momentum_bits, like)
@@ -109,7 +131,7 @@ def masked_sgd_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
 
 
 # ----- AdamW -------------------------------------------------------------------------------------------
-# metadata rows: params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, masks, numels, has_mask | program
+# metadata rows: params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, masks, numels, mask kinds | program
 # tensor | program chunk
 
 
@@ -134,7 +156,7 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, k_ptr, offs, inb, has_mas
     else:
         denom = _div_rn(_sqrt_rn(v), bc2_sqrt) + eps
     p = tl.fma(-step_size, _div_rn(m, denom), p)  # p.addcdiv_(m, denom, value=-step_size)
-    keep = tl.load(k_ptr + offs, mask=inb & (has_mask != 0), other=1) != 0
+    keep = _keep(k_ptr, offs, inb, has_mask)
     tl.store(p_ptr + offs, tl.where(keep, p, 0.0).to(ELEM), mask=inb)
     tl.store(m_ptr + offs, tl.where(keep, m, 0.0).to(ELEM), mask=inb)
     tl.store(v_ptr + offs, tl.where(keep, v, 0.0).to(ELEM), mask=inb)
@@ -157,7 +179,7 @@ def masked_adamw_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
     m_ptr = _table_ptr(meta_ptr, 2, n_tensors, t, ELEM, ALIGNED) + start
     v_ptr = _table_ptr(meta_ptr, 3, n_tensors, t, ELEM, ALIGNED) + start
     vmax_ptr = _table_ptr(meta_ptr, 4, n_tensors, t, ELEM, ALIGNED) + start
-    k_ptr = _table_ptr(meta_ptr, 5, n_tensors, t, tl.int8, ALIGNED, MASK_ALIGN) + start
+    k_ptr = _mask_ptr(meta_ptr, 5, n_tensors, t, start, has_mask, MASK_ALIGN, ALIGNED)
     like = _upcast(tl.full((), 0, ELEM))
     decay = _scalar_from_bits(decay_bits, like)  # 1 - lr * weight_decay
     w = _scalar_from_bits(lerp_weight_bits, like)  # 1 - beta1
@@ -183,6 +205,12 @@ def masked_adamw_kernel(dtype_ptr, meta_ptr, n_tensors, n_programs,
 def _check(name: str, tensors, like: torch.Tensor, mask: bool = False) -> None:
     for t in tensors:
         if t is None:
+            continue
+        if mask and t.dtype == torch.uint8:  # packed: uint8[ceil(numel / 8)], read as bits
+            want = (like.numel() + 7) // 8
+            if t.shape != (want,) or t.device != like.device or not t.is_contiguous():
+                raise ValueError(f"{name}: a packed mask of a parameter of {like.numel()} elements must be a "
+                                 f"contiguous uint8[{want}] on {like.device}, got {tuple(t.shape)} on {t.device}")
             continue
         if t.shape != like.shape or t.device != like.device or not t.is_contiguous() \
                 or t.dtype != (torch.bool if mask else like.dtype):
@@ -212,11 +240,11 @@ def _block_and_chunk(numels: list[int], device: torch.device) -> tuple[int, int,
 
 def _metadata(kind: str, rows: list[list[torch.Tensor | None]], fallback: list[torch.Tensor], chunk: int,
               device: torch.device) -> tuple[torch.Tensor, int, bool]:
-    """(int64 [rows of pointers | numels | has_mask | program tensor | program chunk] on ``device``,
+    """(int64 [rows of pointers | numels | mask kinds | program tensor | program chunk] on ``device``,
     number of programs, whether every address is 16-byte aligned). Cached: a training loop builds it once."""
     ptrs = tuple(tuple((t if t is not None else f).data_ptr() for t, f in zip(row, fallback)) for row in rows)
     numels = tuple(f.numel() for f in fallback)
-    has_mask = tuple(int(t is not None) for t in rows[-1])
+    has_mask = tuple(0 if t is None else 2 if t.dtype == torch.uint8 else 1 for t in rows[-1])  # mask kinds
     key = (kind, str(device), chunk, ptrs, numels, has_mask)
     hit = _META_CACHE.get(key)
     if hit is not None:

@@ -28,6 +28,8 @@ class PruneConfig:
     :func:`nepenthe.budget.irrelevance`). ``select`` says which iteration within tolerance is
     returned (see :func:`select_iteration`). ``protect`` and ``layer_caps`` name modules by glob
     patterns over their qualified names; ``protect`` also takes ``"first"`` and ``"last"``.
+    ``pack_masks=True`` stores the masks bit-packed (``*_mask_bits`` buffers and checkpoint keys);
+    False keeps each layer's current form (bool for a new mask).
     """
 
     method: str | PruningMethod = "nepenthe"  # a name of METHODS, or a PruningMethod object
@@ -53,6 +55,9 @@ class PruneConfig:
     # evaluate's value x is recorded as x * metric_scale percent; None: 100 when the dense model's
     # value is within [0, 1] (a fraction, said in a warning), else 1
     metric_scale: float | None = None
+    # store the masks bit-packed on the model (``<param>_mask_bits``: 1/8 byte per weight instead of 1;
+    # nepenthe.masks). Not part of identity(): the storage changes no result, so a run resumes either way
+    pack_masks: bool = False
 
     def __post_init__(self):
         self.strategy = get_method(self.method)  # ValueError for an unknown name

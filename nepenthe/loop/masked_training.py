@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
 from ..masks import mask_lookup, masked_parameters
+from ..ops.mask_bits import as_bool_mask
 
 __all__ = ["enforce_masks", "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "repair_masked_weights"]
 
@@ -104,6 +105,7 @@ def repair_masked_weights(model: nn.Module) -> dict[str, int]:
     names = {id(p): n for n, p in model.named_parameters()}
     for module, param_name, mask in masked_parameters(model):
         param = getattr(module, param_name)
+        mask = as_bool_mask(mask, param)  # a packed mask: unpacked for this layer only
         dropped = ~mask if mask.dtype == torch.bool else mask == 0
         count = int(torch.count_nonzero(param.detach()[dropped]))
         if count:

@@ -21,7 +21,16 @@ from ..distributed import digest
 from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from ..errors import PruneError
 from ..graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
-from ..masks import MASK_SUFFIX, get_mask, remaining_weights, remove_masks, restore_masks, set_mask, sparsity
+from ..masks import (
+    get_mask,
+    is_mask_key,
+    pack_masks_,
+    remaining_weights,
+    remove_masks,
+    restore_masks,
+    set_mask,
+    sparsity,
+)
 from .config import IterationRecord, PruneConfig
 
 __all__ = ["Pruner", "Step"]
@@ -54,6 +63,8 @@ class Pruner:
         self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
         self.method = config.strategy
+        if config.pack_masks:  # masks the model already carries are stored packed too
+            pack_masks_(model)
         self.graph = self._trace()
         if self.graph is not None:
             self.site_layers: dict[str, str] = self._site_layers()
@@ -185,7 +196,7 @@ class Pruner:
         for n, k in counts.items():
             if k > 0:
                 m = self.layers[n]
-                set_mask(m, budget.magnitude_mask(m.weight, get_mask(m), k))
+                set_mask(m, budget.magnitude_mask(m.weight, get_mask(m), k), packed=self.config.pack_masks or None)
         return Step({n: counts.get(n, 0) for n in self.layers}, [], dict(capped or {}))
 
     def replace_with_identity(self, site: str, stats: EntropyStats) -> None:
@@ -211,9 +222,12 @@ class Pruner:
         later ones are dropped first) and weights."""
         self.restore_linearized(snap.replaced)
         remove_masks(self.model)
-        # copies: a mask buffer must not alias the snapshot, which may be restored again later
-        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if k.endswith(MASK_SUFFIX)})
+        # copies: a mask buffer must not alias the snapshot, which may be restored again later; each in
+        # the form the snapshot holds it (bool *_mask or packed *_mask_bits), so load_state_dict finds its keys
+        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if is_mask_key(k)})
         self.model.load_state_dict(snap.state)
+        if self.config.pack_masks:  # a checkpoint written with bool masks, resumed with packing on
+            pack_masks_(self.model)
 
     def mask_digest(self) -> int:
         """A digest of every prunable layer's mask (compared across ranks after each step)."""

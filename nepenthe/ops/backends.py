@@ -176,9 +176,8 @@ class Backend:
 
 
 TABLE: dict[str, Backend] = {b.name: b for b in (
-    # the GPU kernels read bool masks only so far: packed masks are unpacked for them per step
-    Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda),
-    Backend("triton", ("cuda",), KERNEL_DTYPES, _load_triton),
+    Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda),  # packed masks unpacked for it (for now)
+    Backend("triton", ("cuda",), KERNEL_DTYPES, _load_triton, packed_masks=True),
     Backend("cpp", ("cpu",), KERNEL_DTYPES, _load_cpp, packed_masks=True),
     Backend("torch", None, None, lambda: reference, packed_masks=True),
 )}

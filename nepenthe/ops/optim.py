@@ -7,9 +7,11 @@ schedulers and param groups, and add ``masks``: where a parameter's mask is Fals
 and its optimizer state are exactly zero after every step. Each step is one multi-tensor call of
 :func:`nepenthe.ops.masked_sgd_` / :func:`nepenthe.ops.masked_adamw_` per parameter group.
 
-``masks`` is a mapping ``parameter -> bool tensor`` or a callable ``parameter -> bool tensor or
-None`` asked at every step (so masks that grow between pruning rounds are picked up);
-:func:`nepenthe.masks.mask_lookup` builds one from the ``*_mask`` buffers of a model.
+``masks`` is a mapping ``parameter -> mask`` or a callable ``parameter -> mask or None`` asked at
+every step (so masks that grow between pruning rounds are picked up); a mask is a bool tensor of the
+parameter's shape or a packed ``uint8`` one (:func:`nepenthe.ops.pack_mask`), read as bits without
+unpacking. :func:`nepenthe.masks.mask_lookup` builds one from the mask buffers of a model (bool
+``*_mask`` or packed ``*_mask_bits``).
 
 ``pack_masks=True`` makes the step read each mask as bits (:mod:`nepenthe.ops.mask_bits`: an
 eighth of a byte per weight instead of one, on a step that moves 20–28 bytes per fp32 weight). The
@@ -26,7 +28,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .mask_bits import pack_mask
+from .mask_bits import pack_mask, packed_mask_bytes
 from .masked_optim import masked_adamw_, masked_sgd_
 
 __all__ = ["MaskedAdamW", "MaskedSGD"]
@@ -59,9 +61,10 @@ def _evaluate_closure(closure) -> Tensor | None:
 
 
 def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor | None:
-    """The bool mask of ``p`` on its device (None: unmasked). ``ready`` (id(p) -> mask) skips the checks
-    while the getter keeps returning the same mask object that needed no conversion: its dtype and
-    device cannot change in place, and the kernels re-check shape and layout. (A converted copy is
+    """The bool mask of ``p`` on its device, or its packed mask as given (None: unmasked). ``ready``
+    (id(p) -> mask) skips the checks while the getter keeps returning the same mask object that
+    needed no conversion: its dtype and device cannot change in place, and the kernels re-check shape
+    and layout. (A converted copy is
     made afresh at every step, so in-place edits of the mask are always seen.)"""
     mask = getter(p)
     if mask is None:
@@ -69,9 +72,13 @@ def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor 
     if ready is not None:
         if ready.get(id(p)) is mask:
             return mask
-    if mask.shape != p.shape:
-        raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape {tuple(p.shape)}")
-    prepared = mask.to(device=p.device, dtype=torch.bool).contiguous()
+    if mask.shape == p.shape:
+        prepared = mask.to(device=p.device, dtype=torch.bool).contiguous()
+    elif mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == packed_mask_bytes(p.numel()):
+        prepared = mask.to(device=p.device).contiguous()  # stored packed (nepenthe.masks): the kernels read bits
+    else:
+        raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape "
+                         f"{tuple(p.shape)} (a packed one would be uint8[{packed_mask_bytes(p.numel())}])")
     if ready is not None and prepared is mask:
         ready[id(p)] = mask
     return prepared
@@ -85,8 +92,8 @@ class _PackedMasks:
         self._packed: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(param) -> (mask, its version, bits)
 
     def __call__(self, p: Tensor, mask: Tensor | None) -> Tensor | None:
-        if mask is None or mask.is_inference():  # inference tensors have no version counter: stay bool
-            return mask
+        if mask is None or mask.dtype != torch.bool or mask.is_inference():
+            return mask  # packed already (as stored); inference tensors have no version counter: stay bool
         hit = self._packed.get(id(p))
         if hit is not None and hit[0] is mask and hit[1] == mask._version:
             return hit[2]
