@@ -49,9 +49,9 @@ struct OptimTensor {  // 64 bytes; addresses as integers, 0 = absent
   int64_t param;      // T*, contiguous
   int64_t grad;       // const T*
   int64_t state[3];   // T*: SGD momentum_buffer | AdamW exp_avg, exp_avg_sq, max_exp_avg_sq
-  int64_t mask;       // const bool* (one byte per element, nonzero = keep) or 0 for no mask
+  int64_t mask;       // const uint8*: one bool byte per element (nonzero = keep), packed bits, or 0 for no mask
   int64_t numel;
-  int64_t reserved;
+  int64_t mask_bits;  // 1: mask holds packed bits (bit i % 8 of byte i / 8 is element i), 0: one byte each
 };
 static_assert(sizeof(OptimTensor) == 64, "OptimTensor is 8 int64 words");
 

@@ -4,9 +4,13 @@
 //
 // Multi-tensor: the glue groups the tensors of one dtype and uploads a metadata buffer (kernels.h:
 // OptimTensor records + chunk entries); one launch covers all of them, one block per chunk of
-// kOptimChunk elements. A chunk whose pointers are all 16-byte aligned (masks: VEC-byte aligned) moves
+// kOptimChunk elements. A chunk whose pointers are all 16-byte aligned (bool masks: VEC-byte aligned) moves
 // 16-byte vectors; the rest of the chunk (and unaligned chunks) goes element by element through the same
 // per-element function, so results do not depend on the path.
+//
+// Masks: one bool byte per element, or packed bits (OptimTensor::mask_bits: bit i % 8 of byte i / 8, least
+// significant first, numpy.packbits(bitorder="little")), read as bits: a chunk starts on a multiple of 8
+// elements (kOptimChunk), and a vector's V (2, 4 or 8) elements lie in one byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,6 +50,18 @@ template <int N> struct alignas(N) MaskVec {
 };
 
 __host__ __device__ inline bool aligned(int64_t address, int64_t bytes) { return (address & (bytes - 1)) == 0; }
+
+// Element i of a chunk kept? `mask` is at the chunk's first mask byte (bool) or first bits byte (packed).
+__host__ __device__ inline bool keep_at(const unsigned char* mask, bool bits, int64_t i) {
+  if (mask == nullptr) return true;
+  return bits ? ((mask[i >> 3] >> (i & 7)) & 1) != 0 : mask[i] != 0;
+}
+
+// The mask of the chunk starting at element `begin` (a multiple of 8), or null for no mask.
+__host__ __device__ inline const unsigned char* chunk_mask(const OptimTensor& t, int64_t begin) {
+  if (t.mask == 0) return nullptr;
+  return reinterpret_cast<const unsigned char*>(t.mask) + (t.mask_bits ? begin >> 3 : begin);
+}
 
 // ----- per-element arithmetic (reference.masked_sgd_ / masked_adamw_) --------------------------------------
 template <typename A> struct SgdScalars {
@@ -130,12 +146,13 @@ __host__ __device__ void sgd_block(const int64_t* meta, int64_t num_tensors, con
   T* p = reinterpret_cast<T*>(c.t.param) + c.begin;
   const T* g = reinterpret_cast<const T*>(c.t.grad) + c.begin;
   T* buf = s.has_momentum ? reinterpret_cast<T*>(c.t.state[0]) + c.begin : nullptr;
-  const unsigned char* mask = c.t.mask ? reinterpret_cast<const unsigned char*>(c.t.mask) + c.begin : nullptr;
+  const unsigned char* mask = chunk_mask(c.t, c.begin);
+  const bool bits = c.t.mask_bits != 0;
 
   int64_t done = 0;
   const bool vec = aligned(reinterpret_cast<int64_t>(p), 16) && aligned(reinterpret_cast<int64_t>(g), 16) &&
                    (buf == nullptr || aligned(reinterpret_cast<int64_t>(buf), 16)) &&
-                   (mask == nullptr || aligned(reinterpret_cast<int64_t>(mask), V));
+                   (mask == nullptr || bits || aligned(reinterpret_cast<int64_t>(mask), V));
   if (vec) {
     const int64_t nv = c.n / V;
     for (int64_t i = tid; i < nv; i += kThreads) {
@@ -144,12 +161,15 @@ __host__ __device__ void sgd_block(const int64_t* meta, int64_t num_tensors, con
       Vec<T> bv;
       if (buf != nullptr) bv = reinterpret_cast<const Vec<T>*>(buf)[i];
       MaskVec<V> mv;
-      if (mask != nullptr) mv = reinterpret_cast<const MaskVec<V>*>(mask)[i];
+      unsigned vbits = 0xffu;  // packed: this vector's V bits, in the low bits
+      if (mask != nullptr && !bits) mv = reinterpret_cast<const MaskVec<V>*>(mask)[i];
+      if (mask != nullptr && bits) vbits = mask[(i * V) >> 3] >> ((i * V) & 7);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         A pa = load_elem(&pv.v[e]);
         A ba = buf != nullptr ? load_elem(&bv.v[e]) : A(0);
-        sgd_elem(pa, load_elem(&gv.v[e]), ba, mask == nullptr || mv.b[e] != 0, s);
+        const bool keep = mask == nullptr || (bits ? ((vbits >> e) & 1u) != 0 : mv.b[e] != 0);
+        sgd_elem(pa, load_elem(&gv.v[e]), ba, keep, s);
         store_elem(&pv.v[e], pa);
         if (buf != nullptr) store_elem(&bv.v[e], ba);
       }
@@ -161,7 +181,7 @@ __host__ __device__ void sgd_block(const int64_t* meta, int64_t num_tensors, con
   for (int64_t i = done + tid; i < c.n; i += kThreads) {
     A pa = load_elem(p + i);
     A ba = buf != nullptr ? load_elem(buf + i) : A(0);
-    sgd_elem(pa, load_elem(g + i), ba, mask == nullptr || mask[i] != 0, s);
+    sgd_elem(pa, load_elem(g + i), ba, keep_at(mask, bits, i), s);
     store_elem(p + i, pa);
     if (buf != nullptr) store_elem(buf + i, ba);
   }
@@ -178,13 +198,14 @@ __host__ __device__ void adamw_block(const int64_t* meta, int64_t num_tensors,
   T* m = reinterpret_cast<T*>(c.t.state[0]) + c.begin;
   T* v = reinterpret_cast<T*>(c.t.state[1]) + c.begin;
   T* vmax = s.amsgrad ? reinterpret_cast<T*>(c.t.state[2]) + c.begin : nullptr;
-  const unsigned char* mask = c.t.mask ? reinterpret_cast<const unsigned char*>(c.t.mask) + c.begin : nullptr;
+  const unsigned char* mask = chunk_mask(c.t, c.begin);
+  const bool bits = c.t.mask_bits != 0;
 
   int64_t done = 0;
   const bool vec = aligned(reinterpret_cast<int64_t>(p), 16) && aligned(reinterpret_cast<int64_t>(g), 16) &&
                    aligned(reinterpret_cast<int64_t>(m), 16) && aligned(reinterpret_cast<int64_t>(v), 16) &&
                    (vmax == nullptr || aligned(reinterpret_cast<int64_t>(vmax), 16)) &&
-                   (mask == nullptr || aligned(reinterpret_cast<int64_t>(mask), V));
+                   (mask == nullptr || bits || aligned(reinterpret_cast<int64_t>(mask), V));
   if (vec) {
     const int64_t nv = c.n / V;
     for (int64_t i = tid; i < nv; i += kThreads) {
@@ -195,12 +216,15 @@ __host__ __device__ void adamw_block(const int64_t* meta, int64_t num_tensors,
       Vec<T> xv;
       if (vmax != nullptr) xv = reinterpret_cast<const Vec<T>*>(vmax)[i];
       MaskVec<V> kv;
-      if (mask != nullptr) kv = reinterpret_cast<const MaskVec<V>*>(mask)[i];
+      unsigned vbits = 0xffu;  // packed: this vector's V bits, in the low bits
+      if (mask != nullptr && !bits) kv = reinterpret_cast<const MaskVec<V>*>(mask)[i];
+      if (mask != nullptr && bits) vbits = mask[(i * V) >> 3] >> ((i * V) & 7);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         A pa = load_elem(&pv.v[e]), ma = load_elem(&mv.v[e]), va = load_elem(&vv.v[e]);
         A xa = vmax != nullptr ? load_elem(&xv.v[e]) : A(0);
-        adamw_elem(pa, load_elem(&gv.v[e]), ma, va, xa, mask == nullptr || kv.b[e] != 0, s);
+        const bool keep = mask == nullptr || (bits ? ((vbits >> e) & 1u) != 0 : kv.b[e] != 0);
+        adamw_elem(pa, load_elem(&gv.v[e]), ma, va, xa, keep, s);
         store_elem(&pv.v[e], pa);
         store_elem(&mv.v[e], ma);
         store_elem(&vv.v[e], va);
@@ -216,7 +240,7 @@ __host__ __device__ void adamw_block(const int64_t* meta, int64_t num_tensors,
   for (int64_t i = done + tid; i < c.n; i += kThreads) {
     A pa = load_elem(p + i), ma = load_elem(m + i), va = load_elem(v + i);
     A xa = vmax != nullptr ? load_elem(vmax + i) : A(0);
-    adamw_elem(pa, load_elem(g + i), ma, va, xa, mask == nullptr || mask[i] != 0, s);
+    adamw_elem(pa, load_elem(g + i), ma, va, xa, keep_at(mask, bits, i), s);
     store_elem(p + i, pa);
     store_elem(m + i, ma);
     store_elem(v + i, va);

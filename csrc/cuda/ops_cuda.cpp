@@ -159,10 +159,19 @@ std::optional<at::Tensor> checked_mask(const char* op, const c10::List<std::opti
                                        const at::Tensor& p) {
   std::optional<at::Tensor> m = masks.get(i);
   if (!m.has_value() || !m->defined()) return std::nullopt;
-  TORCH_CHECK(m->scalar_type() == at::kBool, op, " (cuda backend): masks[", i, "] must be a bool tensor, got ",
+  TORCH_CHECK(m->scalar_type() == at::kBool || m->scalar_type() == at::kByte, op, " (cuda backend): masks[", i,
+              "] must be a bool tensor (True = keep) or a packed uint8 one (nepenthe.ops.pack_mask), got ",
               m->scalar_type());
   TORCH_CHECK(m->device() == p.device(), op, " (cuda backend): masks[", i, "] is on ", m->device(), " but params[", i,
               "] is on ", p.device());
+  if (m->scalar_type() == at::kByte) {  // packed: bit j % 8 of byte j / 8 is element j
+    const int64_t packed_bytes = (p.numel() + 7) / 8;
+    TORCH_CHECK(m->dim() == 1 && m->numel() == packed_bytes, op, " (cuda backend): masks[", i, "] is uint8 of shape ",
+                m->sizes(), "; a packed mask of params[", i, "] (", p.numel(), " elements) must be 1-d with ",
+                packed_bytes, " bytes (nepenthe.ops.pack_mask)");
+    TORCH_CHECK(m->is_contiguous(), op, " (cuda backend): masks[", i, "] (packed) must be contiguous (.contiguous())");
+    return m;
+  }
   TORCH_CHECK(m->sizes() == p.sizes(), op, " (cuda backend): masks[", i, "] has shape ", m->sizes(), " but params[",
               i, "] has ", p.sizes());
   TORCH_CHECK(m->is_contiguous(), op, " (cuda backend): masks[", i, "] must be contiguous (.contiguous())");
@@ -233,6 +242,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     }
     const auto mask = checked_mask(op, masks, idx, p);
     r.mask = mask.has_value() ? address(*mask) : 0;
+    r.mask_bits = mask.has_value() && mask->scalar_type() == at::kByte ? 1 : 0;
     r.numel = p.numel();
     dtypes[i] = *kernel_dtype(p.scalar_type());
   }
@@ -280,6 +290,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     const auto mask = checked_mask(op, masks, idx, p);
     r.mask = mask.has_value() ? address(*mask) : 0;
+    r.mask_bits = mask.has_value() && mask->scalar_type() == at::kByte ? 1 : 0;
     r.numel = p.numel();
     dtypes[i] = *kernel_dtype(p.scalar_type());
   }

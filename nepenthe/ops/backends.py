@@ -176,7 +176,7 @@ class Backend:
 
 
 TABLE: dict[str, Backend] = {b.name: b for b in (
-    Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda),  # packed masks unpacked for it (for now)
+    Backend("cuda", ("cuda",), KERNEL_DTYPES, _load_cuda, packed_masks=True),
     Backend("triton", ("cuda",), KERNEL_DTYPES, _load_triton, packed_masks=True),
     Backend("cpp", ("cpu",), KERNEL_DTYPES, _load_cpp, packed_masks=True),
     Backend("torch", None, None, lambda: reference, packed_masks=True),
