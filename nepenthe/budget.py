@@ -8,12 +8,13 @@ plain tensors and know nothing of models.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NORMALIZATIONS", "fan_in", "global_magnitude_counts", "global_magnitude_masks", "irrelevance",
-           "magnitude_mask", "weights_to_prune"]
+__all__ = ["NORMALIZATIONS", "MagnitudeThreshold", "fan_in", "global_magnitude_counts", "global_magnitude_masks",
+           "irrelevance", "magnitude_mask", "magnitude_threshold", "sum_across_processes", "weights_to_prune"]
 
 NORMALIZATIONS = ("none", "fan_in")
 
@@ -111,11 +112,191 @@ def weights_to_prune(
     return result
 
 
+# ----- exact selection by the bit patterns of |w| -------------------------------------------------
+# The k smallest remaining magnitudes are found without a sorted (or even a float64) copy of the
+# weights: the IEEE bit pattern of a non-negative float, read as an integer, orders like its value,
+# so a radix selection over those integers needs only histograms. Each pass streams every weight in
+# slices of _CHUNK elements, counts the remaining ones whose key shares the prefix found so far by
+# their next digit, and keeps the bucket holding the k-th key; after a few passes the prefix is the
+# k-th key itself. The counts of a pass are int64 sums over weights, so the partial counts of
+# disjoint parts (two layers, two shards of one layer, two processes) combine by addition: that
+# is what ``reduce`` (an all-reduce) plugs into.
+
+_CHUNK = 1 << 20  # elements per slice: every temporary of a pass stays a few MiB, whatever the model
+_DIGIT_BITS = 11  # 2048 buckets a layer per pass: 3 passes for fp32 keys, 2 for fp16 / bf16
+# key dtype (the float's bits as an integer), value bits without the sign, bit pattern of +inf
+_FORMATS = {torch.float16: (torch.int16, 15, 0x7C00), torch.bfloat16: (torch.int16, 15, 0x7F80),
+            torch.float32: (torch.int32, 31, 0x7F800000), torch.float64: (torch.int64, 63, 0x7FF0000000000000)}
+
+
+@dataclass(frozen=True)
+class MagnitudeThreshold:
+    """Where a magnitude selection cut: ``counts[l]`` weights of layer l are pruned, all of them
+    with |w| below the threshold (``below[l]`` remaining weights of l are) plus, of the ``ties[l]``
+    remaining weights equal to it, the first ones in (layer, position) order. ``key`` is the
+    threshold's bit pattern in ``format`` (-1 when nothing is pruned)."""
+
+    key: int
+    format: torch.dtype
+    counts: dict[str, int]
+    below: dict[str, int]
+    ties: dict[str, int]
+
+    @property
+    def value(self) -> float:
+        """The threshold |w| itself (NaN when the selection reached NaN weights; -1 when empty)."""
+        if self.key < 0:
+            return -1.0
+        bits = torch.tensor([self.key], dtype=_FORMATS[self.format][0])
+        return float(bits.view(self.format)[0])
+
+
+def _key_format(dtypes) -> torch.dtype:
+    """The float format every magnitude is compared in: the weights' own when they share one, else
+    one that holds each of them exactly (fp16 and bf16 both fit in fp32), so the order is the
+    order of the exact values, as in a float64 sort."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1 and next(iter(dtypes)) in _FORMATS:
+        return next(iter(dtypes))
+    return torch.float32 if dtypes <= {torch.float16, torch.bfloat16, torch.float32} else torch.float64
+
+
+class _Keys:
+    """Integer keys ordered like |w|, one slice at a time, written into buffers reused for every
+    slice: the sign bit cleared (so -0.0 is 0.0) and every NaN one key above inf (a sort puts NaNs
+    last and keeps their index order; so do the ties of one key). Reusing the buffers matters
+    beyond memory: a fresh multi-MiB tensor per slice costs its page faults every time."""
+
+    def __init__(self, fmt: torch.dtype):
+        self.fmt, (self.int_dtype, bits, inf) = fmt, _FORMATS[fmt]
+        self.value_bits, self.nan = (1 << bits) - 1, inf + 1
+        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, a bool scratch of the same length), both valid until the next call."""
+        held = self.buffers.get(values.device)
+        if held is None or held[0].numel() < values.numel():  # grown to the largest slice seen
+            n = values.numel()
+            self.buffers[values.device] = (torch.empty(n, dtype=self.int_dtype, device=values.device),
+                                           torch.empty(n, dtype=self.fmt, device=values.device),
+                                           torch.empty(n, dtype=torch.bool, device=values.device))
+        keys, floats, flags = (t[: values.numel()] for t in self.buffers[values.device])
+        if values.dtype != self.fmt:  # exact: the format holds every value of each weight's dtype
+            values = floats.copy_(values)
+        torch.bitwise_and(values.view(self.int_dtype), self.value_bits, out=keys)
+        return keys.clamp_max_(self.nan), flags
+
+
+def _flat(weight: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # row-major order of both (a view for a contiguous tensor; a copy of this one layer otherwise)
+    return weight.detach().reshape(-1), (None if mask is None else mask.reshape(-1))
+
+
+def _histograms(flats, keys_of: _Keys, shift: int, bits: int, prefix: int) -> torch.Tensor:
+    """[layers, 2**bits] int64 on the CPU: per layer, the remaining weights whose key has ``prefix``
+    above bit ``shift + bits``, counted by the ``bits`` below it."""
+    n = 1 << bits
+    out = torch.zeros(len(flats), n, dtype=torch.int64)
+    for i, (w, alive) in enumerate(flats):
+        row = torch.zeros(n + 2, dtype=torch.int64, device=w.device)
+        for start in range(0, w.numel(), _CHUNK):
+            key, _ = keys_of(w[start:start + _CHUNK])
+            # 1 + the digit for a key with the prefix; 0 or n + 1 (not counted) for any other key,
+            # and 0 for a masked weight: the shift first, so no key overflows its integer type
+            key.bitwise_right_shift_(shift).sub_((prefix << bits) - 1).clamp_(0, n + 1)
+            if alive is not None:
+                key.mul_(alive[start:start + _CHUNK])
+            row += torch.bincount(key, minlength=n + 2)
+        out[i] = row[1:n + 1].cpu()
+    return out
+
+
+def _digits(bits: int) -> list[tuple[int, int]]:
+    """(shift, width) of each pass, most significant first, widths as even as _DIGIT_BITS allows."""
+    passes = -(-bits // _DIGIT_BITS)
+    widths = [bits // passes + (i < bits % passes) for i in range(passes)]
+    shifts = [bits - sum(widths[: i + 1]) for i in range(passes)]
+    return list(zip(shifts, widths))
+
+
+def _select(flats, keys_of: _Keys, first: torch.Tensor, n_prune: int, caps: torch.Tensor,
+            reduce) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The key T of the ``n_prune``-th weight taken when the remaining weights are walked in (|w|,
+    layer, position) order and layer l gives at most ``caps[l]`` (0 < n_prune < Σ caps), with the
+    per-layer counts of remaining keys < T and == T. ``first`` is the first pass's histogram."""
+    below = torch.zeros(len(flats), dtype=torch.int64)
+    prefix, hist = 0, first
+    for i, (shift, bits) in enumerate(_digits(_FORMATS[keys_of.fmt][1])):
+        if i:
+            hist = _histograms(flats, keys_of, shift, bits, prefix)
+            hist = reduce(hist) if reduce is not None else hist
+        upto = below[:, None] + hist.cumsum(1)  # per layer: remaining keys up to each bucket's end
+        taken = torch.minimum(upto, caps[:, None]).sum(0)  # what the walk takes up to there
+        bucket = int(torch.searchsorted(taken, n_prune))  # the first bucket reaching n_prune
+        below += hist[:, :bucket].sum(1)
+        prefix = (prefix << bits) | bucket
+    return prefix, below, hist[:, bucket]
+
+
+def magnitude_threshold(
+    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor | None], fraction: float,
+    limits: Mapping[str, int] | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> MagnitudeThreshold:
+    """The global magnitude selection of IMP, streamed: ``floor(fraction · remaining)`` weights, the
+    smallest |w| over all layers (ties in layer order, then position), layer l losing at most
+    ``limits[l]`` (its excess goes to the next smallest of the others).
+
+    Memory: a few MiB of temporaries and a [layers, 2048] int64 histogram, never a copy of the
+    weights. ``reduce(t)`` (e.g. :func:`sum_across_processes`) returns the element-wise sum of the
+    int64 tensor ``t`` over the parts of a model split between processes (each passes its local
+    shards, under the same layer names and dtypes); every process then gets the same result. Which
+    shard of a layer gives its ``counts - below`` ties is then decided by shard order (an exclusive
+    scan of the per-shard tie counts), as one process decides by position.
+    """
+    names = list(weights)
+    flats = [_flat(weights[n], masks.get(n)) for n in names]
+    fmt = _key_format(weights[n].dtype for n in names)
+    keys_of = _Keys(fmt)  # one set of slice buffers for every pass
+    first = _histograms(flats, keys_of, *_digits(_FORMATS[fmt][1])[0], 0)
+    first = reduce(first) if reduce is not None else first
+    alive = first.sum(1)
+    n_prune = math.floor(fraction * int(alive.sum()))
+    caps = alive if limits is None else torch.tensor(
+        [max(min(int(limits.get(n, a)), a), 0) for n, a in zip(names, alive.tolist())], dtype=torch.int64)
+    zero = {n: 0 for n in names}
+    if n_prune <= 0:
+        return MagnitudeThreshold(-1, fmt, zero, zero, zero)
+    if n_prune >= int(caps.sum()):  # every weight the caps allow
+        return MagnitudeThreshold(-1, fmt, dict(zip(names, caps.tolist())), zero, zero)
+    key, below, equal = _select(flats, keys_of, first, n_prune, caps, reduce)
+    under = torch.minimum(below, caps)
+    # the ties at the threshold go in layer order, each layer up to its cap
+    spare = torch.minimum(caps - under, equal)
+    left = n_prune - int(under.sum())
+    from_ties = (left - (torch.cumsum(spare, 0) - spare)).clamp(min=0)
+    counts = under + torch.minimum(spare, from_ties)
+    return MagnitudeThreshold(key, fmt, dict(zip(names, counts.tolist())), dict(zip(names, below.tolist())),
+                              dict(zip(names, equal.tolist())))
+
+
+def sum_across_processes(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``reduce`` for :func:`magnitude_threshold`: all-reduce (sum) over ``group`` of
+    torch.distributed (on the current CUDA device for NCCL)."""
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        on = t.cuda() if dist.get_backend(group) == "nccl" else t.clone()
+        dist.all_reduce(on, group=group)
+        return on.cpu()
+    return reduce
+
+
 def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor | None, n_prune: int) -> torch.Tensor:
     """A new bool mask with the ``n_prune`` smallest-magnitude remaining weights also removed.
 
     Masks only grow: already-masked weights stay masked. Ties are broken by position so the
-    result is deterministic.
+    result is deterministic (exactly a stable sort's choice, found by :func:`magnitude_threshold`'s
+    streamed selection: no sorted or float64 copy of the layer).
     """
     # contiguous on purpose: reshape(-1) below must be a view (a channels_last or transposed mask
     # would be copied by it, and the pruning written into the copy would be lost)
@@ -124,50 +305,39 @@ def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor | None, n_prune: int
     if n_prune <= 0:
         return keep
     flat_keep = keep.reshape(-1)
-    alive = flat_keep.nonzero().squeeze(1)
-    if n_prune >= alive.numel():
+    layer = [(_flat(weight, None)[0], None if mask is None else flat_keep)]
+    w, keys_of = layer[0][0], _Keys(_key_format([weight.dtype]))
+    first = _histograms(layer, keys_of, *_digits(_FORMATS[keys_of.fmt][1])[0], 0)
+    if n_prune >= int(first.sum()):
         flat_keep.zero_()
         return keep
-    magnitudes = weight.detach().reshape(-1)[alive].abs().to(torch.float64)
-    # stable sort: equal magnitudes are pruned in index order, identically on every process
-    order = torch.sort(magnitudes, stable=True).indices
-    flat_keep[alive[order[:n_prune]]] = False
+    key, below, _ = _select(layer, keys_of, first, n_prune, first.sum(1), None)
+    ties = n_prune - int(below[0])  # of the weights equal to the threshold, the first ones go
+    for start in range(0, w.numel(), _CHUNK):
+        k, flags = keys_of(w[start:start + _CHUNK])
+        part = flat_keep[start:start + _CHUNK]
+        if ties:  # the first remaining weights equal to the threshold, in position order
+            equal = torch.eq(k, key, out=flags).logical_and_(part)
+            found = int(equal.sum())
+            if found > ties:
+                equal[equal.nonzero().squeeze(1)[ties:]] = False
+            part.masked_fill_(equal, False)
+            ties -= min(found, ties)
+        part.masked_fill_(torch.lt(k, key, out=flags), False)
     return keep
 
 
 def global_magnitude_counts(
     weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor | None], fraction: float,
-    limits: Mapping[str, int] | None = None,
+    limits: Mapping[str, int] | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """IMP's step as counts: how many weights each layer loses when ``fraction`` of all remaining
-    weights are pruned by one global magnitude threshold.
+    weights are pruned by one global magnitude threshold (:func:`magnitude_threshold`).
 
     ``limits[l]`` caps what layer l may lose; the weights a capped layer cannot give go to the
     next smallest magnitudes of the other layers, so the global count is kept when it can be.
     """
-    alive = {n: (torch.ones_like(w, dtype=torch.bool) if masks.get(n) is None else masks[n])
-             for n, w in weights.items()}
-    values = torch.cat([weights[n].detach().abs().to(torch.float64)[alive[n]].reshape(-1) for n in weights])
-    n_prune = math.floor(fraction * values.numel())
-    if n_prune == 0:
-        return {n: 0 for n in weights}
-    sizes = torch.tensor([int(alive[n].sum()) for n in weights], dtype=torch.int64)
-    owners = torch.repeat_interleave(torch.arange(len(weights)), sizes)
-    # rank all remaining weights globally (stable: ties in index order, the same on every process)
-    order = torch.sort(values, stable=True).indices
-    if limits is not None:
-        cap = torch.tensor([min(int(limits.get(n, s)), int(s)) for n, s in zip(weights, sizes.tolist())])
-        sorted_owners = owners[order]
-        # rank of each weight among its own layer's weights, in global order
-        by_owner = torch.sort(sorted_owners, stable=True)
-        starts = torch.cumsum(sizes, 0) - sizes
-        rank = torch.empty_like(order)
-        rank[by_owner.indices] = torch.arange(len(order)) - starts[by_owner.values]
-        order = order[rank < cap[sorted_owners]]
-    order = order[:n_prune]
-    counts = torch.zeros(len(weights), dtype=torch.int64)
-    counts.index_add_(0, owners[order], torch.ones_like(order))
-    return {n: int(c) for n, c in zip(weights, counts)}
+    return magnitude_threshold(weights, masks, fraction, limits, reduce).counts
 
 
 def global_magnitude_masks(

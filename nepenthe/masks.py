@@ -166,7 +166,20 @@ def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, pac
     keep = mask.to(device=param.device, dtype=torch.bool)
     _store(module, param_name, pack_mask(keep) if packed else keep, packed)
     with torch.no_grad():
+        _zero_masked(param, keep)
+
+
+def _zero_masked(param: Tensor, keep: Tensor) -> None:
+    """``param *= keep``. On the CPU a slice at a time: the float copy of the mask a multiply makes
+    (even of a bool mask) would otherwise be a whole layer's, and those big short-lived copies,
+    between the long-lived masks of a pruning round, leave the heap holes no later copy fits (up to a
+    float mask of the whole model in resident memory)."""
+    if param.device.type != "cpu" or not (param.is_contiguous() and keep.is_contiguous()):
         param.mul_(keep.to(param.dtype))
+        return
+    flat, bits = param.view(-1), keep.view(-1)
+    for start in range(0, flat.numel(), 1 << 18):
+        flat[start:start + (1 << 18)].mul_(bits[start:start + (1 << 18)].to(param.dtype))
 
 
 def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> None:
@@ -175,7 +188,7 @@ def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> N
     bits = _checked_bits(bits, param, where).to(param.device).contiguous()
     _store(module, param_name, bits, True)
     with torch.no_grad():
-        param.mul_(unpack_mask(bits, param.shape).to(param.dtype))
+        _zero_masked(param, unpack_mask(bits, param.shape))
 
 
 def stored_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
