@@ -41,21 +41,36 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) or is_foreign_rectifier(m)
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # an FSDP2 module's forward hooks gather its parameters: meaningless on proxies (and they
+        # fail), so a structure-only trace goes through its forward without them
+        if _is_fsdp_module(m) and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
 
-def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+
+def _is_fsdp_module(m: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(m, FSDPModule)
 
 
-def trace(model: nn.Module, purpose: str = "this operation") -> fx.GraphModule:
-    """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`."""
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    return any(_is_fsdp_module(m) for m in model.modules())
+
+
+def trace(model: nn.Module, purpose: str = "this operation", *, structure_only: bool = False) -> fx.GraphModule:
+    """Symbolically trace ``model``, turning failures into an actionable :class:`TraceError`.
+
+    ``structure_only``: the graph will be analysed (which layer feeds which rectifier, cuts), never
+    run — which is all an FSDP2-sharded model allows (its submodules run only inside the root's
+    forward, where FSDP gathers their parameters)."""
     if isinstance(model, fx.GraphModule):
         return model
-    if isinstance(model, nn.Module) and is_fully_sharded(model):
+    if isinstance(model, nn.Module) and not structure_only and is_fully_sharded(model):
         # FSDP2 gathers a module's parameters in the root module's forward hooks: a traced graph
         # (a new root) would run its submodules on their shards (a wrong result, or FSDP's own error)
         raise TraceError(f"{purpose} needs a torch.fx graph, but {type(model).__name__} is sharded by FSDP2 "

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .sharded import is_sharded, local, shard_like, sharded_sum
+
 __all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "get_mask", "get_masks", "has_mask", "is_mask_key", "mask_buffer_name",
            "mask_lookup", "masked_modules", "masked_parameters", "pack_mask", "pack_masks_", "packed_mask_bytes",
            "prunable_modules", "remaining_weights", "remove_mask", "remove_masks", "restore_masks", "set_mask",
@@ -161,6 +163,15 @@ def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, pac
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{_layer(module, param_name, where)}: mask of shape {got} does not fit {param_name} of "
                          f"shape {tuple(param.shape)} in {type(module).__name__}")
+    if is_sharded(param):  # FSDP2: the mask is sharded as its parameter is; zeroing is local
+        if packed:
+            raise ValueError(f"{_layer(module, param_name, where)}: bit-packed masks are not supported for "
+                             "FSDP2-sharded parameters; keep bool masks (PruneConfig(pack_masks=False))")
+        keep = mask if is_sharded(mask) else shard_like(mask.to(torch.bool), param)
+        _store(module, param_name, keep, False)
+        with torch.no_grad():
+            _zero_masked(local(param), local(keep))
+        return
     if packed is None:
         packed = mask_buffer_name(param_name, True) in module._buffers
     keep = mask.to(device=param.device, dtype=torch.bool)
@@ -343,6 +354,8 @@ def remaining_weights(module: nn.Module) -> int:
     n = module.weight.numel()
     if mask is None:
         return n
+    if is_sharded(mask):  # this rank's slice, summed over the ranks
+        return sharded_sum(int(local(mask).sum()), mask)
     return int(mask.sum()) if mask.dtype == torch.bool else _count_kept_bits(mask, n)
 
 

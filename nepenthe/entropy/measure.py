@@ -82,7 +82,7 @@ def _hook_probes_or_raise(model: nn.Module, accs: dict, options: EntropyOptions,
 
 def describe_sites(model: nn.Module) -> dict[str, SiteInfo]:
     """The rectifier call sites of a traceable model, without running it."""
-    return _site_infos(find_sites(trace(model, "finding rectifier call sites")))
+    return _site_infos(find_sites(trace(model, "finding rectifier call sites", structure_only=True)))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import ops
 from ..masks import mask_lookup, masked_parameters
 from ..ops.mask_bits import as_bool_mask
+from ..sharded import is_sharded, local
 
 __all__ = ["enforce_masks", "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "repair_masked_weights"]
 
@@ -24,6 +25,9 @@ def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     for module, param_name, mask in masked_parameters(model):
         param = getattr(module, param_name)
         state = optimizer.state.get(param) if optimizer is not None else None
+        if is_sharded(param):  # FSDP2: every rank zeroes its own slice (mask and moments sharded alike)
+            param, mask = local(param), local(mask)
+            state = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else state
         ops.apply_mask_(param, mask, state)
 
 
@@ -105,6 +109,8 @@ def repair_masked_weights(model: nn.Module) -> dict[str, int]:
     names = {id(p): n for n, p in model.named_parameters()}
     for module, param_name, mask in masked_parameters(model):
         param = getattr(module, param_name)
+        if is_sharded(param):  # FSDP2: this rank's slice (each rank repairs, and reports, its own)
+            param, mask = local(param), local(mask)
         mask = as_bool_mask(mask, param)  # a packed mask: unpacked for this layer only
         dropped = ~mask if mask.dtype == torch.bool else mask == 0
         count = int(torch.count_nonzero(param.detach()[dropped]))

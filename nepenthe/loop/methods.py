@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from .. import budget
+from ..distributed import rank
 from ..entropy import EntropyStats
 from ..masks import get_mask, prunable_modules, remaining_weights
+from ..sharded import full, is_sharded, local
 
 if TYPE_CHECKING:
     from .pruner import Pruner, Step
@@ -60,6 +62,27 @@ class PruningMethod:
         return f"{type(self).__name__}()"
 
 
+def _whole(weight, mask):
+    """A layer's weight and mask whole (an FSDP2 layer gathered: one layer at a time, so that the
+    budget is computed exactly as by one process)."""
+    return full(weight), None if mask is None else full(mask)
+
+
+def _rank_parts(weights: dict, masks: dict) -> tuple[dict, dict]:
+    """Each rank's part of every layer for a summed selection: its slice of a sharded layer; all of
+    an unsharded one on rank 0 and nothing elsewhere (so it is counted once)."""
+    main = rank() == 0
+    parts, part_masks = {}, {}
+    for n, w in weights.items():
+        m = masks.get(n)
+        if is_sharded(w):
+            parts[n], part_masks[n] = local(w), None if m is None else local(m)
+        else:
+            parts[n] = w if main else w.detach().reshape(-1)[:0]
+            part_masks[n] = m if main or m is None else m.reshape(-1)[:0]
+    return parts, part_masks
+
+
 class Nepenthe(PruningMethod):
     """The entropy-weighted budget of docs/method.md §2: low-entropy, low-magnitude layers lose the most."""
 
@@ -70,7 +93,7 @@ class Nepenthe(PruningMethod):
         entropy = pruner.layer_entropy(stats)
         weights = {n: m.weight for n, m in pruner.layers.items()}
         remaining = {n: remaining_weights(m) for n, m in pruner.layers.items()}
-        irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), weights[n], get_mask(m), cfg.normalize)
+        irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), *_whole(weights[n], get_mask(m)), cfg.normalize)
                        for n, m in pruner.layers.items()}
         # The allocation at the full ζ, every layer's share times the back-off scale: a smaller
         # budget alone would still empty the least relevant layers first (the softmax gives them
@@ -103,7 +126,12 @@ class IMP(PruningMethod):
         weights = {n: m.weight for n, m in pruner.layers.items()}
         masks = {n: get_mask(m) for n, m in pruner.layers.items()}
         zeta = pruner.config.zeta * scale
-        counts, capped = pruner.allocate(lambda limits: budget.global_magnitude_counts(weights, masks, zeta, limits))
+        reduce = None
+        if any(is_sharded(w) for w in weights.values()):  # FSDP2: each rank counts its slices, summed
+            weights, masks = _rank_parts(weights, masks)
+            reduce = budget.sum_across_processes()
+        counts, capped = pruner.allocate(
+            lambda limits: budget.global_magnitude_counts(weights, masks, zeta, limits, reduce))
         return pruner.prune_by_magnitude(counts, capped)
 
 

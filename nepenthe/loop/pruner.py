@@ -20,7 +20,7 @@ from .._utils import set_submodule
 from ..distributed import digest
 from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from ..errors import PruneError
-from ..graph import TraceError, first_linear_ops, input_reaches_output, last_linear_ops, trace
+from ..graph import TraceError, first_linear_ops, input_reaches_output, is_fully_sharded, last_linear_ops, trace
 from ..masks import (
     get_mask,
     is_mask_key,
@@ -31,6 +31,7 @@ from ..masks import (
     set_mask,
     sparsity,
 )
+from ..sharded import full, is_sharded, local, reshard
 from .config import IterationRecord, PruneConfig
 
 __all__ = ["Pruner", "Step"]
@@ -63,6 +64,11 @@ class Pruner:
         self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
         self.method = config.strategy
+        if is_fully_sharded(model) and (config.checkpoint_dir or config.pack_masks):
+            # a checkpoint of sharded tensors written by rank 0 would hold rank 0's slices only
+            raise PruneError(f"{type(model).__name__} is sharded by FSDP2: "
+                             + ("checkpoint_dir is not supported for it yet (run without checkpoints)"
+                                if config.checkpoint_dir else "pack_masks is not supported for it (keep bool masks)"))
         if config.pack_masks:  # masks the model already carries are stored packed too
             pack_masks_(model)
         self.graph = self._trace()
@@ -78,7 +84,7 @@ class Pruner:
 
     def _trace(self) -> fx.GraphModule | None:
         try:
-            return trace(self.model, "finding the layers that feed each rectifier")
+            return trace(self.model, "finding the layers that feed each rectifier", structure_only=True)
         except TraceError as exc:
             # IMP prunes every Conv/Linear without knowing the graph; the entropy methods find the
             # layer feeding each rectifier by running the model (_site_layers_by_running). Either
@@ -115,6 +121,8 @@ class Pruner:
             infos = describe_sites(self.model)
         except TraceError as exc:
             raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
+        if is_fully_sharded(self.model):  # measured through module hooks only: functional calls get no entropy
+            infos = {name: info for name, info in infos.items() if info.module_path is not None}
         return self._prunable(infos)
 
     def _prunable(self, infos) -> dict[str, str]:
@@ -189,6 +197,7 @@ class Pruner:
         return out
 
     def prune_step(self, stats: EntropyStats, scale: float, avoid: Sequence[str] = ()) -> Step:
+        reshard(self.model)  # FSDP2: masks are set on the shards (a forward left the root gathered)
         return self.method.step(self, stats, scale, avoid)
 
     def prune_by_magnitude(self, counts: dict[str, int], capped: dict[str, int] | None = None) -> Step:
@@ -196,7 +205,11 @@ class Pruner:
         for n, k in counts.items():
             if k > 0:
                 m = self.layers[n]
-                set_mask(m, budget.magnitude_mask(m.weight, get_mask(m), k), packed=self.config.pack_masks or None)
+                # FSDP2: one layer gathered at a time (never the whole model), the new mask sliced back
+                # locally by set_mask: exactly the mask one process computes
+                mask = get_mask(m)
+                chosen = budget.magnitude_mask(full(m.weight), None if mask is None else full(mask), k)
+                set_mask(m, chosen, packed=self.config.pack_masks or None)
         return Step({n: counts.get(n, 0) for n in self.layers}, [], dict(capped or {}))
 
     def replace_with_identity(self, site: str, stats: EntropyStats) -> None:
@@ -215,11 +228,13 @@ class Pruner:
 
     # ----- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> _Snapshot:
+        reshard(self.model)  # FSDP2: the state is the shards
         return _Snapshot(copy.deepcopy(self.model.state_dict()), sorted(self.replaced))
 
     def restore(self, snap: _Snapshot) -> None:
         """Put the model back as it was at ``snap``: activations, masks (which only grow, so the
         later ones are dropped first) and weights."""
+        reshard(self.model)
         self.restore_linearized(snap.replaced)
         remove_masks(self.model)
         # copies: a mask buffer must not alias the snapshot, which may be restored again later; each in
@@ -232,10 +247,11 @@ class Pruner:
     def mask_digest(self) -> int:
         """A digest of every prunable layer's mask (compared across ranks after each step)."""
         masks = [get_mask(self.layers[n]) for n in sorted(self.layers)]
-        return digest(m for m in masks if m is not None)
+        # an FSDP2 mask is a different slice on every rank, computed from gathered layers
+        return digest(m for m in masks if m is not None and not is_sharded(m))
 
     def nonfinite_parameters(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        return [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(local(p)).all())]
 
     # ----- bookkeeping ------------------------------------------------------------------------
     def record(self, iteration: int, accuracy: float | None, stats: EntropyStats | None, step: Step,

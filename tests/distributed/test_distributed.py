@@ -123,3 +123,27 @@ def test_rank_zero_writes_and_every_rank_resumes(runs, world):
         assert result["files"] == ["iter_000.pt", "iter_001.pt", "iter_002.pt", "iter_003.pt", "summary.json"]
         _equal(result["again"][:3], result["first"], f"rank {r}: resumed records")
         _equal({k: result[k] for k in ("again", "masks")}, {k: single[k] for k in ("again", "masks")}, f"rank {r}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_sharded_pruning_step_gives_one_process_masks(runs, world):
+    """FSDP2 (fully_shard): NEPENTHE (each layer gathered alone for its selection) and IMP (the
+    global threshold from summed per-slice counts, no layer gathered for it) give, gathered, the
+    masks and weights of one process on the same data."""
+    single = _ok(runs[0]["fsdp_prune_step"][0])
+    assert all(sum(single[m]["pruned"].values()) > 0 for m in ("nepenthe", "imp"))
+    for r, result in enumerate(runs[world]["fsdp_prune_step"]):
+        _equal(_ok(result), single, f"rank {r}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_loop_keeps_every_rank_in_step(runs, world):
+    """The loop on an FSDP2 model, retrained through it: the ranks agree on every record and hold
+    (gathered) the same masks and weights; with 2 ranks they equal one process (averaging two equal
+    gradients is exact)."""
+    results = [_ok(r) for r in runs[world]["fsdp_prune_loop"]]
+    assert results[0]["records"][-1][1] > 0
+    for r, result in enumerate(results[1:], 1):
+        _equal(result, results[0], f"rank {r}")
+    if world == 2:
+        _equal(results[0], _ok(runs[0]["fsdp_prune_loop"][0]), "one process")

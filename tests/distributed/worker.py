@@ -9,6 +9,7 @@ the same error and leave the group usable for the next one — which is what is 
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -173,9 +174,45 @@ def prune_with_checkpoints_then_resume() -> dict:
             "files": sorted(p.name for p in folder.iterdir())}
 
 
+def _fsdp_model() -> nn.Module:
+    """The same model, sharded by FSDP2 over the ranks (unsharded in the one-process reference)."""
+    model = _model()
+    if dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    return model
+
+
+def _gathered(model: nn.Module) -> dict:
+    from nepenthe.sharded import full
+
+    return {"masks": {k: full(v).clone() for k, v in sorted(get_masks(model).items())},
+            "weights": {k: full(v).detach().clone() for k, v in sorted(model.state_dict().items())
+                        if not k.endswith("_mask")}}
+
+
+def fsdp_prune_step() -> dict:
+    out = {}
+    for method in ("nepenthe", "imp"):
+        model = _fsdp_model()
+        step = nepenthe.prune_step(model, _shard(_digits()["train"]),
+                                   config=nepenthe.PruneConfig(method=method, zeta=0.4))
+        out[method] = {"pruned": step.pruned, **_gathered(model)}
+    return out
+
+
+def fsdp_prune_loop() -> dict:
+    model = _fsdp_model()
+    result = nepenthe.prune(model, _shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
+                            config=nepenthe.PruneConfig(max_iters=2, delta=None, zeta=0.4))
+    return {"records": [(r.iteration, r.sparsity, r.layer_entropy) for r in result.iterations],
+            "stop": result.stop_reason, **_gathered(model)}
+
+
 SCENARIOS = [measure, measure_nan_on_rank_1, measure_no_batches_on_last_rank, prune_same_retrain, prune_ddp_retrain,
              prune_retrain_without_ddp, prune_evaluate_fails_on_rank_1, prune_retrain_diverges_on_rank_1,
-             prune_per_rank_accuracy, prune_with_checkpoints_then_resume]
+             prune_per_rank_accuracy, prune_with_checkpoints_then_resume, fsdp_prune_step, fsdp_prune_loop]
 
 
 def main() -> None:
@@ -187,7 +224,8 @@ def main() -> None:
                                 timeout=timedelta(seconds=60))
     RANK, WORLD = rank, max(world, 1)
     try:
-        for scenario in SCENARIOS:
+        only = os.environ.get("NEPENTHE_SCENARIOS")  # when debugging: a comma-separated subset
+        for scenario in [s for s in SCENARIOS if not only or s.__name__ in only.split(",")]:
             print(f"rank {rank}: {scenario.__name__}", flush=True)
             try:
                 result = {"ok": scenario()}
