@@ -6,11 +6,18 @@ measurement; on CUDA devices each timed block is bracketed by CUDA events on the
 warm-up, repeated blocks (the spread is over blocks, each of ``number`` calls), median / IQR in
 milliseconds, and, for comparisons, blocks of the two models interleaved (ABBA) so that drift of
 the machine (frequency, other load) hits both alike.
+
+A result whose blocks spread widely says so: ``noisy`` is set (and a RuntimeWarning names the
+spread) when the IQR exceeds :data:`NOISY_IQR_OVER_MEDIAN` of the median or the median exceeds
+:data:`NOISY_MEDIAN_OVER_MIN` times the fastest block. On a quiet machine blocks agree within a few
+per cent; a loaded one (other processes, more threads than free cores) gave medians of 656 ms for
+a model whose fastest block took 38 ms (issue 14 item 11), a number that only looked like a result.
 """
 
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,12 +29,17 @@ from torch.utils.benchmark import Timer
 from ._utils import as_args
 from .environment import device_name
 
-__all__ = ["compare_calls", "compare_latency", "CudaEventTimer", "latency", "LatencyResult"]
+__all__ = ["compare_calls", "compare_latency", "CudaEventTimer", "latency", "LatencyResult", "NOISY_IQR_OVER_MEDIAN",
+           "NOISY_MEDIAN_OVER_MIN"]
+
+NOISY_IQR_OVER_MEDIAN = 0.2  # IQR / median above this: the blocks disagree
+NOISY_MEDIAN_OVER_MIN = 1.5  # median / fastest block above this: most blocks waited for something
 
 
 @dataclass
 class LatencyResult:
-    """Per-call latency in milliseconds over ``repeats`` blocks of ``number`` calls."""
+    """Per-call latency in milliseconds over ``repeats`` blocks of ``number`` calls. ``noisy``: the
+    blocks spread too widely for the median to be trusted (``noise`` says how; empty otherwise)."""
 
     median_ms: float
     iqr_ms: float
@@ -39,6 +51,8 @@ class LatencyResult:
     threads: int
     device: str
     samples_ms: list[float]
+    noisy: bool = False
+    noise: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,9 +121,29 @@ def _auto_number(timer: Timer, target_s: float = 0.02) -> int:
 def _summarise(block_means_s: Sequence[float], number: int, threads: int, device: torch.device) -> LatencyResult:
     ms = [t * 1e3 for t in block_means_s]
     q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0], ms[0], ms[0]]
-    return LatencyResult(median_ms=statistics.median(ms), iqr_ms=q[2] - q[0], min_ms=min(ms), max_ms=max(ms),
-                         mean_ms=statistics.fmean(ms), repeats=len(ms), number=number, threads=threads,
-                         device=device_name(device), samples_ms=ms)
+    median, iqr, fastest = statistics.median(ms), q[2] - q[0], min(ms)
+    return LatencyResult(median_ms=median, iqr_ms=iqr, min_ms=fastest, max_ms=max(ms), mean_ms=statistics.fmean(ms),
+                         repeats=len(ms), number=number, threads=threads, device=device_name(device), samples_ms=ms,
+                         **_noise(median, iqr, fastest))
+
+
+def _noise(median: float, iqr: float, fastest: float) -> dict:
+    """``noisy`` / ``noise`` of a result: which spread threshold its blocks passed, if any."""
+    why = []
+    if median > 0 and iqr > NOISY_IQR_OVER_MEDIAN * median:
+        why.append(f"IQR {iqr / median:.0%} of the median (limit {NOISY_IQR_OVER_MEDIAN:.0%})")
+    if fastest > 0 and median > NOISY_MEDIAN_OVER_MIN * fastest:
+        why.append(f"median {median / fastest:.1f}x the fastest block (limit {NOISY_MEDIAN_OVER_MIN}x)")
+    return {"noisy": bool(why), "noise": "; ".join(why)}
+
+
+def _warn_if_noisy(results: Mapping[str, LatencyResult], stacklevel: int = 3) -> None:
+    noisy = {name: r for name, r in results.items() if r.noisy}
+    if noisy:
+        what = "; ".join(f"{name}: {r.median_ms:.3f} ms median, {r.noise}" for name, r in noisy.items())
+        warnings.warn(f"noisy latency ({what}): the machine was busy (other processes, or more threads than free "
+                      f"cores), so these medians are unreliable; rerun on a quiet machine or with fewer threads",
+                      RuntimeWarning, stacklevel=stacklevel)
 
 
 def latency(model: nn.Module, example_input, *, warmup: int = 5, repeats: int = 20, number: int | None = None,
@@ -127,7 +161,9 @@ def latency(model: nn.Module, example_input, *, warmup: int = 5, repeats: int = 
     if warmup:
         timer.timeit(warmup)
     number = number or _auto_number(timer)
-    return _summarise([timer.timeit(number).mean for _ in range(repeats)], number, threads, dev)
+    result = _summarise([timer.timeit(number).mean for _ in range(repeats)], number, threads, dev)
+    _warn_if_noisy({"model": result})
+    return result
 
 
 def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmup: int = 5, repeats: int = 20,
@@ -139,6 +175,7 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input, *, warmu
     threads = threads or torch.get_num_threads()
     results = _interleaved([_timer(m1, args, threads, dev), _timer(m2, args, threads, dev)], warmup, repeats, threads,
                            dev)
+    _warn_if_noisy({"before": results[0], "after": results[1]})
     return results[0], results[1]
 
 
@@ -152,8 +189,9 @@ def compare_calls(calls: Mapping[str, Callable[[], object]], *, warmup: int = 5,
         timers = [CudaEventTimer(fn, device, threads, no_grad=False) for fn in calls.values()]
     else:
         timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in calls.values()]
-    results = _interleaved(timers, warmup, repeats, threads, device)
-    return dict(zip(calls, results))
+    results = dict(zip(calls, _interleaved(timers, warmup, repeats, threads, device)))
+    _warn_if_noisy(results)
+    return results
 
 
 def _interleaved(timers: list[Timer], warmup: int, repeats: int, threads: int,

@@ -37,7 +37,7 @@ void activation_histogram_cpu(const at::Tensor& x, const at::Tensor& out, const 
     // the pass overwrites); on an already mapped output this is ~50k stores.
     auto* bytes = static_cast<volatile char*>(static_cast<char*>(out.data_ptr()));
     const int64_t pages = (static_cast<int64_t>(out.nbytes()) + 4095) / 4096;
-    at::parallel_for(0, pages, 1024, [&](int64_t b, int64_t e) {
+    nepenthe_cpu::parallel_for(0, pages, 1024, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) bytes[i * 4096] = 0;
     });
   }

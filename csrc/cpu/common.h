@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -77,6 +79,77 @@ void run_best(A... a) {
   }
 #endif
   run_baseline<K>(a...);
+}
+
+// ----- parallel loops that stay serial while threads would only wait ----------------------------------------
+// On a machine whose cores other processes keep busy, a worker thread of a parallel region waits for a
+// time slice (milliseconds) while the calling thread, done with its own share, spins at the region's
+// barrier: measured on 2 shared cores, a 65k-element step cost 500x the CPU of one thread and 370x the
+// wall time (bench/cpu_under_load.py, bench/RESULTS.md). A grain size cannot fix that (the delay is the
+// scheduler's, not the work's), so each region checks what it cost: when its threads, done with their
+// shares, waited at the barrier for longer than a quarter of the time they worked, the region spent over
+// 1.25x the CPU of a serial loop (a worker late to start or preempted, or sharing its core with another
+// process at half speed, which costs 1.5x). Then the following calls run serially for a back-off window (100 ms, doubling up to 2 s while
+// regions keep coming late; a region in time shortens the next window by one step), after which one
+// region tries again: a late try costs a time slice of spinning, a few ms per window. On an idle machine
+// workers start within microseconds and nothing changes (a spurious late region costs 100 ms of serial
+// calls). NEPENTHE_CPU_ALWAYS_PARALLEL=1 turns the check off (to measure plain OpenMP).
+struct ParallelBackoff {
+  std::atomic<int64_t> serial_until_ns{0};
+  std::atomic<int> late_streak{0};
+};
+inline ParallelBackoff& parallel_backoff() {
+  static ParallelBackoff state;
+  return state;
+}
+inline int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline bool always_parallel() {
+  static const bool on = std::getenv("NEPENTHE_CPU_ALWAYS_PARALLEL") &&
+                         std::getenv("NEPENTHE_CPU_ALWAYS_PARALLEL")[0] == '1';
+  return on;
+}
+constexpr int64_t kBackoffFirstNs = 100'000'000, kBackoffMaxNs = 2'000'000'000;
+constexpr int kBackoffMaxStreak = 5;  // 100 ms << 5 > 2 s
+
+// at::parallel_for(begin, end, grain, f) (same chunks, same grain rule), or f(begin, end) on the calling
+// thread while the back-off window is open.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  const bool parallel = end - begin > grain && at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (!parallel || always_parallel()) {
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  ParallelBackoff& state = parallel_backoff();
+  if (steady_ns() < state.serial_until_ns.load(std::memory_order_relaxed)) {
+    at::parallel_for(begin, end, end - begin, f);  // grain = the whole range: one call, this thread
+    return;
+  }
+  const int64_t start = steady_ns();
+  std::atomic<int64_t> worked{0}, done_sum{0};
+  std::atomic<int> shares{0};
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const int64_t t0 = b == begin ? start : steady_ns();  // thread 0 (the caller) takes the first chunk
+    f(b, e);
+    const int64_t t1 = steady_ns();
+    worked.fetch_add(t1 - t0, std::memory_order_relaxed);
+    done_sum.fetch_add(t1, std::memory_order_relaxed);
+    shares.fetch_add(1, std::memory_order_relaxed);
+  });
+  const int64_t waited = shares.load() * steady_ns() - done_sum.load();  // summed over the threads
+  const bool late = waited * 4 > worked.load();
+  const int streak = state.late_streak.load(std::memory_order_relaxed);
+  if (late) {
+    state.late_streak.store(std::min(streak + 1, kBackoffMaxStreak), std::memory_order_relaxed);
+    const int64_t window = std::min(kBackoffMaxNs, kBackoffFirstNs << streak);
+    state.serial_until_ns.store(steady_ns() + window, std::memory_order_relaxed);
+  } else if (streak != 0) {
+    state.late_streak.store(streak - 1, std::memory_order_relaxed);
+  }
 }
 
 // ----- dtypes --------------------------------------------------------------------------------------------
@@ -270,7 +343,7 @@ NEP_INLINE float x_sigmoid(float x, float t) {
 // 0.5 x (1 + erf(x / sqrt 2)). erf(|z|) = 1 - q with q = t P(t) e^{-z^2}, t = 1 / (1 + p|z|)
 // (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7, the approximation ATen vectorises too);
 // with h = q / 2 the result is x h for z < 0 and x (1 - h) otherwise, without cancellation in the
-// tail. +-inf: t = 0, h = 0, so +inf -> +inf and -inf -> -inf * 0 = NaN (PyTorch's fp64 / libm result).
+// tail. +-inf: t = 0, h = 0, so +inf -> +inf and -inf -> -inf * 0 = NaN (activate() passes -FLT_MAX instead).
 NEP_INLINE float gelu_erf(float x) {
   const float z = x * 0.707106781186547524f;
   const float az = bits_f32(f32_bits(z) & 0x7FFFFFFFu);
@@ -283,16 +356,31 @@ NEP_INLINE float gelu_erf(float x) {
   return x * select(z < 0.0f, h, 1.0f - h);
 }
 // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function as
-// PyTorch's tanh form, without tanh (+inf -> +inf, -inf -> NaN, like PyTorch's).
+// PyTorch's tanh form, without tanh (+inf -> +inf; -inf -> NaN, which activate() avoids).
 NEP_INLINE float gelu_tanh(float x) {
   const float two_beta = 1.59576912160573071f, kappa = 0.044715f;
   return x_sigmoid(x, two_beta * x * mad(kappa * x, x, 1.0f));
 }
 
-// φ(v) with PyTorch's CPU formulas (NaN propagates like PyTorch's: every branch keeps a NaN).
-// fp32 (and fp16/bf16, computed in fp32) GELU/SiLU use the vectorisable forms above, fp64 libm.
+// -inf as the most negative finite value, for the activations whose limit at -inf is 0 (GELU, SiLU,
+// hardswish): their formulas multiply -inf by 0 (NaN, PyTorch's result) but map the lowest finite
+// value to -0.0, the limit with the sign of their negative tail (the rule of every backend:
+// reference.activation). NaN stays NaN (the comparison is false); a select gcc vectorises.
+template <class A>
+NEP_INLINE A finite_below(A v) {
+  constexpr A lowest = std::numeric_limits<A>::lowest();
+  return v < lowest ? lowest : v;
+}
+constexpr bool zero_at_minus_inf(int kind) {
+  return kind == GELU || kind == GELU_TANH || kind == SILU || kind == HARDSWISH;
+}
+
+// φ(v) with PyTorch's CPU formulas (NaN propagates like PyTorch's: every branch keeps a NaN), but
+// at -inf the limit (finite_below). fp32 (and fp16/bf16, computed in fp32) GELU/SiLU use the
+// vectorisable forms above, fp64 libm.
 template <int KIND, class A>
 NEP_INLINE A activate(A v, A slope) {
+  if constexpr (zero_at_minus_inf(KIND)) v = finite_below(v);
   if constexpr (std::is_same_v<A, float> && KIND == GELU) {
     return gelu_erf(v);
   } else if constexpr (std::is_same_v<A, float> && KIND == GELU_TANH) {
@@ -506,8 +594,10 @@ inline bool cpu_has_avx512() {
 // a division (a 512-bit division is the slowest instruction of the loop on AMD Zen 4); the
 // reciprocal's relative error (~1e-8) is far below the approximation's own. Above |z| = 1e4 (erf is
 // 1 there in fp32) t is set to exactly 0, as 1 / (1 + p|z|) rounds to for |z| = Inf, so that
-// -Inf -> -Inf * 0 = NaN as in gelu_erf() (rcp14's Newton step would give NaN at +Inf itself).
+// x = -Inf is first taken as -FLT_MAX (finite_below), which gives -0 (rcp14's Newton step would give
+// NaN at +Inf itself). max_ps returns its second operand when either is NaN: a NaN x stays.
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) inline __m512 gelu_erf16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(std::numeric_limits<float>::lowest()), x);
   const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.707106781186547524f));
   const __m512 az = _mm512_abs_ps(z);
   const __mmask16 moderate = _mm512_cmp_ps_mask(az, _mm512_set1_ps(1e4f), _CMP_LE_OQ);  // false for Inf, NaN
@@ -582,7 +672,7 @@ NEP_INLINE void activate_block(const T* __restrict__ xi, T* __restrict__ yo, int
 // fp64), rounded to fp32; hardswish in fp32, as PyTorch computes it.
 template <int KIND>
 float table_value(float xf) {
-  const double x = xf;
+  const double x = zero_at_minus_inf(KIND) ? finite_below(xf) : xf;
   if constexpr (KIND == GELU) {
     return static_cast<float>(0.5 * x * std::erfc(-x * M_SQRT1_2));
   } else if constexpr (KIND == GELU_TANH) {
@@ -906,27 +996,31 @@ inline void normalize(Geometry& g, bool has_output) {
   if (g.C == 1) g.xsc = g.ysc = 1;
 }
 
-// Thread-local int64 [C][5] partial counts, merged into hist under a mutex when a task ends.
+// Thread-local int64 [C][5] partial counts, added into hist with atomic adds when a task ends. Not
+// under a mutex: when both threads finished together, the second slept in the kernel (futex) and, on a
+// loaded machine, its wake-up waited for a time slice: every 2-thread histogram region of 64k-1M
+// elements took 3-8 ms where one thread needed 0.05-1 ms (bench/cpu_under_load.py --crossover).
 struct Merger {
   int64_t* hist;
   int64_t bins, C, mult;
   bool has_upper;
-  std::mutex mu;
+  static NEP_INLINE void put(int64_t* h, int64_t v) {
+    if (v != 0) __atomic_fetch_add(h, v, __ATOMIC_RELAXED);
+  }
   void add(const std::vector<int64_t>& local) {
-    std::lock_guard<std::mutex> lock(mu);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t* l = local.data() + c * NCOLS;
       int64_t* h = hist + c * bins;
-      h[ON] += l[ON] * mult;
-      h[OFF] += l[OFF] * mult;
-      h[ZERO] += l[ZERO] * mult;
-      if (has_upper) h[SAT] += l[SAT] * mult;
-      if (bins > NONFINITE) h[NONFINITE] += l[NONFINITE] * mult;
+      put(h + ON, l[ON] * mult);
+      put(h + OFF, l[OFF] * mult);
+      put(h + ZERO, l[ZERO] * mult);
+      if (has_upper) put(h + SAT, l[SAT] * mult);
+      if (bins > NONFINITE) put(h + NONFINITE, l[NONFINITE] * mult);
     }
   }
 };
 
-constexpr int64_t kGrainElems = 32768;   // below this many elements a call runs on one thread
+constexpr int64_t kGrainElems = 32768;   // below this many elements a call runs on one thread (crossover ~36k)
 constexpr int64_t kPieceElems = 65536;   // path A splits longer runs into pieces of this size
 constexpr int64_t kRowsPerFlush = int64_t(1) << 20;  // path B flushes its int32 counters this often
 constexpr int64_t kFlatRun = 64;  // path B, flat layout: rows per run so that a run has >= this many elements
@@ -958,7 +1052,7 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
   // The threshold in the input dtype, as PyTorch's `z >= upper` compares (6.0 is exact everywhere).
   const A upper = upper_opt ? static_cast<A>(static_cast<T>(*upper_opt)) : std::numeric_limits<A>::infinity();
   const A slope = static_cast<A>(negative_slope);
-  Merger merger{hist, bins, g.C, g.mult, upper_opt.has_value(), {}};
+  Merger merger{hist, bins, g.C, g.mult, upper_opt.has_value()};
   const int64_t C = g.C;
   // fp16 / bf16 count-only calls: the 16-bit pattern tests (AVX2), when the threshold allows them.
   uint16_t U16 = 0;
@@ -977,7 +1071,7 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
     const int64_t units = g.outer * C * pieces;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, piece));
     const int mode = !has_output ? NOOUT : inplace ? INPLACE : (path_a && g.ysi == 1) ? CONTIG : STRIDED;
-    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    nepenthe_cpu::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> local(C * NCOLS, 0);
       for (int64_t u = begin; u < end; ++u) {
         const int64_t row = u / pieces, s = u % pieces;
@@ -1027,7 +1121,7 @@ void count_and_activate(Geometry g, const T* x, T* y, bool inplace, int64_t* his
   const int64_t L = k * C;
   const int mode = !has_output ? NOOUT : inplace ? INPLACE : g.ysc == 1 ? CONTIG : STRIDED;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  nepenthe_cpu::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> local(C * NCOLS, 0);
     std::vector<int32_t> cnt(NCOLS * L, 0);
     auto flush = [&]() {

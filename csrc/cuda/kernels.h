@@ -213,7 +213,14 @@ __host__ __device__ inline double m_tanh(double v) { return tanh(v); }
 __host__ __device__ inline float m_exp(float v) { return expf(v); }
 __host__ __device__ inline double m_exp(double v) { return exp(v); }
 
+// -inf as the lowest finite value for the activations whose limit at -inf is 0 (gelu, gelu_tanh, silu,
+// hardswish): their formulas multiply -inf by 0 (NaN) but map it to -0.0, the limit with the sign of
+// their negative tail (the rule of every backend: reference.activation). NaN stays NaN.
+__host__ __device__ inline float finite_below(float v) { return v < -FLT_MAX ? -FLT_MAX : v; }
+__host__ __device__ inline double finite_below(double v) { return v < -DBL_MAX ? -DBL_MAX : v; }
+
 template <int KIND, typename A> __host__ __device__ inline A activation(A x, A slope) {
+  if (KIND >= 3) x = finite_below(x);
   if (KIND == 0) {  // relu = clamp_min(x, 0): NaN stays NaN, -0.0 stays -0.0 (as torch on the CPU)
     return x != x ? x : (x < A(0) ? A(0) : x);
   } else if (KIND == 1) {  // relu6 = hardtanh(x, 0, 6)

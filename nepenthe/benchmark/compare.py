@@ -17,13 +17,16 @@ from pathlib import Path
 
 from ..latency import LatencyResult, compare_calls
 
-__all__ = ["MEASUREMENT_COLUMNS", "compare_providers", "markdown_table", "read_measurements", "rows_from_results",
-           "write_measurements"]
+__all__ = ["MEASUREMENT_COLUMNS", "NOISE_COLUMNS", "compare_providers", "markdown_table", "read_measurements",
+           "rows_from_results", "write_measurements"]
 
 MEASUREMENT_COLUMNS = [
     "suite", "case", "provider", "median_ms", "iqr_ms", "min_ms", "relative", "bytes", "gb_per_s", "device",
     "threads", "repeats", "number", "error",
 ]
+# written after MEASUREMENT_COLUMNS, optional when read (files written before they existed lack them):
+# whether a provider's blocks spread too widely to trust its median (nepenthe.latency), and how
+NOISE_COLUMNS = ["noisy", "noise"]
 
 
 def _reference_name(names: Iterable[str], reference: str | None) -> str | None:
@@ -50,7 +53,7 @@ def rows_from_results(case: str, results: Mapping[str, LatencyResult], *, suite:
             "min_ms": r.min_ms, "relative": r.median_ms / ref_ms if ref_ms else None, "bytes": nbytes,
             "gb_per_s": nbytes / (r.median_ms * 1e-3) / 1e9 if nbytes and r.median_ms else None,
             "device": r.device, "threads": r.threads, "repeats": r.repeats, "number": r.number, "error": None,
-            **extra})
+            "noisy": r.noisy, "noise": r.noise, **extra})
     return rows
 
 
@@ -79,16 +82,18 @@ def markdown_table(rows: list[dict]) -> str:
         if r.get("error"):
             out.append(f"| {r['provider']} | error: {r['error']} | - |" + (" - |" if rate else ""))
             continue
-        cells = f"| {r['provider']} | {r['median_ms']:.3f} ({r['iqr_ms']:.3f}) | {r['relative']:.2f} |"
+        noisy = " noisy" if r.get("noisy") else ""
+        cells = f"| {r['provider']} | {r['median_ms']:.3f} ({r['iqr_ms']:.3f}){noisy} | {r['relative']:.2f} |"
         out.append(cells + (f" {r['gb_per_s']:.1f} |" if rate and r.get("gb_per_s") else (" - |" if rate else "")))
     return "\n".join(out)
 
 
 def write_measurements(rows: list[dict], path: str | os.PathLike, extra_columns: Iterable[str] = ()) -> Path:
-    """Write ``rows`` as CSV with :data:`MEASUREMENT_COLUMNS` then ``extra_columns`` (other keys are
-    left out), atomically (a temporary file renamed over ``path``)."""
+    """Write ``rows`` as CSV with :data:`MEASUREMENT_COLUMNS`, :data:`NOISE_COLUMNS`, then ``extra_columns``
+    (other keys are left out), atomically (a temporary file renamed over ``path``)."""
     path = Path(path)
-    columns = MEASUREMENT_COLUMNS + [c for c in extra_columns if c not in MEASUREMENT_COLUMNS]
+    columns = MEASUREMENT_COLUMNS + NOISE_COLUMNS
+    columns += [c for c in extra_columns if c not in columns]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -107,6 +112,8 @@ def read_measurements(path: str | os.PathLike) -> list[dict]:
             return int(float(text))
         if column in ("median_ms", "iqr_ms", "min_ms", "relative", "gb_per_s"):
             return float(text)
+        if column == "noisy":
+            return text == "True"
         return text
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

@@ -22,7 +22,7 @@ CSV_COLUMNS = [
     "speedup", "time_ratio", "flops_before", "flops_after", "flops_ratio", "params_before", "params_after",
     "rectifier_layers_removed", "ops_merged", "critical_path_before", "critical_path_after", "returned",
     "max_rel_error", "fold_batch", "fold_s", "planner_s", "compile_before_s", "compile_after_s", "repeats", "number",
-    "error",
+    "error", "noisy", "noise",
 ]
 
 
@@ -63,7 +63,8 @@ def _progress_line(row: Mapping) -> str:
     if row.get("error"):
         return f"{head} error: {row['error']}"
     return (f"{head} before {row['before_ms']:9.3f} ms  after {row['after_ms']:9.3f} ms  "
-            f"speed-up {row['speedup']:5.2f}x  FLOPs ratio {_fmt(row['flops_ratio'], '.3f')}")
+            f"speed-up {row['speedup']:5.2f}x  FLOPs ratio {_fmt(row['flops_ratio'], '.3f')}"
+            + (f"  NOISY ({row['noise']})" if row.get("noisy") else ""))
 
 
 def format_table(result: Mapping, markdown: bool = False) -> str:
@@ -79,7 +80,8 @@ def format_table(result: Mapping, markdown: bool = False) -> str:
             comp = (f"{r['compile_before_s']:.1f} / {r['compile_after_s']:.1f}"
                     if r.get("compile_before_s") is not None else "")
             cells = [r["scenario"], str(r["batch"]), r["mode"], f"{r['before_ms']:.3f} ({r['before_iqr_ms']:.3f})",
-                     f"{r['after_ms']:.3f} ({r['after_iqr_ms']:.3f})", f"{r['speedup']:.2f}x",
+                     f"{r['after_ms']:.3f} ({r['after_iqr_ms']:.3f})",
+                     f"{r['speedup']:.2f}x" + (" (noisy)" if r.get("noisy") else ""),
                      _fmt(r["flops_ratio"], ".3f"), _fmt(r["rectifier_layers_removed"], "d"), r["returned"] or "",
                      comp]
         lines.append(cells)
@@ -127,7 +129,8 @@ def measurement_rows(result: Mapping) -> list[dict]:
         for provider, key in (("model", "before"), ("folded", "after")):
             ms = r.get(f"{key}_ms")
             rows.append({**common, "provider": provider, "median_ms": ms, "iqr_ms": r.get(f"{key}_iqr_ms"),
-                         "min_ms": r.get(f"{key}_min_ms"), "relative": ms / r["before_ms"] if ms is not None else None})
+                         "min_ms": r.get(f"{key}_min_ms"), "relative": ms / r["before_ms"] if ms is not None else None,
+                         "noisy": r.get(f"{key}_noisy"), "noise": r.get(f"{key}_noise")})
     return rows
 
 

@@ -203,6 +203,9 @@ def _run_batch(scenario, model, stats, reference, kwargs, batch, modes, device, 
             row[f"{tag}_ms"], row[f"{tag}_iqr_ms"] = r.median_ms, r.iqr_ms
             row[f"{tag}_min_ms"], row[f"{tag}_max_ms"] = r.min_ms, r.max_ms
             row[f"{tag}_samples_ms"] = r.samples_ms
+            row[f"{tag}_noisy"], row[f"{tag}_noise"] = r.noisy, r.noise
+        row["noisy"] = before.noisy or after.noisy  # a speed-up from an unreliable median says so
+        row["noise"] = "; ".join(f"{tag}: {r.noise}" for tag, r in (("before", before), ("after", after)) if r.noisy)
         row["repeats"], row["number"] = before.repeats, before.number
         row["speedup"] = before.median_ms / after.median_ms
         row["time_ratio"] = after.median_ms / before.median_ms

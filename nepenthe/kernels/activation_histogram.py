@@ -40,7 +40,11 @@ from .sign_histogram import (
 
 @triton.jit
 def activation(x, slope, KIND: tl.constexpr):
-    """φ(x) with PyTorch's formulas; ``x`` already upcast; NaN propagates as in PyTorch."""
+    """φ(x) with PyTorch's formulas; ``x`` already upcast; NaN propagates as in PyTorch. At -inf the
+    limit (the rule of every backend, ``reference.activation``): gelu, gelu_tanh, silu and hardswish
+    take -inf as -FLT_MAX, which their formulas map to -0.0 (-inf would give -inf * 0 = NaN)."""
+    if KIND >= 3:
+        x = tl.where(x < -3.4028234663852886e38, -3.4028234663852886e38, x)
     if KIND == 0:  # relu
         y = tl.where(x < 0, 0.0, x)
     elif KIND == 1:  # relu6 = hardtanh(x, 0, 6)

@@ -33,6 +33,8 @@ def _check_hist(hist: Tensor, channels: int, device: torch.device, what: str) ->
                          f"int64[{channels}, 5] (+ NONFINITE) for an input with {channels} channels, got {got}")
     if hist.device != device:
         raise ValueError(f"{what}: the histogram is on {hist.device} but the input on {device}; keep them together")
+    _check_writable(hist, "hist", what, f"pass a buffer of its own, e.g. torch.zeros({channels}, "
+                    f"{hist.shape[1]}, dtype=torch.int64)")
 
 
 def _check_bins(bins: int, what: str) -> None:
@@ -104,3 +106,73 @@ def view_3d(t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
         return t.view(math.prod(t.shape[:d]), t.shape[d], math.prod(t.shape[d + 1:]))
     except RuntimeError:
         return None
+
+
+# ----- tensors written in place: no two elements may share memory ---------------------------------------
+def _shares_memory(t: Tensor) -> bool:
+    """True when two elements of ``t`` are the same memory location (an expanded or overlapping view).
+
+    Decided from sizes and strides alone: dims sorted by stride, each stride larger than every offset
+    the smaller dims reach is the usual proof of no overlap (contiguous, channels_last, slices,
+    transposes); a stride of 0 on a dim longer than 1 is an overlap; a layout that fits neither
+    (interleaved strides, rare) is decided exactly by listing its offsets.
+    """
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    if any(sz == 0 for sz in t.shape) or not dims:
+        return False
+    reach = 0
+    for st, sz in dims:
+        if st <= reach:
+            break
+        reach += st * (sz - 1)
+    else:
+        return False
+    if dims[0][0] == 0:
+        return True
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, sz in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(sz, dtype=torch.int64) * st).flatten()
+    return torch.unique(offsets).numel() != offsets.numel()
+
+
+def _check_writable(t: Tensor, name: str, what: str, fix: str) -> None:
+    """ValueError when ``t`` (written in place) has elements sharing memory: each backend would write
+    them in its own order (Triton, C++ and PyTorch gave three different histograms), so every backend
+    refuses them here, before dispatch, with this one message."""
+    if t.is_contiguous() or not _shares_memory(t):
+        return
+    raise ValueError(f"{what}: {name} is written in place but several of its elements share memory (shape "
+                     f"{tuple(t.shape)}, strides {t.stride()}: an expanded or overlapping view), so the result "
+                     f"would depend on the order of the writes; {fix}")
+
+
+# ----- optimizer hyperparameters: one range check for every backend -------------------------------------
+def _check_range(what: str, name: str, value: float, lo: float, hi: float | None, why: str) -> None:
+    if not (math.isfinite(value) and value >= lo and (hi is None or value < hi)):
+        span = f"in [{lo:g}, {hi:g})" if hi is not None else f"finite and >= {lo:g}"
+        raise ValueError(f"{what}: {name} must be {span} ({why}), got {value!r}")
+
+
+def check_sgd_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float,
+                              nesterov: bool) -> None:
+    """torch.optim.SGD's ranges, plus finiteness (an inf or NaN rate would only poison every weight)."""
+    what = "masked_sgd_"
+    _check_range(what, "lr", lr, 0.0, None, "the learning rate")
+    _check_range(what, "momentum", momentum, 0.0, None, "as torch.optim.SGD")
+    _check_range(what, "weight_decay", weight_decay, 0.0, None, "as torch.optim.SGD")
+    if not math.isfinite(dampening):
+        raise ValueError(f"{what}: dampening must be finite, got {dampening!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{what}: nesterov=True needs momentum > 0 and dampening == 0 (as torch.optim.SGD), got "
+                         f"momentum={momentum!r}, dampening={dampening!r}")
+
+
+def check_adamw_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW's ranges, plus finiteness. beta = 1 is refused: the bias correction
+    1 - beta**step is then 0 (a ZeroDivisionError in Python, inf/NaN weights in a kernel)."""
+    what = "masked_adamw_"
+    _check_range(what, "lr", lr, 0.0, None, "the learning rate")
+    _check_range(what, "beta1", beta1, 0.0, 1.0, "1 would make the bias correction 1 - beta1**step zero")
+    _check_range(what, "beta2", beta2, 0.0, 1.0, "1 would make the bias correction 1 - beta2**step zero")
+    _check_range(what, "eps", eps, 0.0, None, "as torch.optim.AdamW")
+    _check_range(what, "weight_decay", weight_decay, 0.0, None, "as torch.optim.AdamW")

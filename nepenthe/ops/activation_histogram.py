@@ -14,6 +14,7 @@ from ._args import (
     _check_hist,
     _check_input,
     _check_kind,
+    _check_writable,
     _contiguous_hist,
     _plain_eager,
     as_3d,
@@ -46,6 +47,8 @@ def activation_backward(grad: torch.Tensor, x: torch.Tensor, kind: str, negative
 def _run_activation(x: Tensor, y: Tensor, hist: Tensor, kind: str, channel_dim: int, negative_slope: float) -> None:
     """y = φ(x) and the counts of x into hist, on the selected backend (y may be x itself)."""
     _, impl = select("activation_histogram", x.device, (x.dtype,))
+    if kind == "leaky_relu" and negative_slope == 0:
+        kind = "relu"  # the same function, whose limit at -inf is 0 (x * 0 would make it NaN: reference.py)
     buf, temporary = _contiguous_hist(hist)
     upper = upper_kink(kind)
     x3 = as_3d(x, channel_dim)
@@ -160,6 +163,8 @@ def activation_histogram_(x: Tensor, hist: Tensor, kind: str = "relu", channel_d
     channels = _check_input(x, channel_dim, what)
     _check_activation_input(x, what)
     _check_hist(hist, channels, x.device, what)
+    _check_writable(x, "x", what, "pass x.clone() (or x.contiguous()), or use accumulate_activation_histogram, "
+                    "which writes a new tensor")
     direct = _plain_eager(x, hist) and not (x.requires_grad and torch.is_grad_enabled())
     op = _activation_histogram_inplace_impl if direct else _activation_histogram_inplace
     op(x, hist, kind, channel_dim, float(negative_slope))

@@ -20,7 +20,11 @@ CPU: cpp, torch); a backend that fails to load is skipped with one warning sayin
 
 **The backend contract.** A backend is any object with these four functions; the public ops (one
 module each: ``sign_histogram``, ``activation_histogram``, ...) validate arguments and lay tensors
-out before calling them, so a backend may rely on what is written here and nothing more:
+out before calling them, so a backend may rely on what is written here and nothing more. The
+edge-case rules are decided before dispatch, the same for every backend (:mod:`._args`,
+:mod:`.reference`): a tensor written in place never has elements sharing memory, optimizer
+hyperparameters are in range (beta < 1, finite rates), φ(±inf) is φ's limit, and fp16/bf16 steps
+compute in fp32 and round once on store:
 
 ``sign_histogram_(hist, x3, upper)``
     Add the sign counts of ``x3`` into ``hist``. ``x3``: a 3-D ``[outer, C, inner]`` tensor of

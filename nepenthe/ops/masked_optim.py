@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import reference
-from ._args import _plain_eager
+from ._args import _check_writable, _plain_eager, check_adamw_hyperparameters, check_sgd_hyperparameters
 from .backends import TABLE, select
 from .constants import KERNEL_DTYPES
 from .mask_bits import as_bool_mask, is_packed_mask
@@ -54,6 +54,9 @@ def _check_lists(op: str, params: list[Tensor], named: dict[str, list], masks: l
                                  f"{tuple(p.shape)} on {p.device}")
             if t.is_sparse:
                 raise ValueError(f"{op}: {name}[{i}] is sparse; masked steps need dense gradients and state")
+            if name != "grads":
+                _check_writable(t, f"{name}[{i}]", op, "give each parameter state of its own (torch.zeros_like)")
+        _check_writable(p, f"params[{i}]", op, "optimize a parameter of its own (materialise it with .clone())")
         m = masks[i]
         if m is None:
             continue
@@ -142,6 +145,7 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     ``momentum_buffers``: one per parameter when ``momentum != 0`` (on ``first_step`` they are
     overwritten with the gradient, as torch.optim.SGD initialises them), else empty.
     """
+    check_sgd_hyperparameters(float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
     named = {"grads": grads}
     if momentum != 0:
         named["momentum_buffers"] = momentum_buffers
@@ -186,6 +190,7 @@ def masked_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     its moments end exactly zero. ``max_exp_avg_sqs`` is used (one per parameter) only with amsgrad."""
     if step < 1:
         raise ValueError(f"masked_adamw_: step must be >= 1 (the count after this step), got {step}")
+    check_adamw_hyperparameters(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
     named = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         named["max_exp_avg_sqs"] = max_exp_avg_sqs

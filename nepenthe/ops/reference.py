@@ -47,22 +47,34 @@ def sign_histogram_(hist: torch.Tensor, x3: torch.Tensor, upper: float | None) -
 
 
 def activation(x: torch.Tensor, kind: str, negative_slope: float = 0.01) -> torch.Tensor:
-    """φ(x) for an activation kind of :data:`ACTIVATIONS` (PyTorch's own functional ops)."""
+    """φ(x) for an activation kind of :data:`ACTIVATIONS`: PyTorch's functional ops, except at ±inf.
+
+    **Infinities** (the rule of every backend): φ(±inf) is the limit of φ there. φ(+inf) = +inf
+    (6 for relu6); φ(-inf) = -0.0 for gelu, gelu_tanh, silu and hardswish (the sign of their negative
+    tail), 0 for relu and relu6, and -inf·slope for leaky_relu (0 when the slope is 0, which is relu).
+    PyTorch's own formulas give NaN instead wherever they multiply -inf by 0 (and its fp32 CPU
+    GELU gives NaN at +inf too, while its fp64 and CUDA ones give +inf): a NaN no limit justifies,
+    which would poison everything after the layer. The kernels get it by taking -inf as -FLT_MAX,
+    which each formula maps to -0.0. NaN stays NaN.
+    """
     if kind == "relu":
         return F.relu(x)
     if kind == "relu6":
         return F.relu6(x)
     if kind == "leaky_relu":
-        return F.leaky_relu(x, negative_slope)
+        return F.relu(x) if negative_slope == 0 else F.leaky_relu(x, negative_slope)
     if kind == "gelu":
-        return F.gelu(x)
-    if kind == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if kind == "silu":
-        return F.silu(x)
-    if kind == "hardswish":
-        return F.hardswish(x)
-    raise ValueError(f"unknown activation {kind!r}; expected one of {ACTIVATIONS}")
+        y = F.gelu(x)
+    elif kind == "gelu_tanh":
+        y = F.gelu(x, approximate="tanh")
+    elif kind == "silu":
+        y = F.silu(x)
+    elif kind == "hardswish":
+        y = F.hardswish(x)
+    else:
+        raise ValueError(f"unknown activation {kind!r}; expected one of {ACTIVATIONS}")
+    y = torch.where(x == -math.inf, torch.full((), -0.0, dtype=y.dtype, device=y.device), y)
+    return torch.where(x == math.inf, x, y)
 
 
 def activation_histogram_(x3: torch.Tensor, y3: torch.Tensor, hist: torch.Tensor, kind: int,
@@ -85,7 +97,29 @@ def sign_histogram(x: torch.Tensor, channel_dim: int = 1, upper: float | None = 
     return hist
 
 
-# ----- entropy ------------------------------------------------------------------------------------
+# ----- masked optimizer steps ----------------------------------------------------------------------
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _upcast(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 working copies of fp16/bf16 tensors (the tensors themselves otherwise).
+
+    **Low precision** (the rule of every backend, and of torch's fused AdamW): an fp16/bf16 step is
+    computed in fp32 from the stored values and each result is rounded once, when it is stored. So
+    a second moment that overflows fp16 is stored as inf, but the step that produced it is taken
+    with its fp32 value (rounding every intermediate, as torch's for-loop AdamW does, would divide
+    by inf and skip that step).
+    """
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
+
+
+def _store(into: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    for t, w in zip(into, work):
+        if w is not t:
+            t.copy_(w)
+
+
+@torch.no_grad()
 def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                 masks: list[torch.Tensor | None], lr: float, momentum: float, dampening: float,
                 weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> None:
@@ -95,12 +129,15 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_
     the gradient (as torch.optim.SGD does) instead of being decayed. Masked entries of the
     parameter and of its buffer end exactly zero.
     """
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p_out, g) in enumerate(zip(params, grads)):
+        p, g = _upcast([p_out, g])
+        bufs_out = [momentum_buffers[i]] if momentum != 0 else []
+        bufs = _upcast(bufs_out)
         g = -g if maximize else g
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         if momentum != 0:
-            buf = momentum_buffers[i]
+            buf = bufs[0]
             if first_step:
                 buf.copy_(g)
             else:
@@ -109,9 +146,9 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_
         p.add_(g, alpha=-lr)
         keep = as_bool_mask(masks[i], p)
         if keep is not None:
-            p.masked_fill_(~keep, 0)
-            if momentum != 0:
-                momentum_buffers[i].masked_fill_(~keep, 0)
+            for t in [p, *bufs]:
+                t.masked_fill_(~keep, 0)
+        _store([p_out, *bufs_out], [p, *bufs])
 
 
 @torch.no_grad()
@@ -124,19 +161,23 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     step_size = lr / bias_correction1
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i in range(len(params)):
+        outs = [params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        work = _upcast(outs)
+        p, g, m, v = work[:4]
         g = -g if maximize else g
-        m, v = exp_avgs[i], exp_avg_sqs[i]
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
-            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+            vmax = work[4]
+            torch.maximum(vmax, v, out=vmax)
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
         keep = as_bool_mask(masks[i], p)
         if keep is not None:
-            for t in (p, m, v) + ((max_exp_avg_sqs[i],) if amsgrad else ()):
+            for t in [p, m, v] + work[4:]:
                 t.masked_fill_(~keep, 0)
+        _store(outs[:1] + outs[2:], work[:1] + work[2:])

@@ -6,8 +6,11 @@
   strided), with thresholds the pattern test takes (6, +Inf, a subnormal, the largest finite) and
   those it hands to the fp32 loops (0, -1, -Inf, NaN). Counts must be equal, not close.
 * GELU (erf and tanh forms) and SiLU use branch-free polynomial exp / erf: accuracy over a dense
-  range (the low-precision rule of tests/ops/test_backends.py) and PyTorch's NaN / Inf results.
+  range (the low-precision rule of tests/ops/test_backends.py), NaN for NaN and the limits at ±inf.
   Contiguous bf16 ones are a table lookup: every one of the 65536 patterns, exactly.
+
+* Parallel loops at 2 threads, which run serially for a while after a region whose threads waited on
+  each other (a loaded machine): the same results either way.
 
 Sizes are odd so that every vector loop has a tail. With NEPENTHE_CPU_BASELINE=1 the same tests
 run the baseline (non-AVX2) copies, with NEPENTHE_CPU_NO_AVX512=1 the AVX2 copies of the activation
@@ -192,7 +195,7 @@ def test_activation_special_values(kind, dtype):
 def test_bf16_table_activation_every_pattern(kind, inplace):
     """Contiguous bf16 GELU / GELU-tanh / SiLU / hardswish are a table lookup over the 65536 bit
     patterns: each output is the function in fp64 rounded to fp32 then bf16 (hardswish: PyTorch's own
-    fp32 arithmetic), bit for bit, NaN where PyTorch gives NaN; the counts are unchanged."""
+    fp32 arithmetic), bit for bit, NaN for NaN, -0.0 at -inf; the counts are unchanged."""
     x = _all_patterns(torch.bfloat16).reshape(1, 1, -1)
     xd = x.double()
     if kind == "gelu":  # fp64 forms without cancellation in the negative tail (1 + erf, 1 + tanh lose it all)
@@ -201,6 +204,8 @@ def test_bf16_table_activation_every_pattern(kind, inplace):
         exact = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
     elif kind == "silu":
         exact = xd * torch.sigmoid(xd)
+    if kind != "hardswish":  # the limit at -inf (reference.activation), where -inf * 0 would be NaN
+        exact = torch.where(xd == -math.inf, torch.tensor(-0.0, dtype=torch.float64), exact)
     want = (reference.activation(x.float(), kind) if kind == "hardswish" else exact.float()).to(torch.bfloat16)
     y3 = x.clone() if inplace else torch.empty_like(x)
     hist = torch.zeros(1, 5, dtype=torch.int64)
@@ -254,3 +259,27 @@ def test_other_copies_in_a_subprocess(switch):
                  "(dense_range and contiguous) or inplace or table"]
     proc = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_threads_give_the_same_results_parallel_or_backed_off():
+    """At 2 threads each region either splits (thread 0 takes the first chunk, counts merged with atomic
+    adds) or, after a region whose threads waited on each other, runs on the calling thread; on a shared
+    machine both happen within these calls. Counts must be exact and steps identical every time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(3, 37, 1901, generator=torch.Generator().manual_seed(5))  # 211k elements: above the grain
+        want = torch.zeros(37, 4, dtype=torch.int64)
+        reference.sign_histogram_(want, x, 1.0)
+        p0, g, mask = torch.randn(100_003), torch.randn(100_003), torch.rand(100_003) > 0.5
+        p_want, b_want = p0.clone(), torch.zeros(100_003)
+        reference.masked_sgd_([p_want], [g], [b_want], [mask], 0.1, 0.9, 0.0, 1e-4, False, False, False)
+        for _ in range(30):
+            hist = torch.zeros(37, 4, dtype=torch.int64)
+            CPP.sign_histogram_(hist, x, 1.0)
+            assert torch.equal(hist, want)
+            p, b = p0.clone(), torch.zeros(100_003)
+            CPP.masked_sgd_([p], [g], [b], [mask], 0.1, 0.9, 0.0, 1e-4, False, False, False)
+            assert torch.equal(p, p_want) and torch.equal(b, b_want)
+    finally:
+        torch.set_num_threads(before)
