@@ -8,8 +8,9 @@ Messages name the layer, tensor, file or key at fault and say what to do.
 
 from __future__ import annotations
 
-__all__ = ["BackendUnavailable", "ConfigError", "DatasetError", "ExperimentError", "FoldError", "ForeignPruningError",
-           "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneError", "RecipeError", "TraceError"]
+__all__ = ["BackendUnavailable", "CheckpointError", "ConfigError", "DatasetError", "ExperimentError", "FoldError",
+           "ForeignPruningError", "MeasureError", "NepentheError", "NonFiniteActivationError", "PruneError",
+           "RecipeError", "TraceError"]
 
 
 class NepentheError(Exception):
@@ -34,6 +35,11 @@ class NonFiniteActivationError(MeasureError):
 
 class PruneError(NepentheError, RuntimeError):
     """The loop cannot run as configured (nothing prunable, mismatched checkpoint, ...)."""
+
+
+class CheckpointError(PruneError):
+    """A checkpoint holds state a resume cannot use (malformed random states, generators that do not
+    match this run); the message names the file, the key and what to do."""
 
 
 class FoldError(NepentheError, RuntimeError):

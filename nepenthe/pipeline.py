@@ -149,9 +149,11 @@ def run(cfg: RunConfig, echo=print) -> dict:
         prune_cfg.checkpoint_dir = str(out / "checkpoints")
     if prune_cfg.metric_scale is None:
         prune_cfg.metric_scale = 1.0  # train.evaluate gives percent (an untrained model may score 0)
+    # train_loader shuffles (and an image split augments) with generators of its own: checkpointed with the
+    # loop, a resumed run retrains on the batches the uninterrupted one drew (the dense training is redone, seeded)
     result = prune(model, calib_loader, retrain=lambda m, it: train(m, train_loader, cfg.retrain, progress=tick),
                    evaluate=lambda m: evaluate(m, val_loader), config=prune_cfg, callbacks=[on_iteration],
-                   device=device)
+                   rng_generators=[train_loader], device=device)
     bar.close()
     pruned_test = evaluate(model, test_loader)
     records = [r.to_dict() for r in result.iterations]

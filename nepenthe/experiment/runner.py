@@ -7,7 +7,10 @@ is folded, evaluated on the test split and timed against the dense model
 from its last pruning checkpoint, so an interrupted study loses at most one retraining.
 
 Fairness: every method sees the same data split, calibration batches, retraining recipe and, at
-the same iteration, the same shuffling order; only the pruning rule differs.
+the same iteration, the same shuffling order and augmentations; only the pruning rule differs. The
+same seeding makes a resumed run end as the uninterrupted one: each method starts from random states
+that depend on the seed alone (not on what ran before it in the process), each retraining from the
+seed and the iteration.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -46,6 +51,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _seed(seed: int, train_split) -> None:
+    """Every global generator, and the training split's augmentation stream (image datasets own one,
+    see :class:`nepenthe.data.ImageTensorDataset`), restarted from ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    reseed = getattr(train_split, "reseed", None)
+    if reseed is not None:
+        reseed(seed)
 
 
 def rectifier_count(model: nn.Module) -> int:
@@ -136,7 +152,7 @@ class Experiment:
     def _dense(self, seed: int, inputs: Inputs, bar) -> tuple[nn.Module, dict]:
         """The dense model of ``seed``: trained once, then read back from ``seed<k>/dense.pt``."""
         cfg, path = self.cfg, self.out / f"seed{seed}" / "dense.pt"
-        torch.manual_seed(seed)
+        _seed(seed, inputs.data.train)
         model = build_model(cfg.model.name, inputs.data.input_shape, inputs.data.num_classes,
                             **cfg.model.options).to(self.device)
         if self.resume and path.exists():
@@ -162,9 +178,9 @@ class Experiment:
         recipe = cfg.retrain_recipe()
 
         def retrain(m: nn.Module, iteration: int) -> None:
-            # the same shuffling and seeds for every method at a given iteration
+            # the same shuffling, augmentations and seeds for every method at a given iteration
             stream = seed * 10_007 + iteration
-            torch.manual_seed(stream)
+            _seed(stream, inputs.data.train)
             train(m, make_loader(inputs.data.train, cfg.data.batch_size, shuffle=True, seed=stream), recipe)
 
         def on_iteration(record, _model) -> None:
@@ -173,6 +189,7 @@ class Experiment:
                                 f"sparsity {record.sparsity:.3f} H=0 {len(record.zero_entropy_layers)}")
 
         bar.set_postfix_str(f"seed {seed} {method}: pruning")
+        _seed(seed, inputs.data.train)  # whether another method ran before it in this process or not
         started = begun = time.perf_counter()
         result = prune(model, inputs.calib, retrain=retrain, evaluate=lambda m: evaluate(m, inputs.val),
                        config=prune_cfg, callbacks=[on_iteration], device=self.device,

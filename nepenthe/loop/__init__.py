@@ -37,7 +37,7 @@ A step cannot destroy the model:
   ``PruneConfig(metric_scale=...)``).
 """
 
-from ..errors import PruneError
+from ..errors import CheckpointError, PruneError
 from .config import METHODS, SELECT_RULES, IterationRecord, PruneConfig, PruneResult
 from .iterate import prune, prune_, prune_step, select_iteration
 from .masked_training import (
@@ -50,7 +50,7 @@ from .masked_training import (
 from .methods import EASIER, EGP, IMP, Nepenthe, PruningMethod, get_method
 from .pruner import Pruner, Step
 
-__all__ = ["EASIER", "EGP", "IMP", "METHODS", "SELECT_RULES", "IterationRecord", "Nepenthe", "PruneConfig",
-           "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "enforce_masks", "get_method",
+__all__ = ["EASIER", "EGP", "IMP", "METHODS", "SELECT_RULES", "CheckpointError", "IterationRecord", "Nepenthe",
+           "PruneConfig", "PruneError", "PruneResult", "Pruner", "PruningMethod", "Step", "enforce_masks", "get_method",
            "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "prune", "prune_", "prune_step",
            "repair_masked_weights", "select_iteration"]

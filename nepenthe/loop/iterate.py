@@ -14,81 +14,16 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as ranks
-from ..checkpoint import atomic_torch_save, atomic_write_json, payload_checksum, remove_stale_temporaries
+from ..checkpoint import atomic_write_json, generators_of, remove_stale_temporaries
 from ..entropy import EntropyStats
-from ..errors import PruneError
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
+from ..sharded import is_sharded
 from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step, _Snapshot
+from .resume import load_checkpoints, restore_random_states, save_checkpoint, stop_reason_of
 
 __all__ = ["prune", "prune_", "prune_step", "select_iteration"]
-
-
-def _checkpoint_path(directory: Path, iteration: int) -> Path:
-    return directory / f"iter_{iteration:03d}.pt"
-
-
-def _save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
-                     config: PruneConfig, metric_scale: float) -> None:
-    """Rank 0 writes (every rank holds the same state); the others wait for it to succeed or fail."""
-    with ranks.agreed(f"writing checkpoint {_checkpoint_path(directory, record.iteration)}"):
-        if ranks.is_main():
-            _write_checkpoint(directory, pruner, record, stats, config, metric_scale)
-
-
-def _write_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
-                      config: PruneConfig, metric_scale: float) -> None:
-    payload = {
-        "format": "nepenthe.checkpoint/2",
-        "identity": config.identity(),
-        "metric_scale": metric_scale,  # what evaluate's values were multiplied by (percent in the records)
-        "record": record.to_dict(),
-        "linearized": sorted(pruner.replaced),
-        "model": pruner.model.state_dict(),
-        "stats": stats.state_dict(),
-    }
-    payload["checksum"] = payload_checksum(payload)  # tells a damaged file from a good one on resume
-    atomic_torch_save(payload, _checkpoint_path(directory, record.iteration))
-
-
-def _read_checkpoint(path: Path) -> dict | str:
-    """The checkpoint at ``path``, or why it cannot be used (unreadable, not ours, damaged)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file, or one we did not write
-        return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if not isinstance(ckpt, dict) or not {"identity", "record", "model", "stats", "linearized"} <= set(ckpt):
-        return "not a nepenthe checkpoint (keys missing)"
-    if "checksum" in ckpt and ckpt["checksum"] != payload_checksum(ckpt):
-        return "damaged: its checksum does not match its content"
-    return ckpt
-
-
-def _load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
-    """The consecutive checkpoints a resume can use. A damaged one (and any after it) is set aside
-    with a warning and the run resumes from the last good one; a good checkpoint of another run is
-    refused (PruneError)."""
-    found = sorted(directory.glob("iter_*.pt"))
-    checkpoints = []
-    for i, path in enumerate(found):
-        ckpt = _read_checkpoint(path)
-        if isinstance(ckpt, str):
-            if i == 0:
-                raise PruneError(f"checkpoint {path} cannot be used ({ckpt}); it holds the dense model, so there is "
-                                 "nothing to resume from: use another checkpoint_dir or resume=False")
-            later = [p.name for p in found[i + 1:]]
-            warnings.warn(f"checkpoint {path.name} cannot be used ({ckpt}): resuming from iteration {i - 1} instead"
-                          + (f" (ignoring {later})" if later else ""), RuntimeWarning, stacklevel=3)
-            break
-        if ckpt.get("identity") != config.identity():
-            raise PruneError(f"checkpoint {path} was written with {ckpt.get('identity')}, but this run uses "
-                             f"{config.identity()}; use another checkpoint_dir or resume=False.")
-        if ckpt["record"]["iteration"] != i:
-            raise PruneError(f"checkpoints in {directory} are not consecutive (missing iteration {i}); "
-                             "use another checkpoint_dir or resume=False")
-        checkpoints.append(ckpt)
-    return checkpoints
 
 
 def select_iteration(records: Sequence[IterationRecord], rule: str = "depth") -> int:
@@ -193,6 +128,7 @@ def prune_(
     evaluate: Callable[[nn.Module], float],
     config: PruneConfig | None = None,
     callbacks: Sequence[Callable[[IterationRecord, nn.Module], object]] = (),
+    rng_generators: Iterable = (),
     **measure_kwargs,
 ) -> PruneResult:
     """Run the iterative loop of docs/method.md §3 on ``model`` **in place** and return what happened.
@@ -207,10 +143,21 @@ def prune_(
     those within tolerance (by default the one with the most collapsed layers). With
     ``checkpoint_dir`` every iteration is saved atomically and a rerun resumes after the last one.
     Extra keyword arguments go to :func:`nepenthe.measure` (e.g. ``input_fn``, ``device``).
+
+    A resumed run ends with the same masks, weights and records (timings aside) as an uninterrupted
+    one: each checkpoint keeps the random states of torch (CPU and CUDA), numpy and Python's
+    ``random`` as they were when it was written, and a rerun sets them back before the next phase.
+    A data loader that shuffles with its own ``torch.Generator`` (``DataLoader(generator=...)``, as
+    :func:`nepenthe.data.make_loader` builds) draws from neither: pass it in ``rng_generators``
+    (loaders, samplers or generators; the same ones, in the same order, on every run) and its
+    state is kept too. What runs before ``prune`` (model creation, dense training) must be seeded
+    for a run killed before its first checkpoint to restart the same; callbacks run after the
+    checkpoint is written, so one that draws random numbers makes a resumed run differ.
     """
     config = config or PruneConfig()
     model = unwrap_model(model)  # torch.compile / DDP / DataParallel: prune the module they run (in place)
     refuse_foreign_pruning(model, "prune")
+    generators = generators_of(rng_generators)  # TypeError for anything else, before any work
     pruner = Pruner(model, calib_data, config, measure_kwargs)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     records: list[IterationRecord] = []
@@ -224,7 +171,7 @@ def prune_(
                 for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
                     stale.unlink(missing_ok=True)
     with ranks.agreed(f"reading the checkpoints in {directory}"):  # every rank resumes from the same files
-        checkpoints = (_load_checkpoints(directory, config) if directory and config.resume and directory.exists()
+        checkpoints = (load_checkpoints(directory, config) if directory and config.resume and directory.exists()
                        else [])
     if checkpoints:
         last = checkpoints[-1]
@@ -241,11 +188,13 @@ def prune_(
         keep = checkpoints[selected]
         best = _Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"]))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
+        with ranks.agreed(f"restoring the random states of {last['path']}"):
+            # last: nothing between here and the next phase draws, as nothing did after the write
+            restore_random_states(last, generators)
         if records[-1].within_tolerance:  # the next iteration starts from the last good one
             current = _Snapshot(copy.deepcopy(last["model"]), list(last["linearized"]))
         else:
-            reason = records[-1].failure or "accuracy fell below tolerance"
-            return _finish(pruner, records, selected, f"{reason} (resumed)", best, best_stats)
+            return _finish(pruner, records, selected, stop_reason_of(last, records[-1]), best, best_stats)
     else:
         started = time.perf_counter()
         stats = pruner.measure()
@@ -255,7 +204,7 @@ def prune_(
         selected, current, best_stats = 0, pruner.snapshot(), stats
         best = current
         if directory:
-            _save_checkpoint(directory, pruner, records[0], stats, config, scale)
+            save_checkpoint(directory, pruner, records[0], stats, config, scale, generators)
         for cb in callbacks:
             cb(records[0], model)
     dense = records[0].accuracy
@@ -284,8 +233,10 @@ def prune_(
                 failure = f"retraining left NaN/Inf in {', '.join(bad[:3])}"
             failure = _agreed_failure(failure)
             if failure is None:
-                ranks.check_identical(ranks.digest(model.parameters()), f"the weights after retrain (iteration "
-                                      f"{iteration})", _SAME_WEIGHTS_HINT)
+                # (FSDP2 parameters are a different slice on every rank: only the replicated ones compare)
+                replicated = (p for p in model.parameters() if not is_sharded(p))
+                ranks.check_identical(ranks.digest(replicated), f"the weights after retrain (iteration {iteration})",
+                                      _SAME_WEIGHTS_HINT)
                 accuracy = _evaluate(evaluate, model, f"evaluate (iteration {iteration})") * metric_scale
                 failure = _failure(accuracy, tolerance, dense, config.delta)
             if failure is None or len(attempts) >= config.max_backoffs:
@@ -306,13 +257,14 @@ def prune_(
         stats_now = None if failure is not None and failure.startswith("retraining") else pruner.measure()
         record = pruner.record(iteration, accuracy, stats_now, step, failure is None, started, zeta, attempts, failure)
         records.append(record)
+        if failure is not None:  # stored with the checkpoint: a rerun returns the same reason
+            stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
         if directory:
-            _save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config,
-                             metric_scale)
+            save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config,
+                            metric_scale, generators, stop_reason if failure is not None else None)
         for cb in callbacks:
             cb(record, model)
         if failure is not None:
-            stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
             break
         stats = stats_now
         current = pruner.snapshot()
@@ -347,8 +299,9 @@ def prune_step(model: nn.Module, calib_data: Iterable, *, config: PruneConfig | 
 def _finish(pruner: Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:
     """Leave the model as the selected iteration and package the result."""
     pruner.restore(best)
-    if pruner.config.checkpoint_dir and ranks.is_main():
-        atomic_write_json({"selected": selected, "stop_reason": stop_reason,
-                           "iterations": [r.to_dict() for r in records]},
-                          Path(pruner.config.checkpoint_dir) / "summary.json")
+    with ranks.agreed("writing summary.json"):  # every rank returns once the folder is complete
+        if pruner.config.checkpoint_dir and ranks.is_main():
+            atomic_write_json({"selected": selected, "stop_reason": stop_reason,
+                               "iterations": [r.to_dict() for r in records]},
+                              Path(pruner.config.checkpoint_dir) / "summary.json")
     return PruneResult(records, selected, stop_reason, best_stats)
