@@ -208,7 +208,6 @@ def _bench(args) -> int:
     unknown = [s for s in args.scenarios if s not in available_scenarios()]
     if unknown:
         raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(available_scenarios())}")
-    _check_out(args.out)
     bad = [b for b in args.batches if b < 1]
     if bad:
         raise ValueError(f"batch sizes must be >= 1, got {bad[0]}")
@@ -221,6 +220,7 @@ def _bench(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.fold_batch is not None and args.fold_batch < 1:
         raise ValueError(f"--fold-batch must be >= 1, got {args.fold_batch}")
+    _check_out(args.out)  # last: it creates the folder
     with _quiet_stdout(args):
         result = main_bench(args.scenarios, args.batches, args.modes, args.device, args.threads, args.repeats,
                             args.warmup, args.out, planner=args.planner, fold_batch=args.fold_batch)
