@@ -25,6 +25,7 @@ from .._utils import set_submodule
 from ..activations import rectifier_of_module
 from ..errors import RecipeError
 from ..masks import remove_masks
+from .recipe import built_original
 from .report import FoldReport
 
 __all__ = ["PATCH_FORMAT", "apply_patch", "is_module_patch", "patch_recipe"]
@@ -91,16 +92,7 @@ def _resolved(original: nn.Module | Callable[[], nn.Module] | None, where: str) 
         raise RecipeError(f"{where} is a model folded module by module (no torch.fx graph): loading it needs its "
                           "architecture. Pass nepenthe.load(directory, original=model) or original=lambda: "
                           "MyModel(config); every weight comes from weights.pt")
-    if not isinstance(original, nn.Module) and callable(original):
-        try:
-            original = original()
-        except Exception as exc:  # the caller's constructor: say so rather than blame the recipe
-            raise RecipeError(f"building the original model with original() failed: {type(exc).__name__}: "
-                              f"{exc}") from exc
-    if not isinstance(original, nn.Module):
-        raise RecipeError(f"original must be an nn.Module or a zero-argument function returning one, "
-                          f"got {type(original).__name__}")
-    return original
+    return built_original(original)
 
 
 def apply_patch(recipe: dict, state: dict[str, torch.Tensor], original, where: str) -> nn.Module:

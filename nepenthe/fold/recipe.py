@@ -67,7 +67,7 @@ from .registry import (
     _qualname,
 )
 
-__all__ = ["FORMAT", "FROM_ORIGINAL", "to_recipe"]
+__all__ = ["FORMAT", "FROM_ORIGINAL", "built_original", "to_recipe"]
 
 FORMAT = "nepenthe.folded/3"
 
@@ -233,6 +233,12 @@ def _resolve_original(original, recipe: dict, needed: dict[str, str]) -> nn.Modu
             f"Pass the original (unfolded) model{_source_hint(recipe)} to take them from it: "
             "nepenthe.load(directory, original=model) or original=lambda: MyModel(...); only their structure is "
             "used, every weight comes from weights.pt")
+    return built_original(original)
+
+
+def built_original(original) -> nn.Module:
+    """``original`` itself, or what calling it (a zero-argument constructor) returns; RecipeError
+    when that fails or is not a module."""
     if not isinstance(original, nn.Module) and callable(original):
         try:
             original = original()
