@@ -8,6 +8,10 @@ one sum over the ranks. Selecting the weights to prune needs a whole layer: it i
 layer at a time (:func:`full`), never the whole model, and the result is sliced back locally
 (:func:`shard_like`, no communication) — so the masks are exactly those of one process.
 
+Checkpoints hold whole tensors (:func:`full_state_dict`, gathered onto rank 0 only), so that the
+file of a sharded run is the file of a one-process run; a resume reads it on every rank and cuts
+each rank's slice out of it locally (:func:`shard_like`).
+
 Everything here passes plain tensors through unchanged.
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["full", "is_sharded", "local", "reshard", "shard_like", "sharded_sum"]
+__all__ = ["full", "full_state_dict", "is_sharded", "local", "reshard", "shard_like", "sharded_sum"]
 
 
 def _dtensor_type():
@@ -79,3 +83,18 @@ def reshard(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def full_state_dict(model) -> dict:
+    """``model.state_dict()`` with whole tensors: for a model holding DTensors (FSDP2 parameters,
+    their masks), every one gathered, on the CPU, on rank 0 only — the other ranks get ``{}``. A
+    collective then: every rank calls it, outside any rank-0-only block. ``model.state_dict()``
+    itself for any other model."""
+    reshard(model)  # after a forward the root holds gathered plain parameters: the state is the shards
+    state = model.state_dict()
+    if not any(is_sharded(v) for v in state.values()):
+        return state
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: rank 0 alone keeps the whole tensors, one at a time off the device
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -186,13 +186,14 @@ def prune_(
         stats = EntropyStats.from_state_dict(last["stats"])
         selected = select_iteration(records, config.select)
         keep = checkpoints[selected]
-        best = _Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"]))
+        # FSDP2: the snapshots keep this rank's slices only, as the ones the loop takes do
+        best = pruner.as_shards(_Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"])))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
         with ranks.agreed(f"restoring the random states of {last['path']}"):
             # last: nothing between here and the next phase draws, as nothing did after the write
             restore_random_states(last, generators)
         if records[-1].within_tolerance:  # the next iteration starts from the last good one
-            current = _Snapshot(copy.deepcopy(last["model"]), list(last["linearized"]))
+            current = pruner.as_shards(_Snapshot(copy.deepcopy(last["model"]), list(last["linearized"])))
         else:
             return _finish(pruner, records, selected, stop_reason_of(last, records[-1]), best, best_stats)
     else:

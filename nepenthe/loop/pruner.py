@@ -22,6 +22,7 @@ from ..entropy import EntropyOptions, EntropyStats, describe_sites, measure
 from ..errors import PruneError
 from ..graph import TraceError, first_linear_ops, input_reaches_output, is_fully_sharded, last_linear_ops, trace
 from ..masks import (
+    MASK_SUFFIX,
     get_mask,
     is_mask_key,
     pack_masks_,
@@ -31,7 +32,7 @@ from ..masks import (
     set_mask,
     sparsity,
 )
-from ..sharded import full, is_sharded, local, reshard
+from ..sharded import full, is_sharded, local, reshard, shard_like
 from .config import IterationRecord, PruneConfig
 
 __all__ = ["Pruner", "Step"]
@@ -64,11 +65,9 @@ class Pruner:
         self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
         self.method = config.strategy
-        if is_fully_sharded(model) and (config.checkpoint_dir or config.pack_masks):
-            # a checkpoint of sharded tensors written by rank 0 would hold rank 0's slices only
-            raise PruneError(f"{type(model).__name__} is sharded by FSDP2: "
-                             + ("checkpoint_dir is not supported for it yet (run without checkpoints)"
-                                if config.checkpoint_dir else "pack_masks is not supported for it (keep bool masks)"))
+        if is_fully_sharded(model) and config.pack_masks:  # a packed mask's bytes do not split like its parameter
+            raise PruneError(f"{type(model).__name__} is sharded by FSDP2: pack_masks is not supported for it; "
+                             "keep bool masks (PruneConfig(pack_masks=False))")
         if config.pack_masks:  # masks the model already carries are stored packed too
             pack_masks_(model)
         self.graph = self._trace()
@@ -231,9 +230,27 @@ class Pruner:
         reshard(self.model)  # FSDP2: the state is the shards
         return _Snapshot(copy.deepcopy(self.model.state_dict()), sorted(self.replaced))
 
+    def as_shards(self, snap: _Snapshot) -> _Snapshot:
+        """``snap`` as :meth:`snapshot` takes it. FSDP2: a checkpoint's whole tensors (every rank read
+        the file) cut to this rank's slices, each sharded as the model's tensor of that key and a mask
+        as its parameter (no communication), so that a rank keeps its share only; otherwise ``snap``."""
+        if not is_fully_sharded(self.model):
+            return snap
+        reshard(self.model)
+        model_state = self.model.state_dict()
+
+        def like(key: str):  # a mask the model does not hold yet is sharded as the parameter it masks
+            return model_state.get(key, model_state.get(key.removesuffix(MASK_SUFFIX)))
+
+        # clone: the slice must not keep the whole tensor it was cut from alive
+        state = {k: v if is_sharded(v) or not is_sharded(like(k)) else shard_like(v, like(k)).clone()
+                 for k, v in snap.state.items()}
+        return _Snapshot(state, list(snap.replaced))
+
     def restore(self, snap: _Snapshot) -> None:
-        """Put the model back as it was at ``snap``: activations, masks (which only grow, so the
-        later ones are dropped first) and weights."""
+        """Put the model back as it was at ``snap`` (or at a checkpoint's whole state): activations,
+        masks (which only grow, so the later ones are dropped first) and weights."""
+        snap = self.as_shards(snap)  # FSDP2 (includes the reshard); the snapshot itself otherwise
         reshard(self.model)
         self.restore_linearized(snap.replaced)
         remove_masks(self.model)

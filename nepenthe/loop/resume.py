@@ -2,9 +2,11 @@
 states that make a resumed run draw what the uninterrupted run would have drawn.
 
 A checkpoint (``iter_<k>.pt``, format ``nepenthe.checkpoint/3``) holds the iteration's record, the
-model's state (weights and masks), the statistics the next step prunes by, the EASIER replacements,
-every rank's random states (torch CPU / CUDA, numpy, Python, and the ``rng_generators`` the caller
-passed) as they were when it was written, and, for the iteration that stopped the loop, the reason.
+model's state (weights and masks, whole: an FSDP2 model's are gathered onto rank 0 to be written),
+the statistics the next step prunes by, the EASIER replacements, every rank's random states (torch
+CPU / CUDA, numpy, Python, and the ``rng_generators`` the caller passed) as they were when it was
+written, and, for the iteration that stopped the loop, the reason. The file is the same whether one
+process or an FSDP2 job wrote it, and either resumes from it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .. import distributed as ranks
 from ..checkpoint import atomic_torch_save, payload_checksum, rng_state, set_rng_state
 from ..entropy import EntropyStats
 from ..errors import CheckpointError, PruneError
+from ..sharded import full_state_dict
 from .config import IterationRecord, PruneConfig
 from .pruner import Pruner
 
@@ -43,8 +46,12 @@ def _all_ranks_rng(generators) -> list[dict]:
 
 def save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, stats: EntropyStats,
                     config: PruneConfig, metric_scale: float, generators=(), stop_reason: str | None = None) -> None:
-    """Rank 0 writes (every rank holds the same model); the others wait for it to succeed or fail."""
-    rng = _all_ranks_rng(generators)  # a collective: every rank, before only rank 0 writes
+    """Rank 0 writes (every rank holds the same model, or its share of an FSDP2 one); the others wait
+    for it to succeed or fail."""
+    # collectives: every rank, before only rank 0 writes. FSDP2: the whole tensors are gathered onto
+    # rank 0, so the file is that of a one-process run (and resumes with any number of ranks)
+    model_state = full_state_dict(pruner.model)
+    rng = _all_ranks_rng(generators)
     with ranks.agreed(f"writing checkpoint {checkpoint_path(directory, record.iteration)}"):
         if ranks.is_main():
             payload = {
@@ -53,7 +60,7 @@ def save_checkpoint(directory: Path, pruner: Pruner, record: IterationRecord, st
                 "metric_scale": metric_scale,  # what evaluate's values were multiplied by (percent in the records)
                 "record": record.to_dict(),
                 "linearized": sorted(pruner.replaced),
-                "model": pruner.model.state_dict(),
+                "model": model_state,
                 "stats": stats.state_dict(),
                 "rng": rng,
                 "stop_reason": stop_reason,  # set on the iteration that stopped the loop

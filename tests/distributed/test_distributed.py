@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.worker import SCENARIOS
+from tests.distributed.worker import ON_REQUEST, SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240  # the whole scenario list; a hang (60 s group timeout per collective) fails the test
 
 
-def _launch(world: int, out: Path) -> dict[str, list[dict]]:
+def _launch(world: int, out: Path, scenarios=SCENARIOS, **env_vars: str) -> dict[str, list[dict]]:
     out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_vars}
+    if scenarios is not SCENARIOS:
+        env["NEPENTHE_SCENARIOS"] = ",".join(s.__name__ for s in scenarios)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(r), str(world),
                                str(out / "rendezvous"), str(out)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -38,12 +40,16 @@ def _launch(world: int, out: Path) -> dict[str, list[dict]]:
                     + "\n".join(log[-1500:] for log in logs))
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return {s.__name__: [torch.load(out / f"{s.__name__}.{r}.pt", weights_only=False) for r in range(max(world, 1))]
-            for s in SCENARIOS}
+            for s in scenarios}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[int, dict[str, list[dict]]]:
-    base = tmp_path_factory.mktemp("distributed")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def runs(base) -> dict[int, dict[str, list[dict]]]:
     return {world: _launch(world, base / f"world{world}") for world in (0, 2, 3)}
 
 
@@ -147,3 +153,34 @@ def test_fsdp2_loop_keeps_every_rank_in_step(runs, world):
         _equal(result, results[0], f"rank {r}")
     if world == 2:
         _equal(results[0], _ok(runs[0]["fsdp_prune_loop"][0]), "one process")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_checkpoints_are_written_whole_and_every_rank_resumes(runs, base, world):
+    """FSDP2 with checkpoint_dir: rank 0 writes the whole tensors (gathered from every rank), every
+    rank resumes its shards from them; the ranks agree, and with 2 ranks equal one process — records,
+    (gathered) masks and weights, and the model state in the files themselves."""
+    results = [_ok(r) for r in runs[world]["fsdp_prune_with_checkpoints_then_resume"]]
+    assert results[0]["again"][-1][2] > 0  # it pruned
+    for r, result in enumerate(results):
+        assert result["files"] == ["iter_000.pt", "iter_001.pt", "iter_002.pt", "iter_003.pt", "summary.json"]
+        _equal(result["again"][:3], result["first"], f"rank {r}: resumed records")
+        _equal(result, results[0], f"rank {r}")
+    if world == 2:
+        _equal(results[0], _ok(runs[0]["fsdp_prune_with_checkpoints_then_resume"][0]), "one process")
+        for k in range(4):
+            sharded, single = (torch.load(base / f"world{w}" / "fsdp_checkpoints" / f"iter_{k:03d}.pt")["model"]
+                               for w in (2, 0))
+            assert list(sharded) == list(single), f"iter_{k:03d}.pt: keys"
+            assert any(key.endswith("_mask") for key in sharded) == (k > 0)
+            _equal(sharded, single, f"iter_{k:03d}.pt")  # plain whole tensors, masks included
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(runs, base):
+    """Iterations 0-2 written by the 2-rank FSDP2 run, resumed on the unsharded model in one process:
+    the result of the one-process run."""
+    out = base / "world2_resumed_in_one_process"
+    resumed = _launch(0, out, ON_REQUEST, NEPENTHE_RESUME_FROM=str(base / "world2" / "fsdp_checkpoints"))
+    result = _ok(resumed["fsdp_checkpoint_resumed_in_one_process"][0])
+    single = _ok(runs[0]["fsdp_prune_with_checkpoints_then_resume"][0])
+    _equal(result, {"records": single["again"], **{k: single[k] for k in ("selected", "stop", "masks", "weights")}})

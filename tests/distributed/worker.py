@@ -210,9 +210,49 @@ def fsdp_prune_loop() -> dict:
             "stop": result.stop_reason, **_gathered(model)}
 
 
+def _fsdp_prune(folder: Path, max_iters: int) -> dict:
+    model = _fsdp_model()
+    result = nepenthe.prune(model, _shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
+                            config=nepenthe.PruneConfig(max_iters=max_iters, delta=None, zeta=0.4,
+                                                        checkpoint_dir=str(folder)))
+    return {"records": [(r.iteration, r.accuracy, r.sparsity, r.within_tolerance, r.failure, r.layer_entropy)
+                        for r in result.iterations],
+            "selected": result.selected, "stop": result.stop_reason, **_gathered(model)}
+
+
+def fsdp_prune_with_checkpoints_then_resume() -> dict:
+    """As prune_with_checkpoints_then_resume, on the FSDP2 model: rank 0 writes whole tensors, every
+    rank resumes its shards from them."""
+    folder = Path(sys.argv[4]) / "fsdp_checkpoints"
+    first = _fsdp_prune(folder, 2)
+    again = _fsdp_prune(folder, 3)  # resumes after iteration 2 on every rank
+    return {"first": first["records"], "again": again["records"], "selected": again["selected"],
+            "stop": again["stop"], "masks": again["masks"], "weights": again["weights"],
+            "files": sorted(p.name for p in folder.iterdir())}
+
+
+def fsdp_checkpoint_resumed_in_one_process() -> dict:
+    """Run on request only (NEPENTHE_SCENARIOS), in one process: iterations 0-2 written by a multi-rank
+    FSDP2 run (folder NEPENTHE_RESUME_FROM), resumed on the unsharded model up to iteration 3."""
+    import shutil
+    import warnings
+
+    folder = Path(sys.argv[4]) / "fsdp_checkpoints"
+    folder.mkdir()
+    for k in range(3):
+        shutil.copy(Path(os.environ["NEPENTHE_RESUME_FROM"]) / f"iter_{k:03d}.pt", folder)
+    with warnings.catch_warnings():  # written by another number of ranks: its random states are not restored
+        warnings.filterwarnings("ignore", r".* was written by \d+ rank", RuntimeWarning)
+        again = _fsdp_prune(folder, 3)
+    return {"records": again["records"], "selected": again["selected"], "stop": again["stop"],
+            "masks": again["masks"], "weights": again["weights"]}
+
+
 SCENARIOS = [measure, measure_nan_on_rank_1, measure_no_batches_on_last_rank, prune_same_retrain, prune_ddp_retrain,
              prune_retrain_without_ddp, prune_evaluate_fails_on_rank_1, prune_retrain_diverges_on_rank_1,
-             prune_per_rank_accuracy, prune_with_checkpoints_then_resume, fsdp_prune_step, fsdp_prune_loop]
+             prune_per_rank_accuracy, prune_with_checkpoints_then_resume, fsdp_prune_step, fsdp_prune_loop,
+             fsdp_prune_with_checkpoints_then_resume]
+ON_REQUEST = [fsdp_checkpoint_resumed_in_one_process]  # named in NEPENTHE_SCENARIOS
 
 
 def main() -> None:
@@ -225,7 +265,8 @@ def main() -> None:
     RANK, WORLD = rank, max(world, 1)
     try:
         only = os.environ.get("NEPENTHE_SCENARIOS")  # when debugging: a comma-separated subset
-        for scenario in [s for s in SCENARIOS if not only or s.__name__ in only.split(",")]:
+        chosen = [s for s in [*SCENARIOS, *ON_REQUEST] if s.__name__ in only.split(",")] if only else SCENARIOS
+        for scenario in chosen:
             print(f"rank {rank}: {scenario.__name__}", flush=True)
             try:
                 result = {"ok": scenario()}
