@@ -2,6 +2,11 @@
 
     nepenthe run --dataset digits --model mlp --out runs/digits-mlp
     nepenthe bench --scenarios resnet18,mlp_block --batches 1,32 --modes eager --threads 2 --out bench-out
+    torchrun --nproc-per-node 2 -m nepenthe run --dataset digits --model mlp --out runs/digits-mlp
+
+``run`` and ``experiment`` under torchrun (its RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in the
+environment) initialise the process group themselves (gloo on the CPU, NCCL on CUDA with device
+LOCAL_RANK) and destroy it at the end; only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from ._version import __version__
@@ -22,9 +28,49 @@ def _json_flag(parser, what: str) -> None:
                         help=f"print {what} as one JSON object on stdout (everything else goes to stderr)")
 
 
+def _worker() -> bool:
+    """A rank other than 0 under torchrun: it prints nothing but errors (rank 0 speaks for all)."""
+    import os
+
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def _quiet_stdout(args):
     """With --json, what the command prints for people goes to stderr: stdout holds the JSON only."""
+    if _worker():
+        return contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 - closed with the process
     return contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _torchrun(device: str):
+    """Under torchrun, the process group for the command's lifetime: NCCL when ``device`` is CUDA
+    (``--device cuda``, or auto on a machine with one; each rank on cuda:LOCAL_RANK), gloo otherwise.
+    Nothing when the variables torchrun sets are absent, or a group already exists (a script that
+    calls main() from its own torchrun'd code keeps its group)."""
+    import os
+
+    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if not all(os.environ.get(k) for k in needed):
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if device not in ("cuda", "auto") and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ValueError(f"--device {device} under torchrun: give --device cuda, each rank then uses "
+                             "cuda:LOCAL_RANK")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 _HEADLINE = ("dense_accuracy", "pruned_accuracy", "folded_accuracy", "rectifier_layers_total",
@@ -155,10 +201,10 @@ def _run(args) -> int:
         approximate=args.approximate, planner=args.planner, deploy_batch=args.deploy_batch,
         latency_batch=args.latency_batch, threads=args.threads,
         progress=False if args.no_progress else None)
-    with _quiet_stdout(args):
+    with _torchrun(args.device), _quiet_stdout(args):
         run(cfg)
         print(f"\nwrote {cfg.out}/report.json, {cfg.out}/entropy.png and {cfg.out}/folded/")
-    if args.json:
+    if args.json and not _worker():
         from pathlib import Path
 
         report = json.loads((Path(cfg.out) / "report.json").read_text())
@@ -284,13 +330,13 @@ def _experiment(args) -> int:
         cfg = from_dict(_toml_shaped(cfg))
     out = args.out or f"runs/{cfg.name}"
     _check_out(out)
-    with _quiet_stdout(args):
+    with _torchrun(cfg.latency.device), _quiet_stdout(args):
         results = run_experiment(cfg, out, resume=not args.no_resume, progress=False if args.no_progress else None)
         from .experiment.results import markdown_table
 
         print("\n" + markdown_table(results))
         print(f"\nwrote {out}/results.md, results.csv, results.json, accuracy_vs_removed.png, entropy.png")
-    if args.json:
+    if args.json and not _worker():
         print(json.dumps(results, default=str))
     return 0
 
@@ -327,8 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nepenthe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (NepentheError, RuntimeError, OSError) as exc:
-        print(f"nepenthe {args.command}: failed: {exc}", file=sys.stderr)
+        kinds = getattr(exc, "kinds", None)  # a RankError: every rank exits as the first failing one would
+        if kinds and {"ValueError", "FileNotFoundError"} & set(next(iter(kinds.values()))):
+            print(f"nepenthe {args.command}: error: {_rank_text(exc)}", file=sys.stderr)
+            return 2
+        print(f"nepenthe {args.command}: failed: {_rank_text(exc)}", file=sys.stderr)
         return 1
+
+
+def _rank_text(exc: BaseException) -> str:
+    """An error as one line; a RankError whose ranks all failed the same way says it once."""
+    failures = getattr(exc, "failures", None)
+    everyone = f"failed on {len(failures or ())} of {len(failures or ())} rank(s)" in str(exc)
+    if failures and len(failures) > 1 and everyone and len(set(failures.values())) == 1:
+        what = str(exc).split(" failed on ")[0]
+        return f"{what} failed on every rank ({len(failures)}): {next(iter(failures.values()))}"
+    return str(exc)
 
 
 if __name__ == "__main__":

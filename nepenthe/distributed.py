@@ -24,16 +24,19 @@ import torch.distributed as dist
 
 from .errors import NepentheError
 
-__all__ = ["RankError", "agree", "agreed", "barrier", "check_identical", "digest", "is_active", "is_main",
-           "mean_over_ranks", "rank", "world_size"]
+__all__ = ["RankError", "agree", "agreed", "barrier", "check_identical", "collective_device", "digest", "from_main",
+           "is_active", "is_main", "mean_over_ranks", "rank", "shard_loader", "world_size"]
 
 
 class RankError(NepentheError, RuntimeError):
-    """Raised on every rank when a phase failed on some of them; ``failures`` maps rank -> error."""
+    """Raised on every rank when a phase failed on some of them; ``failures`` maps rank -> error,
+    ``kinds`` rank -> the names of its error's classes (so a front end can tell a bad input, e.g. a
+    ValueError, from a failed run on every rank, including those whose own part succeeded)."""
 
-    def __init__(self, message: str, failures: dict[int, str]):
+    def __init__(self, message: str, failures: dict[int, str], kinds: dict[int, tuple[str, ...]] | None = None):
         super().__init__(message)
         self.failures = failures
+        self.kinds = kinds or {}
 
 
 def is_active(group=None) -> bool:
@@ -57,6 +60,11 @@ def is_main(group=None) -> bool:
 def barrier(group=None) -> None:
     if is_active(group):
         dist.barrier(group=group)
+
+
+def collective_device(group=None) -> torch.device:
+    """Where the tensors of a collective must live: the current CUDA device for NCCL, else the CPU."""
+    return _device(group)
 
 
 def _device(group=None) -> torch.device:
@@ -83,11 +91,13 @@ def agree(error: BaseException | None, what: str, group=None) -> None:
     if int(flag.item()) == 0:
         return
     messages: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
-    failures = {r: m for r, m in enumerate(messages) if m is not None}
+    mine = None if error is None else (_describe(error), tuple(c.__name__ for c in type(error).__mro__))
+    dist.all_gather_object(messages, mine, group=group)
+    failures = {r: m[0] for r, m in enumerate(messages) if m is not None}
+    kinds = {r: m[1] for r, m in enumerate(messages) if m is not None}
     listed = "; ".join(f"rank {r}: {m}" for r, m in failures.items())
     raise RankError(f"{what} failed on {len(failures)} of {len(messages)} rank(s), so every rank stops here — "
-                    f"{listed}", failures) from error
+                    f"{listed}", failures, kinds) from error
 
 
 @contextmanager
@@ -140,3 +150,31 @@ def check_identical(value: int, what: str, hint: str, group=None) -> None:
     if differ:
         raise RankError(f"{what} differ between ranks (rank(s) {differ} differ from rank 0): {hint}",
                         {r: f"{what} differ from rank 0" for r in differ})
+
+
+def from_main(value, group=None):
+    """Rank 0's ``value`` on every rank (a decision only rank 0 can take, e.g. whether a file it
+    wrote exists); ``value`` itself without a process group."""
+    if not is_active(group):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return box[0]
+
+
+def shard_loader(loader, group=None):
+    """This rank's share of a ``DataLoader``: samples ``rank::world_size`` of its dataset, in order,
+    batched as it batches (same batch size, collate function, workers). No sample is repeated, so
+    counts summed over the ranks (histograms, correct predictions) are those of the whole dataset;
+    the ranks may hold a different number of batches, so use it only where the one collective comes
+    after the loop (measure, evaluate), never for DDP training. Anything that is not a map-style
+    ``DataLoader`` (a list of batches, an iterable dataset) is returned as it is: every rank then
+    sees all of it."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not is_active(group) or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
+            or loader.batch_size is None:
+        return loader
+    indices = list(range(rank(group), len(loader.dataset), world_size(group)))
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, drop_last=loader.drop_last, pin_memory=loader.pin_memory)

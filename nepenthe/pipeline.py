@@ -2,6 +2,16 @@
 
 ``run(RunConfig(...))`` is what ``nepenthe run`` calls; it is a plain function so that scripts and
 tests can call it too.
+
+Under torchrun (a process group of several ranks, which ``nepenthe run`` initialises itself) every
+rank trains through DistributedDataParallel on its shard of the training split, measures its shard
+of the calibration data (the histograms are summed) and evaluates its shard of each split (the
+counts are summed), so every decision is taken on the same numbers everywhere. Rank 0 alone checks
+and writes run_config.json, folds, times and writes report.json, entropy.png and folded/: folding
+and timing on every rank would only make the ranks compete for the same cores (the latency figures
+and the fold planner's timed choices would then be worse, and could differ between ranks). The
+others wait for it and read the report it wrote; a failure on any rank stops every rank with the
+same error (:func:`nepenthe.distributed.agreed`).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as ranks
 from . import report as reporting
 from ._version import __version__
 from .checkpoint import atomic_write_json
@@ -115,16 +126,22 @@ def _device(name: str) -> torch.device:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the main job and return the report (also written to ``<out>/report.json``)."""
     started = time.perf_counter()
+    if not ranks.is_main():  # under torchrun rank 0 speaks for every rank
+        echo = lambda *args, **kwargs: None  # noqa: E731
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(cfg, out)  # before any training: a mismatch costs nothing
+    # rank 0 reads and writes the fingerprint; every rank stops on a mismatch
+    with ranks.agreed(f"checking {out / FINGERPRINT_FILE}"):
+        if ranks.is_main():
+            _check_fingerprint(cfg, out)  # before any training: a mismatch costs nothing
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
 
-    data = load_dataset(cfg.dataset, root=cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        limit=cfg.data_limit, **cfg.data_options)
+    with ranks.agreed(f"loading the dataset {cfg.dataset}"):
+        data = load_dataset(cfg.dataset, root=cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                            limit=cfg.data_limit, **cfg.data_options)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, 512)
     test_loader = make_loader(data.test, 512)
@@ -136,7 +153,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     bar = progress_bar(total=cfg.dense.epochs + cfg.prune.max_iters * cfg.retrain.epochs, desc="training",
                        enabled=cfg.progress)
     tick = lambda epoch, loss: (bar.update(1), bar.set_postfix_str(f"loss {loss:.3f}"))  # noqa: E731
-    train(model, train_loader, cfg.dense, progress=tick)
+    with ranks.agreed("dense training"):
+        train(model, train_loader, cfg.dense, progress=tick)
     dense_test = evaluate(model, test_loader)
 
     def on_iteration(record, _model):
@@ -151,21 +169,37 @@ def run(cfg: RunConfig, echo=print) -> dict:
         prune_cfg.metric_scale = 1.0  # train.evaluate gives percent (an untrained model may score 0)
     # train_loader shuffles (and an image split augments) with generators of its own: checkpointed with the
     # loop, a resumed run retrains on the batches the uninterrupted one drew (the dense training is redone, seeded)
-    result = prune(model, calib_loader, retrain=lambda m, it: train(m, train_loader, cfg.retrain, progress=tick),
+    # (under torchrun each rank measures its shard of the calibration data: measure sums the histograms)
+    result = prune(model, ranks.shard_loader(calib_loader),
+                   retrain=lambda m, it: train(m, train_loader, cfg.retrain, progress=tick),
                    evaluate=lambda m: evaluate(m, val_loader), config=prune_cfg, callbacks=[on_iteration],
                    rng_generators=[train_loader], device=device)
     bar.close()
     pruned_test = evaluate(model, test_loader)
     records = [r.to_dict() for r in result.iterations]
     echo("\n" + reporting.iteration_table(records))
+    report = None
+    with ranks.agreed("folding, timing and writing the report (on rank 0)"):
+        if ranks.is_main():
+            report = _fold_and_report(cfg, model, result, records, data, calib_loader, test_loader, device,
+                                      dense_test, pruned_test, started)
+    if report is None:  # the other ranks: what rank 0 wrote (complete: it wrote before the agreed block ended)
+        report = json.loads((out / "report.json").read_text())
+    echo(summary(report))
+    return report
 
+
+def _fold_and_report(cfg: RunConfig, model, result, records, data, calib_loader, test_loader, device,
+                     dense_test: float, pruned_test: float, started: float) -> dict:
+    """Fold, evaluate the folded model, time it, write folded/, entropy.png and report.json (rank 0)."""
+    out = Path(cfg.out)
     example = next(iter(calib_loader))[0]  # fold checks exactness on calibration data
     latency_input = next(iter(make_loader(data.test, cfg.latency_batch)))[0].to(device)
     deploy_input = next(iter(make_loader(data.test, cfg.deploy_batch)))[0].to(device)
     # the planner times merges at the deployment batch, on the threads the report uses
     folded = fold(model, result.stats, example.to(device), approximate=cfg.approximate, planner=cfg.planner,
                   latency_input=deploy_input, threads=cfg.threads)
-    folded_test = evaluate(folded, test_loader)
+    folded_test = evaluate(folded, test_loader, over_ranks=False)  # rank 0 alone
     fold_report = folded.fold_report
 
     before, after = compare_latency(model, folded, latency_input, repeats=cfg.latency_repeats, threads=cfg.threads)
@@ -194,11 +228,11 @@ def run(cfg: RunConfig, echo=print) -> dict:
         "iterations": records,
         "config": cfg.to_dict(),
         "environment": environment(device),
+        "world_size": ranks.world_size(),  # processes that trained and measured (under torchrun)
         "plot": str(plot) if plot else None,
         "seconds": time.perf_counter() - started,
     }
     atomic_write_json(json.loads(json.dumps(report, default=str)), out / "report.json")
-    echo(summary(report))
     return report
 
 

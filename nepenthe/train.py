@@ -4,13 +4,15 @@ user function (the pruning loop only needs ``retrain(model, iteration)`` and ``e
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from . import distributed as ranks
 from .loop.masked_training import masked_optimizer
 
 __all__ = ["evaluate", "make_optimizer", "make_scheduler", "train", "TrainConfig"]
@@ -77,14 +79,74 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _Shards:
+    """Under torchrun: this rank's share of a training loader, DistributedSampler-style. Every rank
+    gets ceil(N / world) samples (the first ones repeated to fill the last round), hence the same
+    number of batches: DDP waits in every backward for all ranks, so uneven shards would hang it.
+    The order is reshuffled each epoch (``set_epoch``) from a seed drawn once per ``train`` call from
+    the loader's own generator: the same on every rank (they seed it alike), new at each retraining,
+    and restored on resume with the loader's generator (``prune(rng_generators=[loader])``)."""
+
+    def __init__(self, loader: DataLoader):
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        seed = 0
+        if shuffle:
+            seed = int(torch.randint(2**62, (1,), generator=loader.generator)) if loader.generator is not None \
+                else int(torch.randint(2**62, (1,)))
+        self.sampler = DistributedSampler(loader.dataset, num_replicas=ranks.world_size(), rank=ranks.rank(),
+                                          shuffle=shuffle, seed=seed, drop_last=False)
+        self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=self.sampler,
+                                 num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                 drop_last=loader.drop_last, pin_memory=loader.pin_memory)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
+
+
+def _data_parallel(model: nn.Module, loader):
+    """(the module to call, the batches to train on): under an initialised process group of several
+    ranks, the model wrapped in DistributedDataParallel (gradients averaged, so the weights stay the
+    same on every rank) and the loader sharded over the ranks; otherwise both as they are."""
+    if not ranks.is_active():
+        return model, loader
+    device = _device_of(model)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    shardable = isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
+        and loader.batch_size is not None
+    # anything else (a list of batches) is the same on every rank: DDP averages equal gradients
+    return ddp, _Shards(loader) if shardable else loader
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, cfg: TrainConfig) -> None:
+    """FloatingPointError for a NaN/Inf loss, raised on every rank at the same step under DDP (a
+    rank that stopped alone would leave the others waiting in the next gradient all-reduce)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if ranks.is_active():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite.item()):
+        where = f"loss became {loss.item()}" if not torch.isfinite(loss) else "loss became NaN/Inf on another rank"
+        raise FloatingPointError(f"training {where} at epoch {epoch}; lower the learning rate (now {cfg.lr}) or "
+                                 "enable grad_clip")
+
+
 def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=None) -> list[float]:
     """Train in place with a fresh optimizer and schedule; the fused masked optimizer keeps masks enforced.
 
     Returns the mean training loss of each epoch (a fractional last epoch counts as one).
     ``progress`` is an optional callable called with (epoch, loss) after each epoch. A NaN/Inf
     loss raises ``FloatingPointError`` (the pruning loop takes it as a failed step and backs off).
+    Under torchrun (an initialised process group of several ranks) the model trains through
+    DistributedDataParallel on this rank's shard of ``loader`` (see :class:`_Shards`); the losses
+    are this rank's.
     """
     device = _device_of(model)
+    net, loader = _data_parallel(model, loader)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
     steps_left = cfg.steps(len(loader))
@@ -99,11 +161,14 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
                     break
                 steps_left -= 1
                 x, y = x.to(device), y.to(device)
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                        f"(now {cfg.lr}) or enable grad_clip")
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
+                if net is model:  # one process: the check as it always was
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
+                            f"(now {cfg.lr}) or enable grad_clip")
+                else:
+                    _check_finite(loss, epoch, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -124,17 +189,31 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, loader: DataLoader, *, over_ranks: bool = True) -> float:
+    """Top-1 accuracy in percent.
+
+    Under torchrun (``over_ranks`` and a process group of several ranks) each rank evaluates its
+    share of ``loader`` (:func:`nepenthe.distributed.shard_loader`) and the correct / total counts
+    are summed over the ranks: every rank returns the accuracy on the whole data. ``over_ranks=False``
+    evaluates all of it on this rank alone, with no collective (what rank 0 does on its own)."""
     device = _device_of(model)
+    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    together = over_ranks and ranks.is_active()
     was_training = model.training
     model.eval()
     correct, total = 0, 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(dim=1)
-        correct += int((pred == y.to(device)).sum())
-        total += len(y)
-    model.train(was_training)
+    with ranks.agreed("evaluate") if together else contextlib.nullcontext():
+        try:
+            for x, y in ranks.shard_loader(loader) if together else loader:
+                pred = model(x.to(device)).argmax(dim=1)
+                correct += int((pred == y.to(device)).sum())
+                total += len(y)
+        finally:
+            model.train(was_training)
+    if together:  # after the agreed block: no rank can be left waiting in it
+        counts = torch.tensor([correct, total], dtype=torch.int64, device=ranks.collective_device())
+        torch.distributed.all_reduce(counts)
+        correct, total = int(counts[0]), int(counts[1])
     if total == 0:
         raise ValueError("evaluation data is empty")
     return 100.0 * correct / total

@@ -11,6 +11,14 @@ the same iteration, the same shuffling order and augmentations; only the pruning
 same seeding makes a resumed run end as the uninterrupted one: each method starts from random states
 that depend on the seed alone (not on what ran before it in the process), each retraining from the
 seed and the iteration.
+
+Under torchrun (``nepenthe experiment`` initialises the process group) every rank trains through
+DistributedDataParallel on its shard of the training split, measures its shard of the calibration
+batches and evaluates its shard of each split (counts summed). Rank 0 alone writes (config.json,
+dense.pt, result.json, results.*) and folds and times each method, while the others wait: timing
+on every rank at once would make them compete for the same cores, and the fold planner's timed
+choices could then differ between ranks. Whether a file is already there is rank 0's answer, and
+the other ranks read what it wrote once it is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import distributed as ranks
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..data import DataSplits, load_dataset, make_loader, unaugmented
 from ..environment import environment
@@ -121,7 +130,7 @@ def fold_and_time(model: nn.Module, stats, inputs: Inputs, reference: nn.Module,
         latency[str(batch)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
                                "speedup": before.median_ms / after.median_ms if after.median_ms > 0 else None,
                                "before_iqr_ms": before.iqr_ms, "after_iqr_ms": after.iqr_ms}
-    info = {"fold_seconds": fold_seconds, "folded_test": evaluate(folded, inputs.test),
+    info = {"fold_seconds": fold_seconds, "folded_test": evaluate(folded, inputs.test, over_ranks=False),
             "rectifiers_after": rectifier_count(folded), "critical_path_after": critical_path(trace(folded)),
             "latency": latency, "fold": folded.fold_report.to_dict()}
     return folded, info
@@ -132,6 +141,8 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, *, resume: bool = True, progress: bool | None = None,
                  echo: Callable[[str], object] = print):
+        # under torchrun rank 0 speaks for every rank
+        echo = echo if ranks.is_main() else (lambda *args, **kwargs: None)
         self.cfg, self.out, self.resume, self.echo = cfg, Path(out), resume, echo
         self.progress = progress
         self.device = resolve_device(cfg.latency.device)
@@ -140,14 +151,21 @@ class Experiment:
     def _check_same_experiment(self) -> None:
         path = self.out / "config.json"
         current = json.loads(json.dumps(self.cfg.to_dict(), default=str))
-        if path.exists() and self.resume:
-            saved = json.loads(path.read_text())
-            # seeds and methods may grow between runs; everything else must match what is on disk
-            strip = lambda c: {k: v for k, v in c.items() if k not in ("seeds", "methods")}  # noqa: E731
-            if strip(saved) != strip(current):
-                raise ExperimentError(f"{self.out} holds results of another configuration ({path}); use another "
-                                      "--out, or --no-resume to start over")
-        atomic_write_json(current, path)
+        with ranks.agreed(f"checking {path}"):  # rank 0 reads and writes it; a mismatch stops every rank
+            if not ranks.is_main():
+                return
+            if path.exists() and self.resume:
+                saved = json.loads(path.read_text())
+                # seeds and methods may grow between runs; everything else must match what is on disk
+                strip = lambda c: {k: v for k, v in c.items() if k not in ("seeds", "methods")}  # noqa: E731
+                if strip(saved) != strip(current):
+                    raise ExperimentError(f"{self.out} holds results of another configuration ({path}); use "
+                                          "another --out, or --no-resume to start over")
+            atomic_write_json(current, path)
+
+    def _done(self, path: Path) -> bool:
+        """Whether ``path`` is there to resume from, as rank 0 sees it (one answer for every rank)."""
+        return ranks.from_main(self.resume and path.exists())
 
     def _dense(self, seed: int, inputs: Inputs, bar) -> tuple[nn.Module, dict]:
         """The dense model of ``seed``: trained once, then read back from ``seed<k>/dense.pt``."""
@@ -155,18 +173,25 @@ class Experiment:
         _seed(seed, inputs.data.train)
         model = build_model(cfg.model.name, inputs.data.input_shape, inputs.data.num_classes,
                             **cfg.model.options).to(self.device)
-        if self.resume and path.exists():
-            saved = torch.load(path, map_location=self.device, weights_only=True)
-            model.load_state_dict(saved["model"])
+        if self._done(path):
+            with ranks.agreed(f"reading {path}"):
+                saved = torch.load(path, map_location=self.device, weights_only=True)
+                model.load_state_dict(saved["model"])
             return model.eval(), saved["info"]
         started = time.perf_counter()
         bar.set_postfix_str(f"seed {seed}: dense training")
-        train(model, make_loader(inputs.data.train, cfg.data.batch_size, shuffle=True, seed=seed), cfg.dense_recipe())
+        with ranks.agreed(f"dense training (seed {seed})"):
+            train(model, make_loader(inputs.data.train, cfg.data.batch_size, shuffle=True, seed=seed),
+                  cfg.dense_recipe())
         info = {"seconds": time.perf_counter() - started, "val": evaluate(model, inputs.val),
                 "test": evaluate(model, inputs.test), "rectifiers": rectifier_count(model),
                 "critical_path": critical_path(trace(model)),
                 "params": sum(p.numel() for p in model.parameters())}
-        atomic_torch_save({"model": model.state_dict(), "info": info}, path)
+        # (under torchrun: rank 0's timing, the number every rank then reads back from the file)
+        info["seconds"] = ranks.from_main(info["seconds"])
+        with ranks.agreed(f"writing {path}"):
+            if ranks.is_main():
+                atomic_torch_save({"model": model.state_dict(), "info": info}, path)
         return model.eval(), info
 
     def _method(self, seed: int, method: str, dense: nn.Module, dense_info: dict, inputs: Inputs, bar) -> dict:
@@ -191,17 +216,34 @@ class Experiment:
         bar.set_postfix_str(f"seed {seed} {method}: pruning")
         _seed(seed, inputs.data.train)  # whether another method ran before it in this process or not
         started = begun = time.perf_counter()
-        result = prune(model, inputs.calib, retrain=retrain, evaluate=lambda m: evaluate(m, inputs.val),
+        calib, limit = inputs.calib, cfg.data.calib_batches
+        if ranks.is_active():  # this rank's share of the same calibration samples (measure sums the histograms)
+            calib, limit = _calibration_shard(inputs.calib, limit), None
+        result = prune(model, calib, retrain=retrain, evaluate=lambda m: evaluate(m, inputs.val),
                        config=prune_cfg, callbacks=[on_iteration], device=self.device,
-                       **({"max_batches": cfg.data.calib_batches} if cfg.data.calib_batches else {}))
+                       **({"max_batches": limit} if limit else {}))
         prune_seconds = time.perf_counter() - started
+        pruned_test = evaluate(model, inputs.test)  # every rank: a collective under torchrun
+        path, row = directory / "result.json", None
+        with ranks.agreed(f"folding, timing and writing {path} (on rank 0)"):
+            if ranks.is_main():
+                row = self._fold_row(seed, method, model, result, dense, dense_info, inputs, bar, pruned_test,
+                                     prune_seconds, begun)
+                atomic_write_json(json.loads(json.dumps(row, default=str)), path)
+        # the other ranks: the row rank 0 wrote (complete once the agreed block has ended)
+        return row if row is not None else json.loads(path.read_text())
+
+    def _fold_row(self, seed, method, model, result, dense, dense_info, inputs, bar, pruned_test, prune_seconds,
+                  begun) -> dict:
+        """Fold, time and save ``model``, and the result row of ``method`` (rank 0 alone)."""
+        cfg, directory = self.cfg, self.out / f"seed{seed}" / method
         bar.set_postfix_str(f"seed {seed} {method}: folding and timing")
         folded, info = fold_and_time(model, result.stats, inputs, dense, cfg, self.device)
         save(folded, directory / "folded", original=model, extra={"method": method, "seed": seed})
         record = result.selected_record
         return {
             "seed": seed, "method": method,
-            "dense_test": dense_info["test"], "pruned_test": evaluate(model, inputs.test), **info,
+            "dense_test": dense_info["test"], "pruned_test": pruned_test, **info,
             "dense_val": result.dense_accuracy, "pruned_val": record.accuracy,
             "sparsity": weight_sparsity(model), "prunable_sparsity": record.sparsity,
             "zero_entropy_layers": len(record.zero_entropy_layers),
@@ -223,7 +265,8 @@ class Experiment:
         self._check_same_experiment()
         if cfg.latency.threads:
             torch.set_num_threads(cfg.latency.threads)
-        inputs = prepare_inputs(cfg)
+        with ranks.agreed(f"loading the dataset {cfg.data.dataset}"):
+            inputs = prepare_inputs(cfg)
         self.echo(f"experiment {cfg.name}: {cfg.model.name} on {cfg.data.dataset} "
                   f"({len(inputs.data.train)}/{len(inputs.data.val)}/{len(inputs.data.test)} train/val/test), "
                   f"seeds {cfg.seeds}, methods {cfg.methods}, epochs x{cfg.epochs_scale:g}, device {self.device}")
@@ -235,11 +278,10 @@ class Experiment:
             bar.update(1)
             for method in cfg.methods:
                 path = self.out / f"seed{seed}" / method / "result.json"
-                if self.resume and path.exists():
+                if self._done(path):
                     row = json.loads(path.read_text())
                 else:
                     row = self._method(seed, method, dense, dense_info, inputs, bar)
-                    atomic_write_json(json.loads(json.dumps(row, default=str)), path)
                 rows.append(row)
                 bar.update(1)
                 self.echo(f"  seed {seed} {method:>8}: test {row['folded_test']:.2f}% (dense {row['dense_test']:.2f})"
@@ -253,8 +295,20 @@ class Experiment:
         results = {"name": cfg.name, "config": cfg.to_dict(), "summary": summary, "runs": rows,
                    "environment": environment(self.device), "seconds": work,
                    "wall_seconds": time.perf_counter() - started}
-        write_results(self.out, results, cfg)
+        with ranks.agreed(f"writing the results in {self.out} (on rank 0)"):
+            if ranks.is_main():
+                write_results(self.out, results, cfg)
         return results
+
+
+def _calibration_shard(calib: torch.utils.data.DataLoader, batches: int | None) -> torch.utils.data.DataLoader:
+    """This rank's share of the calibration samples one process measures (the first ``batches``
+    batches of ``calib``, all of it without a limit), batched as ``calib`` is."""
+    dataset = calib.dataset
+    if batches:
+        dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), batches * calib.batch_size)))
+    return ranks.shard_loader(torch.utils.data.DataLoader(dataset, batch_size=calib.batch_size,
+                                                          collate_fn=calib.collate_fn))
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, **kwargs) -> dict:
