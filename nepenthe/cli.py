@@ -69,6 +69,9 @@ def _torchrun(device: str):
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield
+        # every rank tears the group down together: a rank whose gloo pairs close while another is
+        # still finishing its last collective can abort in gloo's threads (std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

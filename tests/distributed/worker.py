@@ -273,6 +273,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - recorded for the test to compare across ranks
                 result = {"error": type(exc).__name__, "message": str(exc)}
             torch.save(result, out / f"{scenario.__name__}.{rank}.pt")
+        if world > 0:
+            dist.barrier()  # leave together (see nepenthe.cli: gloo may abort a rank still finishing)
     finally:
         if world > 0:
             dist.destroy_process_group()
