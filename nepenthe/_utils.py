@@ -36,3 +36,19 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, module)
     return old
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_settings(old: dict | None, new: dict, most: int = 6) -> str:
+    """``"key.path: old -> new; ..."`` for the (nested) settings that differ, at most ``most`` of them
+    (for the message refusing to resume a folder made with other settings)."""
+    before, after = _flat(old or {}), _flat(new)
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)]
+    return "; ".join(changed[:most]) + ("; ..." if len(changed) > most else "") if changed else "unreadable"

@@ -25,6 +25,7 @@ import torch
 
 from . import distributed as ranks
 from . import report as reporting
+from ._utils import changed_settings
 from ._version import __version__
 from .checkpoint import atomic_write_json
 from .data import load_dataset, make_loader, unaugmented
@@ -90,13 +91,6 @@ def fingerprint(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_fingerprint(cfg: RunConfig, out: Path) -> None:
     """Refuse to resume a run folder made with other settings (its checkpoints would be mixed into
     this run); write this run's fingerprint otherwise. ``--no-resume`` starts over and overwrites."""
@@ -108,12 +102,8 @@ def _check_fingerprint(cfg: RunConfig, out: Path) -> None:
         except (ValueError, OSError):
             theirs = None
         if theirs != mine:
-            old, new = _flat(theirs or {}), _flat(mine)
-            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                       if old.get(k) != new.get(k)]
-            raise ConfigError(f"{out} holds a run made with other settings ({'; '.join(changed[:6]) or 'unreadable'}"
-                              f"{'; ...' if len(changed) > 6 else ''}). Rerun with --no-resume to start over there, "
-                              "or give another --out")
+            raise ConfigError(f"{out} holds a run made with other settings ({changed_settings(theirs, mine)}). "
+                              "Rerun with --no-resume to start over there, or give another --out")
     atomic_write_json(mine, path)
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as ranks
+from .._utils import changed_settings
 from ..checkpoint import atomic_torch_save, atomic_write_json
 from ..data import DataSplits, load_dataset, make_loader, unaugmented
 from ..environment import environment
@@ -159,8 +160,9 @@ class Experiment:
                 # seeds and methods may grow between runs; everything else must match what is on disk
                 strip = lambda c: {k: v for k, v in c.items() if k not in ("seeds", "methods")}  # noqa: E731
                 if strip(saved) != strip(current):
-                    raise ExperimentError(f"{self.out} holds results of another configuration ({path}); use "
-                                          "another --out, or --no-resume to start over")
+                    raise ExperimentError(f"{self.out} holds results of another configuration ({path}: "
+                                          f"{changed_settings(strip(saved), strip(current))}); use another --out, "
+                                          "or --no-resume to start over")
             atomic_write_json(current, path)
 
     def _done(self, path: Path) -> bool:

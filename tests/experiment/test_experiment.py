@@ -181,7 +181,7 @@ def test_a_new_method_reuses_the_dense_models(finished, monkeypatch):
 
 def test_another_configuration_in_the_same_folder_is_refused(finished):
     out, _ = finished
-    with pytest.raises(ExperimentError, match="another configuration"):
+    with pytest.raises(ExperimentError, match=r"another configuration .*prune\.zeta: .* -> 0\.25"):
         run_experiment(from_dict(tiny(prune={"zeta": 0.25, "delta": None, "max_iters": 2})), out, progress=False,
                        echo=lambda s: None)
 
