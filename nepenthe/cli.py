@@ -127,6 +127,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--deploy-batch", type=int, default=1, help="batch size the fold planner times merges at")
     p.add_argument("--latency-batch", type=int, default=256)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints left in OUT/checkpoints")
+    p.add_argument("--pack-masks", action="store_true",
+                   help="store the masks bit-packed (1/8 byte per weight; the results are the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -200,7 +202,8 @@ def _run(args) -> int:
         retrain=TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr),
         prune=PruneConfig(method=args.method, max_iters=args.iters, zeta=args.zeta, delta=args.delta,
                           temperature=args.temperature, normalize=args.normalize, protect=tuple(args.protect),
-                          max_backoffs=args.max_backoffs, select=args.select, resume=not args.no_resume),
+                          max_backoffs=args.max_backoffs, select=args.select, resume=not args.no_resume,
+                          pack_masks=args.pack_masks),
         approximate=args.approximate, planner=args.planner, deploy_batch=args.deploy_batch,
         latency_batch=args.latency_batch, threads=args.threads,
         progress=False if args.no_progress else None)

@@ -133,3 +133,13 @@ def test_rerun_with_other_settings_is_refused_before_training(run_dir, capsys):
         err = capsys.readouterr().err
         assert change in err and "--no-resume" in err and err.count("\n") == 1
     assert json.loads((run_dir / "run_config.json").read_text()) == fp  # untouched by the refusals
+
+
+def test_cli_pack_masks_stores_bits(tmp_path):
+    out = tmp_path / "packed"
+    assert cli.main(["run", "--out", str(out), "--epochs", "1", "--retrain-epochs", "1", "--iters", "1",
+                     "--latency-batch", "8", "--no-progress", "--threads", "1",
+                     "--pack-masks"]) == 0
+    model = torch.load(out / "checkpoints" / "iter_001.pt", weights_only=True)["model"]
+    masks = [k for k in model if "mask" in k]
+    assert masks and all(k.endswith("_mask_bits") and model[k].dtype == torch.uint8 for k in masks)
