@@ -284,8 +284,10 @@ def sum_across_processes(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
     torch.distributed (on the current CUDA device for NCCL)."""
     import torch.distributed as dist
 
+    from .distributed import collective_device
+
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        on = t.cuda() if dist.get_backend(group) == "nccl" else t.clone()
+        on = t.to(collective_device(group), copy=True)
         dist.all_reduce(on, group=group)
         return on.cpu()
     return reduce

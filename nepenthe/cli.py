@@ -30,8 +30,6 @@ def _json_flag(parser, what: str) -> None:
 
 def _worker() -> bool:
     """A rank other than 0 under torchrun: it prints nothing but errors (rank 0 speaks for all)."""
-    import os
-
     return os.environ.get("RANK", "0") not in ("", "0")
 
 
@@ -48,14 +46,14 @@ def _torchrun(device: str):
     (``--device cuda``, or auto on a machine with one; each rank on cuda:LOCAL_RANK), gloo otherwise.
     Nothing when the variables torchrun sets are absent, or a group already exists (a script that
     calls main() from its own torchrun'd code keeps its group)."""
-    import os
-
     needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     if not all(os.environ.get(k) for k in needed):
         yield
         return
     import torch
     import torch.distributed as dist
+
+    from .distributed import barrier
 
     if dist.is_initialized():
         yield
@@ -71,7 +69,7 @@ def _torchrun(device: str):
         yield
         # every rank tears the group down together: a rank whose gloo pairs close while another is
         # still finishing its last collective can abort in gloo's threads (std::terminate)
-        dist.barrier()
+        barrier()
     finally:
         dist.destroy_process_group()
 
@@ -169,7 +167,6 @@ def _check_run_flags(args) -> None:
 def _check_out(out: str) -> None:
     """ValueError naming --out when the output folder cannot be one (a file, an unwritable place);
     the folder is created here, so that a run never trains first and fails on its first write."""
-    import os
     from pathlib import Path
 
     path = Path(out)

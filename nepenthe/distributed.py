@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .errors import NepentheError
 
 __all__ = ["RankError", "agree", "agreed", "barrier", "check_identical", "collective_device", "digest", "from_main",
-           "is_active", "is_main", "mean_over_ranks", "rank", "shard_loader", "world_size"]
+           "is_active", "is_main", "mean_over_ranks", "rank", "resampled", "shard_loader", "shardable", "world_size"]
 
 
 class RankError(NepentheError, RuntimeError):
@@ -64,10 +64,6 @@ def barrier(group=None) -> None:
 
 def collective_device(group=None) -> torch.device:
     """Where the tensors of a collective must live: the current CUDA device for NCCL, else the CPU."""
-    return _device(group)
-
-
-def _device(group=None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -86,7 +82,7 @@ def agree(error: BaseException | None, what: str, group=None) -> None:
         if error is not None:
             raise error
         return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_device(group))
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if int(flag.item()) == 0:
         return
@@ -113,15 +109,20 @@ def agreed(what: str, group=None) -> Iterator[None]:
     agree(error, what, group)
 
 
+def _gathered_scalars(value, dtype: torch.dtype, group=None) -> list:
+    """Every rank's ``value`` (one number), in rank order: one all-gather."""
+    t = torch.tensor([value], dtype=dtype, device=collective_device(group))
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t, group=group)
+    return [g.item() for g in gathered]
+
+
 def mean_over_ranks(value: float, group=None) -> float:
     """The mean of ``value`` over the ranks (the value itself without a process group): the one
     number every rank decides with (e.g. accuracies of per-rank validation shards)."""
     if not is_active(group):
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_device(group))
-    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, t, group=group)
-    values = [float(g.item()) for g in gathered]
+    values = _gathered_scalars(float(value), torch.float64, group)
     # the value itself when the ranks agree (a sum divided back can differ in the last bit)
     return values[0] if len(set(values)) == 1 else sum(values) / len(values)
 
@@ -142,10 +143,7 @@ def check_identical(value: int, what: str, hint: str, group=None) -> None:
     same :class:`RankError` naming the ranks that differ from rank 0, with ``hint`` (what to do)."""
     if not is_active(group):
         return
-    t = torch.tensor([value], dtype=torch.int64, device=_device(group))
-    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, t, group=group)
-    values = [int(g.item()) for g in gathered]
+    values = _gathered_scalars(value, torch.int64, group)
     differ = [r for r, v in enumerate(values) if v != values[0]]
     if differ:
         raise RankError(f"{what} differ between ranks (rank(s) {differ} differ from rank 0): {hint}",
@@ -170,11 +168,24 @@ def shard_loader(loader, group=None):
     after the loop (measure, evaluate), never for DDP training. Anything that is not a map-style
     ``DataLoader`` (a list of batches, an iterable dataset) is returned as it is: every rank then
     sees all of it."""
+    if not is_active(group) or not shardable(loader):
+        return loader
+    return resampled(loader, list(range(rank(group), len(loader.dataset), world_size(group))))
+
+
+def shardable(loader) -> bool:
+    """Whether ``loader`` is a map-style, automatically batched ``DataLoader`` (whose samples can be
+    split between ranks by a sampler)."""
     from torch.utils.data import DataLoader, IterableDataset
 
-    if not is_active(group) or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
-            or loader.batch_size is None:
-        return loader
-    indices = list(range(rank(group), len(loader.dataset), world_size(group)))
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
+        and loader.batch_size is not None
+
+
+def resampled(loader, sampler):
+    """A ``DataLoader`` over ``loader``'s dataset drawing the indices of ``sampler``, batched as
+    ``loader`` batches (same batch size, collate function, workers)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, drop_last=loader.drop_last, pin_memory=loader.pin_memory)

@@ -65,9 +65,10 @@ def sharded_sum(value: int, like: Tensor) -> int:
         return value
     import torch.distributed as dist
 
+    from .distributed import collective_device
+
     group = like.device_mesh.get_group()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
     dist.all_reduce(t, group=group)
     return int(t.item())
 

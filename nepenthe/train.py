@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import distributed as ranks
 from .loop.masked_training import masked_optimizer
@@ -95,9 +95,7 @@ class _Shards:
                 else int(torch.randint(2**62, (1,)))
         self.sampler = DistributedSampler(loader.dataset, num_replicas=ranks.world_size(), rank=ranks.rank(),
                                           shuffle=shuffle, seed=seed, drop_last=False)
-        self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=self.sampler,
-                                 num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                 drop_last=loader.drop_last, pin_memory=loader.pin_memory)
+        self.loader = ranks.resampled(loader, self.sampler)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -117,10 +115,8 @@ def _data_parallel(model: nn.Module, loader):
         return model, loader
     device = _device_of(model)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    shardable = isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
-        and loader.batch_size is not None
     # anything else (a list of batches) is the same on every rank: DDP averages equal gradients
-    return ddp, _Shards(loader) if shardable else loader
+    return ddp, _Shards(loader) if ranks.shardable(loader) else loader
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, cfg: TrainConfig) -> None:
@@ -162,13 +158,7 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
                 steps_left -= 1
                 x, y = x.to(device), y.to(device)
                 loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
-                if net is model:  # one process: the check as it always was
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                            f"(now {cfg.lr}) or enable grad_clip")
-                else:
-                    _check_finite(loss, epoch, cfg)
+                _check_finite(loss, epoch, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:

@@ -21,7 +21,7 @@ from ..sharded import is_sharded
 from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step, _Snapshot
-from .resume import load_checkpoints, restore_random_states, save_checkpoint, stop_reason_of
+from .resume import failure_stop_reason, load_checkpoints, restore_random_states, save_checkpoint, stop_reason_of
 
 __all__ = ["prune", "prune_", "prune_step", "select_iteration"]
 
@@ -259,7 +259,7 @@ def prune_(
         record = pruner.record(iteration, accuracy, stats_now, step, failure is None, started, zeta, attempts, failure)
         records.append(record)
         if failure is not None:  # stored with the checkpoint: a rerun returns the same reason
-            stop_reason = failure + (f" (after {len(attempts)} back-off(s))" if attempts else "")
+            stop_reason = failure_stop_reason(failure, len(attempts))
         if directory:
             save_checkpoint(directory, pruner, record, stats_now if stats_now is not None else stats, config,
                             metric_scale, generators, stop_reason if failure is not None else None)

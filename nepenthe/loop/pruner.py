@@ -251,7 +251,6 @@ class Pruner:
         """Put the model back as it was at ``snap`` (or at a checkpoint's whole state): activations,
         masks (which only grow, so the later ones are dropped first) and weights."""
         snap = self.as_shards(snap)  # FSDP2 (includes the reshard); the snapshot itself otherwise
-        reshard(self.model)
         self.restore_linearized(snap.replaced)
         remove_masks(self.model)
         # copies: a mask buffer must not alias the snapshot, which may be restored again later; each in

@@ -24,8 +24,8 @@ from ..sharded import full_state_dict
 from .config import IterationRecord, PruneConfig
 from .pruner import Pruner
 
-__all__ = ["FORMAT", "checkpoint_path", "load_checkpoints", "restore_random_states", "save_checkpoint",
-           "stop_reason_of"]
+__all__ = ["FORMAT", "checkpoint_path", "failure_stop_reason", "load_checkpoints", "restore_random_states",
+           "save_checkpoint", "stop_reason_of"]
 
 FORMAT = "nepenthe.checkpoint/3"  # /3: random states and the stop reason; /2 files still resume
 
@@ -118,8 +118,12 @@ def stop_reason_of(ckpt: dict, record: IterationRecord) -> str:
             raise CheckpointError(f"{ckpt['path']}: 'stop_reason' is {type(stored).__name__}, not text; delete the "
                                   "file to resume from the checkpoint before it, or start over (resume=False)")
         return stored
-    failure = record.failure or "accuracy fell below tolerance"
-    return failure + (f" (after {len(record.backoffs)} back-off(s))" if record.backoffs else "")
+    return failure_stop_reason(record.failure or "accuracy fell below tolerance", len(record.backoffs))
+
+
+def failure_stop_reason(failure: str, backoffs: int) -> str:
+    """The stop reason of an iteration that failed (after ``backoffs`` failed attempts before it)."""
+    return failure + (f" (after {backoffs} back-off(s))" if backoffs else "")
 
 
 def restore_random_states(ckpt: dict, generators=()) -> None:

@@ -30,16 +30,20 @@ def _device_for(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(params=["cpp", "triton", "cuda"])
-def backend(request):
-    name = request.param
+def loaded_backend(name: str):
+    """(implementation, device) of backend ``name``, or skip the test saying why it cannot run here."""
     try:
         impl = backends.load(name)
     except backends.BackendUnavailable as exc:
         pytest.skip(str(exc))
     if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton without a GPU needs TRITON_INTERPRET=1")
-    return name, impl, _device_for(name)
+    return impl, _device_for(name)
+
+
+@pytest.fixture(params=["cpp", "triton", "cuda"])
+def backend(request):
+    return (request.param, *loaded_backend(request.param))
 
 
 def _small(name: str) -> bool:

@@ -17,18 +17,9 @@ import torch
 
 from nepenthe import ops
 from nepenthe.ops import backends
+from tests.ops.test_backends import loaded_backend
 
 HARNESS = Path(__file__).with_name("masked_optim_host_check.cu")
-
-
-def _backend(name: str):
-    try:
-        impl = backends.load(name)
-    except backends.BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton without a GPU needs TRITON_INTERPRET=1")
-    return impl, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +55,7 @@ def _assert_identical(bool_run, packed_run, keep):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_triton_reads_packed_bits_like_bool_masks(dtype):
-    impl, device = _backend("triton")
+    impl, device = loaded_backend("triton")
     # several chunks of the interpreter plan (BLOCK = CHUNK = 64 here), a tail, odd sizes, one element
     shapes = [(100,), (37,), (3, 5, 7), (1,), (64,), (9,)]
     _assert_identical(*_step_both_ways(impl, device, dtype, shapes))
@@ -73,7 +64,7 @@ def test_triton_reads_packed_bits_like_bool_masks(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_packed_bits_on_the_gpu_plan(monkeypatch, dtype):
     """Chunks of 256 elements in blocks of 64, as on the GPU: a chunk's mask starts at byte 32 k."""
-    impl, device = _backend("triton")
+    impl, device = loaded_backend("triton")
     mo = importlib.import_module(impl.__name__ + ".masked_optim")
     monkeypatch.setattr(mo, "_block_and_chunk", lambda numels, device: (64, 256, 4))
     mo.clear_cache()
@@ -84,7 +75,7 @@ def test_triton_packed_bits_on_the_gpu_plan(monkeypatch, dtype):
 
 
 def test_triton_refuses_a_packed_mask_of_the_wrong_length():
-    impl, device = _backend("triton")
+    impl, device = loaded_backend("triton")
     p, g = torch.zeros(20, device=device), torch.zeros(20, device=device)
     with pytest.raises(ValueError, match=r"packed mask of a parameter of 20 elements must be a contiguous uint8\[3\]"):
         impl.masked_sgd_([p], [g], [], [torch.zeros(2, dtype=torch.uint8, device=device)], 0.1, 0.0, 0.0, 0.0,
@@ -94,7 +85,7 @@ def test_triton_refuses_a_packed_mask_of_the_wrong_length():
 def test_gpu_backends_take_packed_masks_without_unpacking(monkeypatch):
     """The op layer hands packed masks to the cuda and triton backends as they are (their TABLE rows)."""
     assert backends.TABLE["cuda"].packed_masks and backends.TABLE["triton"].packed_masks
-    impl, device = _backend("triton")
+    impl, device = loaded_backend("triton")
     seen = []
     real = impl.masked_sgd_
     monkeypatch.setattr(impl, "masked_sgd_", lambda *a: (seen.extend(m.dtype for m in a[3]), real(*a)))
@@ -129,7 +120,7 @@ def test_cuda_kernel_code_reads_packed_bits_like_bool_masks(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_cuda_reads_packed_bits_like_bool_masks(dtype):
-    impl, device = _backend("cuda")
+    impl, device = loaded_backend("cuda")
     shapes = [(2 * 65536 + 37,), (45,), (3, 5, 7), (1,), (4096,), (1031,)]
     _assert_identical(*_step_both_ways(impl, device, dtype, shapes))
     with pytest.raises(RuntimeError, match=r"a packed mask of params\[0\] \(20 elements\) must be 1-d with 3 bytes"):
