@@ -11,12 +11,20 @@ Each phase runs in a fresh interpreter, so its peak resident set (``ru_maxrss``)
   rectifiers on ``--calib-batches`` batches, the method's budget, the mask update);
 * ``… @50%``: the same on a model whose Linear weights already carry 50 % random masks (a later
   iteration: the masks are held and the remaining weights are selected through them);
-  ``+packed``: masks stored bit-packed (``PruneConfig(pack_masks=True)``, 1/8 byte a weight).
+  ``+packed``: masks stored bit-packed (``PruneConfig(pack_masks=True)``, 1/8 byte a weight), the table
+  giving the largest total of unpacked (bool) masks that existed at once during the step;
+* ``snapshot@50%``: what the loop keeps of such a model between iterations (``Pruner.snapshot``,
+  after the masked weights were zeroed as retraining under the loop leaves them): ``state_bytes``
+  = the whole state_dict (what a ``copy.deepcopy(model.state_dict())`` snapshot held),
+  ``snapshot_bytes`` = what the snapshot holds now (kept weights, masks as stored).
 
 Each phase runs ``--repeats`` times (rounds over all phases); the table gives the median peak and
 the largest. The ratio is the median peak over the dense step's (target ≤ 1.1), with the worst
 case (largest peak over the smallest dense peak) beside it; "over model" is the peak minus the
-resident set right after the model was built (the phase's own working memory).
+resident set right after the model was built (the phase's own working memory); "phase's own peak" is
+the resident high-water mark from the moment the model (and its starting masks) was built, reset
+then (Linux ``/proc/self/clear_refs``): the set-up's own peak left out (the median over the repeats).
+The set-up's free heap pages are given back (glibc ``malloc_trim``) before the phase starts.
 Models (float32, no downloads): ``deep`` = 128 pre-norm residual blocks 512 → 768 → 512, ReLU after
 fc1 and GELU after fc2 (256 rectifier layers, 101.0M parameters); ``bert`` = 20 BERT-base MLP
 blocks 768 → 3072 → 768 (40 rectifier layers, 94.5M parameters).
@@ -41,7 +49,8 @@ import torch.nn as nn
 
 SHAPES = {"deep": dict(blocks=128, width=512, hidden=768), "bert": dict(blocks=20, width=768, hidden=3072),
           "tiny": dict(blocks=3, width=16, hidden=24)}
-PHASES = ("idle", "dense", "nepenthe", "imp", "nepenthe@50%", "imp@50%", "imp@50%+packed")
+PHASES = ("idle", "dense", "nepenthe", "imp", "nepenthe@50%", "imp@50%", "nepenthe@50%+packed", "imp@50%+packed",
+          "snapshot@50%", "snapshot@50%+packed")
 
 
 class Block(nn.Module):
@@ -75,6 +84,55 @@ def _peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``): the set-up's temporaries
+    (a random float mask per layer, between the long-lived masks) otherwise leave holes that keep
+    the resident set 0–350 MiB higher from one run to the next, whatever the phase then does."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_peak() -> bool:
+    """Reset the process's resident high-water mark (Linux: ``5`` into /proc/self/clear_refs), so that
+    VmHWM afterwards is the phase's own peak, not the set-up's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_kib() -> int | None:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+
+
+def _track_unpacked() -> list[int]:
+    """Count the elements (= bytes) of the unpacked masks (``nepenthe.masks.unpack_mask``'s results) alive
+    at once, wherever the function was imported to; returns [peak], updated as the phase runs."""
+    import weakref
+
+    import nepenthe.masks as masks
+
+    original, alive, peak = masks.unpack_mask, [], [0]
+
+    def tracked(packed, shape):
+        out = original(packed, shape)
+        alive[:] = [(r, n) for r, n in alive if r() is not None] + [(weakref.ref(out), out.numel())]
+        peak[0] = max(peak[0], sum(n for _, n in alive))
+        return out
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("nepenthe") and getattr(module, "unpack_mask", None) is original:
+            module.unpack_mask = tracked
+    return peak
+
+
 def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: int = 4) -> dict:
     """Build the model, run ``phase`` once; peak and resident memory in KiB (meaningful only in a
     fresh process) and what the phase did."""
@@ -91,7 +149,9 @@ def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: 
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 set_mask(m, torch.rand(m.weight.shape, generator=gen) < 0.5, packed=bool(packed))
+    _trim_heap()
     built = _rss_kib()
+    reset = _reset_peak()
     started = time.perf_counter()
     info: dict = {}
     if method == "dense":
@@ -102,13 +162,22 @@ def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: 
     elif method in ("nepenthe", "imp"):
         calib = [(torch.randn(batch, width), torch.zeros(batch, dtype=torch.long)) for _ in range(calib_batches)]
         config = nepenthe.PruneConfig(method=method, max_calib_batches=calib_batches, pack_masks=bool(packed))
+        unpacked = _track_unpacked()
         step = nepenthe.prune_step(model, calib, config=config)
-        info = {"pruned": sum(step.pruned.values()), "layers": len(step.pruned)}
+        info = {"pruned": sum(step.pruned.values()), "layers": len(step.pruned), "unpacked_peak_bytes": unpacked[0]}
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         info["sparsity"] = round(sparsity(linears)[0], 4)
+    elif method == "snapshot":
+        from nepenthe.loop import enforce_masks
+        from nepenthe.loop.snapshot import compact_state, state_bytes
+
+        enforce_masks(model)  # masked weights +0.0, as after a retraining under the loop
+        snap = compact_state(model.state_dict(), [])  # = Pruner.snapshot() of a model without FSDP2
+        info = {"state_bytes": state_bytes(model.state_dict()), "snapshot_bytes": snap.nbytes}
     elif method != "idle":
         raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
     return {"phase": phase, "shape": shape, "peak_kib": _peak_kib(), "built_kib": built,
+            "phase_peak_kib": _hwm_kib() if reset else None,
             "seconds": round(time.perf_counter() - started, 2),
             "params": sum(p.numel() for p in model.parameters()), "nepenthe": os.path.dirname(nepenthe.__file__),
             **info}
@@ -135,14 +204,21 @@ def table(rows: list[dict]) -> str:
     peaks = {p: sorted(r["peak_kib"] for r in rs) for p, rs in by.items()}
     median = {p: v[len(v) // 2] for p, v in peaks.items()}
     dense = peaks.get("dense")
-    lines = ["| phase | peak RSS MiB (max) | over model MiB | peak / dense step (worst) | seconds | pruned |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| phase | peak RSS MiB (max) | over model MiB | phase's own peak MiB | peak / dense step (worst) "
+             "| seconds | pruned |", "|---|---|---|---|---|---|---|"]
     for phase, rs in by.items():
         r = next(r for r in rs if r["peak_kib"] == median[phase])
         ratio = f"{median[phase] / median['dense']:.2f}× ({peaks[phase][-1] / dense[0]:.2f}×)" if dense else "-"
-        pruned = f"{r['pruned']:,} ({r['sparsity']:.1%})" if "pruned" in r else "-"
+        unpacked = r.get("unpacked_peak_bytes")
+        pruned = (f"{r['pruned']:,} ({r['sparsity']:.1%})" + (f"; unpacked masks ≤ {unpacked / 2**20:.1f} MiB"
+                                                              if unpacked else "") if "pruned" in r else
+                  f"snapshot {r['snapshot_bytes'] / 2**20:.0f} MiB of a {r['state_bytes'] / 2**20:.0f} MiB state"
+                  if "snapshot_bytes" in r else "-")
+        own = sorted(x["phase_peak_kib"] for x in rs if x.get("phase_peak_kib"))
+        own_text = f"{own[len(own) // 2] / 1024:.0f}" if own else "-"
         lines.append(f"| {phase} | {median[phase] / 1024:.0f} ({peaks[phase][-1] / 1024:.0f}) | "
-                     f"{(median[phase] - r['built_kib']) / 1024:.0f} | {ratio} | {r['seconds']} | {pruned} |")
+                     f"{(median[phase] - r['built_kib']) / 1024:.0f} | {own_text} | {ratio} | {r['seconds']} | "
+                     f"{pruned} |")
     return "\n".join(lines)
 
 
@@ -186,7 +262,12 @@ def test_memory_bench_phases_on_a_tiny_model():
     for phase in ("nepenthe", "imp"):
         assert by[phase]["pruned"] > 0 and 0 < by[phase]["sparsity"] < 1
         assert by[phase + "@50%"]["sparsity"] > by[phase]["sparsity"]  # the masks it started from are kept
-    assert by["imp@50%+packed"]["pruned"] == by["imp@50%"]["pruned"]  # the storage changes nothing selected
+    for phase in ("nepenthe", "imp"):  # the storage changes nothing selected
+        assert by[phase + "@50%+packed"]["pruned"] == by[phase + "@50%"]["pruned"]
+    largest = max(m.weight.numel() for m in MLPStack(**SHAPES["tiny"]).modules() if isinstance(m, nn.Linear))
+    assert all(0 < by[p + "@50%+packed"]["unpacked_peak_bytes"] <= largest for p in ("nepenthe", "imp"))
+    bools, packed = by["snapshot@50%"], by["snapshot@50%+packed"]
+    assert bools["state_bytes"] > bools["snapshot_bytes"] > packed["snapshot_bytes"]
     text = table(rows)
     assert text.count("\n") == len(PHASES) + 1 and "| dense |" in text and "| 1.00× (1.00×) |" in text
     twice = table(rows + [{**by["dense"], "peak_kib": by["dense"]["peak_kib"] * 2}])  # median of 2: the larger

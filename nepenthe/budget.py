@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .masks import packed_mask_bytes, unpack_mask
+
 __all__ = ["NORMALIZATIONS", "MagnitudeThreshold", "fan_in", "global_magnitude_counts", "global_magnitude_masks",
-           "irrelevance", "magnitude_mask", "magnitude_threshold", "sum_across_processes", "weights_to_prune"]
+           "irrelevance", "is_packed", "magnitude_mask", "magnitude_threshold", "sum_across_processes",
+           "weights_to_prune"]
 
 NORMALIZATIONS = ("none", "fan_in")
 
@@ -35,6 +38,8 @@ def irrelevance(entropy: float, weight: torch.Tensor, mask: torch.Tensor | None,
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     w = weight.detach().abs()
+    if is_packed(weight, mask):  # this layer's only
+        mask = unpack_mask(mask.to(weight.device), weight.shape)
     if mask is not None:
         w = w[mask]
     if not w.numel():
@@ -187,8 +192,35 @@ class _Keys:
         return keys.clamp_max_(self.nan), flags
 
 
-def _flat(weight: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # row-major order of both (a view for a contiguous tensor; a copy of this one layer otherwise)
+def is_packed(weight: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` is ``weight``'s mask bit-packed (:func:`nepenthe.masks.pack_mask`: ``uint8``), not
+    ``bool`` of its shape; a uint8 mask of another length is refused (ValueError)."""
+    if mask is None or mask.dtype != torch.uint8:
+        return False
+    if mask.dim() != 1 or mask.numel() != packed_mask_bytes(weight.numel()):
+        raise ValueError(f"a packed mask of a weight of shape {tuple(weight.shape)} must be "
+                         f"uint8[{packed_mask_bytes(weight.numel())}], got uint8{list(mask.shape)}")
+    return True
+
+
+class _PackedAlive:
+    """A packed mask read as the flat bool mask, one slice at a time (``alive[start:stop]``, ``start``
+    a multiple of 8): a slice's bits are unpacked, never the whole layer's."""
+
+    def __init__(self, bits: torch.Tensor, numel: int):
+        self.bits, self.numel = bits.contiguous(), numel
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        start, stop = part.start or 0, min(part.stop if part.stop is not None else self.numel, self.numel)
+        chunk = self.bits[start // 8:(stop + 7) // 8]
+        return unpack_mask(chunk, (chunk.numel() * 8,))[: stop - start]
+
+
+def _flat(weight: torch.Tensor, mask: torch.Tensor | None):
+    """(|w| source, alive) in row-major order: a view for a contiguous tensor (a copy of this one layer
+    otherwise); a bool mask flattened, a packed one read a slice at a time (:class:`_PackedAlive`)."""
+    if is_packed(weight, mask):
+        return weight.detach().reshape(-1), _PackedAlive(mask, weight.numel())
     return weight.detach().reshape(-1), (None if mask is None else mask.reshape(-1))
 
 
@@ -247,8 +279,11 @@ def magnitude_threshold(
     ``limits[l]`` (its excess goes to the next smallest of the others).
 
     Memory: a few MiB of temporaries and a [layers, 2048] int64 histogram, never a copy of the
-    weights. ``reduce(t)`` (e.g. :func:`sum_across_processes`) returns the element-wise sum of the
-    int64 tensor ``t`` over the parts of a model split between processes (each passes its local
+    weights; a mask may be bool or bit-packed (:func:`is_packed`: read a slice at a time, never
+    unpacked whole), so the masks of a model need not exist unpacked together.
+
+    ``reduce(t)`` (e.g. :func:`sum_across_processes`) returns the element-wise sum of the int64
+    tensor ``t`` over the parts of a model split between processes (each passes its local
     shards, under the same layer names and dtypes); every process then gets the same result. Which
     shard of a layer gives its ``counts - below`` ties is then decided by shard order (an exclusive
     scan of the per-shard tie counts), as one process decides by position.
@@ -298,12 +333,16 @@ def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor | None, n_prune: int
 
     Masks only grow: already-masked weights stay masked. Ties are broken by position so the
     result is deterministic (exactly a stable sort's choice, found by :func:`magnitude_threshold`'s
-    streamed selection: no sorted or float64 copy of the layer).
+    streamed selection: no sorted or float64 copy of the layer). ``mask`` is bool or packed
+    (:func:`is_packed`); either way the result is this layer's only bool copy.
     """
     # contiguous on purpose: reshape(-1) below must be a view (a channels_last or transposed mask
     # would be copied by it, and the pruning written into the copy would be lost)
-    keep = (torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None
-            else mask.clone(memory_format=torch.contiguous_format))
+    if is_packed(weight, mask):
+        keep = unpack_mask(mask.to(weight.device), weight.shape)  # a fresh contiguous tensor
+    else:
+        keep = (torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None
+                else mask.clone(memory_format=torch.contiguous_format))
     if n_prune <= 0:
         return keep
     flat_keep = keep.reshape(-1)

@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from .errors import NepentheError
 
-__all__ = ["RankError", "agree", "agreed", "barrier", "check_identical", "collective_device", "digest", "from_main",
-           "is_active", "is_main", "mean_over_ranks", "rank", "resampled", "shard_loader", "shardable", "world_size"]
+__all__ = ["AgreedBatches", "RankError", "agree", "agreed", "agreed_batches", "barrier", "check_identical",
+           "collective_device", "digest", "from_main", "is_active", "is_main", "mean_over_ranks", "rank", "resampled",
+           "shard_loader", "shardable", "world_size"]
 
 
 class RankError(NepentheError, RuntimeError):
@@ -89,6 +90,8 @@ def agree(error: BaseException | None, what: str, group=None) -> None:
     messages: list = [None] * dist.get_world_size(group)
     mine = None if error is None else (_describe(error), tuple(c.__name__ for c in type(error).__mro__))
     dist.all_gather_object(messages, mine, group=group)
+    if isinstance(error, RankError) and len({m and m[0] for m in messages}) == 1:
+        raise error  # already agreed (every rank raised this same RankError in a nested phase): as it is
     failures = {r: m[0] for r, m in enumerate(messages) if m is not None}
     kinds = {r: m[1] for r, m in enumerate(messages) if m is not None}
     listed = "; ".join(f"rank {r}: {m}" for r, m in failures.items())
@@ -107,6 +110,76 @@ def agreed(what: str, group=None) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - every error is handed to agree, which re-raises it
         error = exc
     agree(error, what, group)
+
+
+_END = object()
+
+
+class AgreedBatches:
+    """The batches of a loader, fetched one ahead, with every rank deciding together at each
+    :meth:`advance` whether they all go on: for the training loop of a DDP model, whose forward and
+    backward are collectives that a rank which stopped alone would leave the others waiting in until
+    the process-group timeout. One small all-reduce per :meth:`advance` says whether any rank failed
+    (its step's ``error``, or fetching the next batch: the same :class:`RankError` on every rank),
+    whether any rank ran out of batches while others had more (a :class:`RankError` as well), and
+    sums the caller's own ``flags`` (e.g. a NaN loss). Without a process group nothing is exchanged
+    and errors are raised as they are."""
+
+    END = _END
+
+    def __init__(self, batches: Iterable, what: str = "the data", group=None):
+        self.batches, self.what, self.group = batches, what, group
+        self.items: Iterator | None = None
+        self.count = 0  # batches handed out so far
+
+    def _fetch(self):
+        try:
+            if self.items is None:
+                self.items = iter(self.batches)
+            return next(self.items, _END), None
+        except Exception as exc:  # noqa: BLE001 - handed to every rank by agree
+            return _END, exc
+
+    def advance(self, error: BaseException | None = None, flags: Iterable[bool] = ()) -> tuple[object, list[int]]:
+        """(the next batch, or :attr:`END` when every rank has run out; each of ``flags`` summed over
+        the ranks). ``error``: this rank's failure in the step since the last call, which every rank
+        then raises as one :class:`RankError` (so does a failure to fetch the next batch)."""
+        step_error = error
+        item, fetch_error = self._fetch() if step_error is None else (_END, None)
+        error = step_error or fetch_error
+        flags = [bool(f) for f in flags]
+        if not is_active(self.group):
+            if error is not None:
+                raise error
+            ended, sums = item is _END, [int(f) for f in flags]
+        else:
+            vector = torch.tensor([step_error is not None, fetch_error is not None, item is _END and error is None,
+                                   *flags], dtype=torch.int32, device=collective_device(self.group))
+            dist.all_reduce(vector, group=self.group)
+            step_failed, fetch_failed, ends, *sums = (int(v) for v in vector.tolist())
+            if step_failed or fetch_failed:  # every rank saw it: all of them raise the same RankError
+                # (the batch of the step that failed, else the one that could not be fetched)
+                agree(error, f"{self.what}, batch {self.count - 1 if step_failed else self.count},", self.group)
+            if 0 < ends < dist.get_world_size(self.group):
+                agree(ValueError(f"this rank's batches ran out after {self.count} while other ranks had more; every "
+                                 "rank must get the same number of batches (split a map-style dataset with a "
+                                 "DistributedSampler)") if item is _END else None, self.what, self.group)
+            ended = ends > 0
+        if ended:
+            return _END, sums
+        self.count += 1
+        return item, sums
+
+
+def agreed_batches(batches: Iterable, what: str = "the data", group=None) -> Iterator:
+    """The items of ``batches``, every rank deciding together, before each one is used, whether
+    they all have one (:class:`AgreedBatches`: a failure to fetch on any rank, or a rank out of
+    batches while others have more, is the same :class:`RankError` on every rank; when every rank
+    has run out the iteration ends on all of them). One small all-reduce per batch in a process
+    group; ``batches`` as it is without one."""
+    agreement = AgreedBatches(batches, what, group)
+    while (item := agreement.advance()[0]) is not _END:
+        yield item
 
 
 def _gathered_scalars(value, dtype: torch.dtype, group=None) -> list:

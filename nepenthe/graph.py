@@ -5,10 +5,12 @@ Naming of call sites (the keys of every per-layer dict in nepenthe):
 
 * a module call site is the module's qualified name (``layer1.0.relu1``); when the same module is
   called several times in one forward, the k-th later call is ``name#k`` (``layer1.0.relu#1``),
-* a functional call is ``<owner module>.<function>()`` (``blocks.0.gelu()``), ``#k`` likewise.
+* a functional call is ``<owner module>.<function>()`` (``blocks.0.gelu()``), ``#k`` likewise; in the
+  k-th later call of its owner module the owner is written ``<owner>@k`` (``blocks.0@1.gelu()``).
 
 The hook-based recorder (no tracing) produces the same names for module call sites, so statistics
-from both routes can be compared and merged.
+from both routes can be compared and merged; for an FSDP2 model, measure names functional calls after
+the sites of a structure-only trace (``nepenthe/entropy/functional.py``).
 """
 
 from __future__ import annotations

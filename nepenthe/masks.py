@@ -15,6 +15,14 @@ so 0.125 byte per weight instead of 1. A parameter has one form or the other, ne
 state_dict key says which. :func:`get_mask` returns a bool tensor either way (unpacked on demand,
 one layer at a time), so code that reads masks needs no change; :func:`stored_mask` returns the
 buffer as stored, which the fused masked optimizers read directly.
+
+**FSDP2** (``fully_shard``, any mesh): a bool mask is a ``DTensor`` sharded as its parameter. A packed
+one is a plain ``uint8`` buffer on each rank: the bits of that rank's own slice of the parameter
+(``to_local()``, row-major), ``ceil(local numel / 8)`` bytes, so each rank stores 1/8 byte per local
+weight; enforcing it is local. :func:`get_mask` returns it unpacked as a bool ``DTensor`` (this layer's
+slice only), :func:`full_mask` the whole layer's mask. Checkpoints hold the whole tensor's packed bits
+(``nepenthe.sharded.full_state_dict`` gathers them one layer at a time: :func:`whole_packed_masks`), the
+file of a one-process run; :func:`restore_masks` cuts each rank's slice out of them locally.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .sharded import is_sharded, local, shard_like, sharded_sum
+from .sharded import from_local_like, full, is_sharded, local, reshard, shard_like, sharded_sum
 
-__all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "get_mask", "get_masks", "has_mask", "is_mask_key", "mask_buffer_name",
-           "mask_lookup", "masked_modules", "masked_parameters", "pack_mask", "pack_masks_", "packed_mask_bytes",
-           "prunable_modules", "remaining_weights", "remove_mask", "remove_masks", "restore_masks", "set_mask",
-           "sparsity", "stored_mask", "unpack_mask", "unpack_masks_"]
+__all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "full_mask", "get_mask", "get_masks", "has_mask", "is_mask_key",
+           "mask_buffer_name", "mask_lookup", "masked_modules", "masked_parameters", "pack_mask", "pack_masks_",
+           "packed_mask_bytes", "prunable_modules", "remaining_weights", "remove_mask", "remove_masks", "restore_masks",
+           "set_mask", "shard_packed_mask", "sparsity", "stored_mask", "unpack_mask", "unpack_masks_",
+           "whole_packed_masks"]
 
 MASK_SUFFIX = "_mask"
 PACKED_SUFFIX = "_mask_bits"
@@ -90,6 +99,15 @@ def _count_kept_bits(bits: Tensor, numel: int) -> int:
 
 
 # ----- one parameter -------------------------------------------------------------------------------------
+_SHARDS = "_nepenthe_packed_shards"  # module attribute: parameter name -> the DTensor its packed slice covers
+
+
+def _packed_shard(module: nn.Module, param_name: str) -> Tensor | None:
+    """The sharded parameter whose local slice the packed mask of ``module.<param_name>`` holds (None:
+    whole). Recorded when stored: after a forward FSDP2 leaves the root's parameters gathered."""
+    return module.__dict__.get(_SHARDS, {}).get(param_name)
+
+
 def mask_buffer_name(param_name: str = "weight", packed: bool = False) -> str:
     return param_name + (PACKED_SUFFIX if packed else MASK_SUFFIX)
 
@@ -105,7 +123,7 @@ def _layer(module: nn.Module, param_name: str, where: str | None) -> str:
 
 def _checked_bits(bits, param: Tensor, where: str) -> Tensor:
     """``bits`` when it is a valid packed mask of ``param`` (untrusted: a state_dict), else ValueError."""
-    want = packed_mask_bytes(param.numel())
+    want = packed_mask_bytes(param.numel())  # a sharded parameter's local slice, or a whole tensor
     if not isinstance(bits, Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != want \
             or bits.is_sparse:
         got = f"{bits.dtype}{list(bits.shape)}" if isinstance(bits, Tensor) else type(bits).__name__
@@ -134,8 +152,13 @@ def _check_packed_load(module, state_dict, prefix, local_metadata, strict, missi
                                   "nepenthe.masks.restore_masks(model, state_dict) before load_state_dict")
 
 
-def _store(module: nn.Module, param_name: str, tensor: Tensor, packed: bool) -> None:
-    """Make ``tensor`` the mask buffer of ``module.<param_name>`` in its form, dropping the other form."""
+def _store(module: nn.Module, param_name: str, tensor: Tensor, packed: bool, shard: Tensor | None = None) -> None:
+    """Make ``tensor`` the mask buffer of ``module.<param_name>`` in its form, dropping the other form.
+    ``shard``: the sharded parameter whose local slice the packed ``tensor`` covers (recorded)."""
+    if packed and shard is not None:
+        module.__dict__.setdefault(_SHARDS, {})[param_name] = shard
+    else:
+        module.__dict__.get(_SHARDS, {}).pop(param_name, None)
     other = mask_buffer_name(param_name, not packed)
     if other in module._buffers:
         del module._buffers[other]
@@ -163,17 +186,15 @@ def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, pac
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{_layer(module, param_name, where)}: mask of shape {got} does not fit {param_name} of "
                          f"shape {tuple(param.shape)} in {type(module).__name__}")
+    if packed is None:
+        packed = mask_buffer_name(param_name, True) in module._buffers
     if is_sharded(param):  # FSDP2: the mask is sharded as its parameter is; zeroing is local
-        if packed:
-            raise ValueError(f"{_layer(module, param_name, where)}: bit-packed masks are not supported for "
-                             "FSDP2-sharded parameters; keep bool masks (PruneConfig(pack_masks=False))")
-        keep = mask if is_sharded(mask) else shard_like(mask.to(torch.bool), param)
-        _store(module, param_name, keep, False)
+        keep = mask.to(torch.bool) if is_sharded(mask) else shard_like(mask.to(torch.bool), param)
+        # packed: each rank packs its own slice (a plain buffer, 1/8 byte per local weight)
+        _store(module, param_name, pack_mask(local(keep)) if packed else keep, packed, param)
         with torch.no_grad():
             _zero_masked(local(param), local(keep))
         return
-    if packed is None:
-        packed = mask_buffer_name(param_name, True) in module._buffers
     keep = mask.to(device=param.device, dtype=torch.bool)
     _store(module, param_name, pack_mask(keep) if packed else keep, packed)
     with torch.no_grad():
@@ -181,10 +202,9 @@ def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, pac
 
 
 def _zero_masked(param: Tensor, keep: Tensor) -> None:
-    """``param *= keep``. On the CPU a slice at a time: the float copy of the mask a multiply makes
-    (even of a bool mask) would otherwise be a whole layer's, and those big short-lived copies,
-    between the long-lived masks of a pruning round, leave the heap holes no later copy fits (up to a
-    float mask of the whole model in resident memory)."""
+    """``param *= keep``. On the CPU a slice at a time: the float copy of the mask a multiply makes would
+    otherwise be a whole layer's, and such big short-lived copies leave heap holes no later copy fits
+    (up to a float mask of the whole model in resident memory)."""
     if param.device.type != "cpu" or not (param.is_contiguous() and keep.is_contiguous()):
         param.mul_(keep.to(param.dtype))
         return
@@ -193,13 +213,27 @@ def _zero_masked(param: Tensor, keep: Tensor) -> None:
         flat[start:start + (1 << 18)].mul_(bits[start:start + (1 << 18)].to(param.dtype))
 
 
-def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> None:
-    """Attach an already packed mask (validated) and zero the masked weights."""
+def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str, local_bits: bool = False) -> None:
+    """Attach an already packed mask (validated) and zero the masked weights. For a sharded parameter
+    ``bits`` is the whole tensor's mask (cut to this rank's slice here), or with ``local_bits`` the slice's."""
     param = getattr(module, param_name)
+    shard = param if is_sharded(param) else None
+    if shard is not None and not local_bits:
+        bits = shard_packed_mask(_checked_bits(bits, param, where), param)
+    param = local(param)
     bits = _checked_bits(bits, param, where).to(param.device).contiguous()
-    _store(module, param_name, bits, True)
+    _store(module, param_name, bits, True, shard)
     with torch.no_grad():
         _zero_masked(param, unpack_mask(bits, param.shape))
+
+
+@torch.no_grad()
+def shard_packed_mask(bits: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of a whole tensor's packed mask ``bits``: the packed mask of its slice of the
+    sharded ``like`` (``like.to_local()``), cut locally (no communication); ``bits`` for a plain ``like``."""
+    if not is_sharded(like):
+        return bits
+    return pack_mask(local(shard_like(unpack_mask(bits, like.shape), like)))
 
 
 def stored_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
@@ -220,7 +254,23 @@ def get_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
     if found is not None:
         return found
     bits = module._buffers.get(mask_buffer_name(param_name, True))
-    return None if bits is None else unpack_mask(bits, getattr(module, param_name).shape)
+    if bits is None:
+        return None
+    shard = _packed_shard(module, param_name)
+    if shard is not None:  # FSDP2: this rank's slice, as a DTensor sharded as the parameter
+        return from_local_like(unpack_mask(bits, local(shard).shape), shard)
+    return unpack_mask(bits, getattr(module, param_name).shape)
+
+
+def full_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
+    """The mask of the whole ``module.<param_name>`` in its stored form: bool, or packed
+    ``uint8[ceil(numel/8)]`` (None: unmasked). For a sharded parameter it is gathered (a collective:
+    every rank calls it, in the same order; one layer at a time)."""
+    shard = _packed_shard(module, param_name) if has_mask(module, param_name) else None
+    if shard is not None:
+        return pack_mask(full(get_mask(module, param_name)))
+    mask = stored_mask(module, param_name)
+    return None if mask is None else full(mask)
 
 
 # ----- a whole model -------------------------------------------------------------------------------------
@@ -277,13 +327,17 @@ def mask_lookup(model: nn.Module) -> Callable[[Tensor], Tensor | None]:
     return lookup
 
 
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], *, local_bits: bool = False) -> nn.Module:
     """Create the mask buffers a state_dict holds, each in the form it is stored in (bool
     ``*_mask`` or packed ``*_mask_bits``), so ``model.load_state_dict`` accepts it.
 
     A freshly constructed model has no mask buffers; call this first, then
     ``model.load_state_dict(state_dict)``. A mask that does not fit its parameter (shape, or a packed
     one's dtype and length) is refused with ValueError naming its key.
+
+    FSDP2: a packed mask of a sharded parameter is the whole tensor's (a checkpoint's, any number of
+    ranks) and each rank keeps its slice; with ``local_bits`` it is already this rank's slice (what
+    this rank's ``model.state_dict()`` holds).
     """
     modules = dict(model.named_modules())
     for key, value in state_dict.items():
@@ -300,7 +354,7 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modu
             raise ValueError(f"state_dict holds two masks of {owner}.{param_name} ({key!r} and {twin!r}); "
                              "keep one")
         if packed:
-            _set_bits(module, value, param_name, key)
+            _set_bits(module, value, param_name, key, local_bits)
         else:
             if not isinstance(value, Tensor):
                 raise ValueError(f"{key}: a mask must be a tensor, got {type(value).__name__}")
@@ -312,6 +366,7 @@ def remove_mask(module: nn.Module, param_name: str = "weight") -> None:
     """Drop the mask of ``module.<param_name>``, bool or packed (the zeros stay in the parameter)."""
     for packed in (False, True):
         module._buffers.pop(mask_buffer_name(param_name, packed), None)
+    module.__dict__.get(_SHARDS, {}).pop(param_name, None)
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
@@ -319,15 +374,18 @@ def remove_masks(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for name in [n for n, b in module._buffers.items() if b is not None and _mask_param_name(module, n)]:
             del module._buffers[name]
+        module.__dict__.pop(_SHARDS, None)
     return model
 
 
 def pack_masks_(model: nn.Module) -> nn.Module:
     """Store every bool mask of ``model`` bit-packed (1/8 of the memory), in place; the weights and
     what :func:`get_mask` returns do not change."""
+    reshard(model)  # FSDP2: the sharded parameters registered again (a forward leaves the root gathered)
     for module, param_name, mask in masked_parameters(model):
-        if mask.dtype == torch.bool:
-            _store(module, param_name, pack_mask(mask), True)
+        if mask.dtype == torch.bool:  # a sharded one: each rank packs its slice
+            param = getattr(module, param_name)
+            _store(module, param_name, pack_mask(local(mask)), True, param if is_sharded(param) else None)
     return model
 
 
@@ -335,8 +393,25 @@ def unpack_masks_(model: nn.Module) -> nn.Module:
     """Store every packed mask of ``model`` as a bool buffer again, in place (the inverse of :func:`pack_masks_`)."""
     for module, param_name, mask in masked_parameters(model):
         if mask.dtype != torch.bool:
-            _store(module, param_name, unpack_mask(mask, getattr(module, param_name).shape), False)
+            _store(module, param_name, get_mask(module, param_name), False)
     return model
+
+
+def whole_packed_masks(model: nn.Module) -> dict[str, Tensor]:
+    """State_dict key -> the whole tensor's packed mask, for every packed mask of a sharded parameter
+    (each rank holds its slice's bits): gathered one layer at a time, on the CPU, on rank 0 only
+    (``{}`` elsewhere). A collective: every rank calls it."""
+    from .distributed import rank
+
+    out = {}
+    for prefix, module in model.named_modules():
+        for param_name in [n for n in module._parameters if _packed_shard(module, n) is not None]:
+            if module._buffers.get(mask_buffer_name(param_name, True)) is None:
+                continue
+            bits = full_mask(module, param_name)
+            if rank() == 0:
+                out[(prefix + "." if prefix else "") + mask_buffer_name(param_name, True)] = bits.cpu()
+    return out
 
 
 # ----- selection and counts ------------------------------------------------------------------------------
@@ -356,6 +431,9 @@ def remaining_weights(module: nn.Module) -> int:
         return n
     if is_sharded(mask):  # this rank's slice, summed over the ranks
         return sharded_sum(int(local(mask).sum()), mask)
+    shard = _packed_shard(module, "weight") if mask.dtype != torch.bool else None
+    if shard is not None:  # the bits of this rank's slice, summed over the ranks
+        return sharded_sum(_count_kept_bits(mask, local(shard).numel()), shard)
     return int(mask.sum()) if mask.dtype == torch.bool else _count_kept_bits(mask, n)
 
 

@@ -8,6 +8,11 @@ one sum over the ranks. Selecting the weights to prune needs a whole layer: it i
 layer at a time (:func:`full`), never the whole model, and the result is sliced back locally
 (:func:`shard_like`, no communication) — so the masks are exactly those of one process.
 
+A multi-dimensional mesh (HSDP: ``fully_shard(model, mesh=...)`` over ``("replicate", "shard")``,
+placements ``(Replicate(), Shard(0))``) holds each slice on several ranks: a count over the slices
+is summed over the Shard mesh dimensions only (:func:`sharded_sum`), and a sum over all processes
+takes each slice from one replica only (:func:`counted_here`).
+
 Checkpoints hold whole tensors (:func:`full_state_dict`, gathered onto rank 0 only), so that the
 file of a sharded run is the file of a one-process run; a resume reads it on every rank and cuts
 each rank's slice out of it locally (:func:`shard_like`).
@@ -20,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["full", "full_state_dict", "is_sharded", "local", "reshard", "shard_like", "sharded_sum"]
+__all__ = ["counted_here", "from_local_like", "full", "full_state_dict", "is_sharded", "local", "reshard",
+           "shard_like", "sharded_sum"]
 
 
 def _dtensor_type():
@@ -58,19 +64,50 @@ def shard_like(whole: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(whole.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None)
 
 
+def _shard_dims(like) -> list[int]:
+    """The mesh dimensions ``like`` is split over (Shard placements; Replicate ones hold copies)."""
+    return [i for i, p in enumerate(like.placements) if p.is_shard()]
+
+
 def sharded_sum(value: int, like: Tensor) -> int:
     """``value`` (a count over this rank's slice of ``like``) summed over the ranks ``like`` is
-    sharded on; ``value`` itself when it is not sharded."""
+    sharded on — over its Shard mesh dimensions only, never over replicas (HSDP); ``value`` itself
+    when it is not sharded."""
     if not is_sharded(like):
         return value
     import torch.distributed as dist
 
     from .distributed import collective_device
 
-    group = like.device_mesh.get_group()
-    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(t, group=group)
-    return int(t.item())
+    total = torch.tensor([value], dtype=torch.int64)
+    for dim in _shard_dims(like):  # one sum per Shard dimension: the sum over their whole sub-mesh
+        group = like.device_mesh.get_group(dim)
+        total = total.to(collective_device(group))
+        dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+def counted_here(like: Tensor) -> bool:
+    """Whether this rank's slice of ``like`` is the one to count in a sum over *all* processes: True
+    unless ``like`` is sharded on a mesh with Replicate dimensions (HSDP) and this rank is not on
+    their first replica (each slice is then counted once). True for a plain tensor."""
+    if not is_sharded(like):
+        return True
+    coordinate = like.device_mesh.get_coordinate()
+    if coordinate is None:  # not in the mesh: holds nothing
+        return False
+    return all(c == 0 for i, c in enumerate(coordinate) if not like.placements[i].is_shard())
+
+
+def from_local_like(part: Tensor, like: Tensor) -> Tensor:
+    """``part`` (this rank's slice, of ``like``'s local shape) as a DTensor sharded as ``like`` is, no
+    communication; ``part`` itself when ``like`` is not sharded."""
+    if not is_sharded(like):
+        return part
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
 
 
 def reshard(model) -> None:
@@ -89,13 +126,35 @@ def reshard(model) -> None:
 def full_state_dict(model) -> dict:
     """``model.state_dict()`` with whole tensors: for a model holding DTensors (FSDP2 parameters,
     their masks), every one gathered, on the CPU, on rank 0 only — the other ranks get ``{}``. A
-    collective then: every rank calls it, outside any rank-0-only block. ``model.state_dict()``
-    itself for any other model."""
+    collective then: every rank calls it, outside any rank-0-only block. A bit-packed mask of a
+    sharded parameter (each rank's own slice packed) is written as the whole tensor's packed mask.
+    ``model.state_dict()`` itself for any other model."""
     reshard(model)  # after a forward the root holds gathered plain parameters: the state is the shards
     state = model.state_dict()
     if not any(is_sharded(v) for v in state.values()):
         return state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from .masks import whole_packed_masks
+
     # cpu_offload: rank 0 alone keeps the whole tensors, one at a time off the device
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # packed masks of sharded parameters are plain per-rank buffers (each rank's own slice packed):
+    # gathered and packed whole one layer at a time, in place of rank 0's slice under the same key
+    for key, bits in whole_packed_masks(model).items():
+        key = _full_key(model, key)
+        if key not in whole:  # never written as rank 0's slice: that would be a wrong mask, silently
+            raise RuntimeError(f"full_state_dict: the packed mask {key!r} is not a key of the full state dict")
+        whole[key] = bits
+    return whole
+
+
+def _full_key(model, key: str) -> str:
+    """``key`` of ``model.state_dict()`` as the full state dict names it (without the prefixes of
+    wrappers such as torch.compile's, as torch.distributed.checkpoint strips them)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns
+        fqns = _get_fqns(model, key)
+    except Exception:  # noqa: BLE001 - a private helper: without it the key is taken as it is
+        return key
+    return next(iter(fqns)) if len(fqns) == 1 else key

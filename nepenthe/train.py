@@ -119,16 +119,23 @@ def _data_parallel(model: nn.Module, loader):
     return ddp, _Shards(loader) if ranks.shardable(loader) else loader
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, cfg: TrainConfig) -> None:
-    """FloatingPointError for a NaN/Inf loss, raised on every rank at the same step under DDP (a
-    rank that stopped alone would leave the others waiting in the next gradient all-reduce)."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-    if ranks.is_active():
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if not bool(finite.item()):
-        where = f"loss became {loss.item()}" if not torch.isfinite(loss) else "loss became NaN/Inf on another rank"
-        raise FloatingPointError(f"training {where} at epoch {epoch}; lower the learning rate (now {cfg.lr}) or "
-                                 "enable grad_clip")
+def _same_length_on_every_rank(loader) -> None:
+    """Under DDP every rank must take the same number of steps (each backward waits for all of
+    them): loaders of different lengths (per-rank lists of batches, say) are refused on every rank
+    before the first step, naming the lengths. One collective per ``train`` call."""
+    if not ranks.is_active():
+        return
+    try:
+        length = len(loader)
+    except TypeError:  # no length (an iterable dataset): agreed_batches checks each batch instead
+        length = None
+    lengths: list = [None] * ranks.world_size()
+    torch.distributed.all_gather_object(lengths, length)
+    if len(set(lengths)) > 1:
+        listed = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
+        raise ValueError(f"the training loader has a different number of batches on each rank ({listed}); under "
+                         "torchrun every rank must take the same number of steps: pass a map-style DataLoader, "
+                         "which nepenthe.train splits with a DistributedSampler, or equal per-rank batches")
 
 
 def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=None) -> list[float]:
@@ -143,6 +150,7 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
     """
     device = _device_of(model)
     net, loader = _data_parallel(model, loader)
+    _same_length_on_every_rank(loader)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
     steps_left = cfg.steps(len(loader))
@@ -152,13 +160,26 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, *, progress=No
         epoch = 0
         while steps_left > 0:
             total, count = 0.0, 0
-            for x, y in loader:
-                if steps_left == 0:
-                    break
+            # Every rank decides together whether it goes on, once per step, before the backward (where
+            # DDP waits for every rank): whether its forward failed or gave a NaN/Inf loss, and whether
+            # it could fetch its next batch (fetched ahead: DDP's forward broadcasts buffers, a
+            # collective that a rank which failed to fetch would never join).
+            batches = ranks.AgreedBatches(loader, f"training (epoch {epoch})")
+            item, _ = batches.advance()
+            while item is not batches.END and steps_left > 0:
+                loss, error = None, None
+                try:
+                    x, y = (t.to(device) for t in item)
+                    loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
+                except Exception as exc:  # noqa: BLE001 - handed to every rank by advance
+                    error = exc
+                finite = error is not None or bool(torch.isfinite(loss.detach()).all())
+                item, (nonfinite,) = batches.advance(error, [not finite])
+                if nonfinite:  # FloatingPointError on every rank: the pruning loop backs off
+                    where = f"loss became {loss.item()}" if not finite else "loss became NaN/Inf on another rank"
+                    raise FloatingPointError(f"training {where} at epoch {epoch}; lower the learning rate (now "
+                                             f"{cfg.lr}) or enable grad_clip")
                 steps_left -= 1
-                x, y = x.to(device), y.to(device)
-                loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
-                _check_finite(loss, epoch, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:

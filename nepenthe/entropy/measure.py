@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from ..distributed import agreed, is_active
 from ..errors import MeasureError
-from ..graph import TraceError, find_sites, trace
+from ..graph import TraceError, find_sites, is_fully_sharded, trace
 from ..mask_interop import refuse_foreign_pruning, unwrap_model
+from .functional import functional_probes
 from .probes import (
     _PROBED_GRAPHS,
     _Accumulator,
@@ -69,10 +70,12 @@ def _rectifier_hint(model: nn.Module, trace_error: Exception | None) -> str:
 
 
 def _hook_probes_or_raise(model: nn.Module, accs: dict, options: EntropyOptions, channel_dims: Mapping[str, int],
-                          cause: Exception | None, infos: Mapping[str, SiteInfo] | None = None) -> _HookProbes:
-    """Forward pre-hooks on the model's activation modules; MeasureError when it has none."""
+                          cause: Exception | None, infos: Mapping[str, SiteInfo] | None = None,
+                          others: bool = False) -> _HookProbes:
+    """Forward pre-hooks on the model's activation modules; MeasureError when it has none (and no
+    ``others``: functional call sites counted another way)."""
     hooks = _HookProbes(model, accs, options, infos, channel_dims)
-    if not hooks.found_any:
+    if not hooks.found_any and not others:
         hooks.remove()
         raise MeasureError(_rectifier_hint(model, cause)) from cause
     return hooks
@@ -148,7 +151,7 @@ def _measure_here(model: nn.Module, data: Iterable, *, zero_as: str, aggregate: 
     # eval mode before tracing: fx bakes `self.training` (e.g. of F.dropout) into the graph as a constant
     was_training = model.training
     model.eval()
-    probed = None
+    probed = functional = None
     try:
         probed = _probed_graph(model)
     except TraceError as exc:
@@ -163,15 +166,27 @@ def _measure_here(model: nn.Module, data: Iterable, *, zero_as: str, aggregate: 
         probed.busy = True
         runner, hooks = probed.gm, None
     else:
-        infos = {}
+        # FSDP2: the model's own forward runs (its root gathers the parameters); the functional calls
+        # are counted in it under the names of a structure-only graph (entropy/functional.py)
+        unseen_because = trace_error  # why functional calls go unmeasured, if they do
+        if is_fully_sharded(model):
+            try:
+                functional = functional_probes(model, accs, options, channel_dims, nonfinite_log)
+                unseen_because = None
+            except TraceError as exc:
+                unseen_because = exc
+        infos = dict(functional.infos) if functional is not None else {}
         try:
-            hooks = _hook_probes_or_raise(model, accs, options, channel_dims, trace_error)
+            hooks = _hook_probes_or_raise(model, accs, options, channel_dims, trace_error,
+                                          others=functional is not None)
         except MeasureError:
+            if functional is not None:
+                functional.remove()
             model.train(was_training)
             raise
-        if trace_error is not None:
-            warnings.warn(f"{trace_error} Measuring activation modules only, through forward hooks.", stacklevel=3)
-        runner = model
+        if unseen_because is not None:
+            warnings.warn(f"{unseen_because} Measuring activation modules only, through forward hooks.", stacklevel=3)
+        runner = functional if functional is not None else model
 
     batches = 0
     try:
@@ -211,6 +226,8 @@ def _measure_here(model: nn.Module, data: Iterable, *, zero_as: str, aggregate: 
     finally:
         if hooks is not None:
             hooks.remove()
+        if functional is not None:
+            functional.remove()
         if probed is not None:
             probed.busy = False
             probed.bind({})  # the kept graph must not hold on to this call's counts

@@ -3,7 +3,6 @@ selects the iteration it returns."""
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
@@ -20,8 +19,9 @@ from ..mask_interop import refuse_foreign_pruning, unwrap_model
 from ..sharded import is_sharded
 from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
-from .pruner import Pruner, Step, _Snapshot
+from .pruner import Pruner, Step
 from .resume import failure_stop_reason, load_checkpoints, restore_random_states, save_checkpoint, stop_reason_of
+from .snapshot import Snapshot
 
 __all__ = ["prune", "prune_", "prune_step", "select_iteration"]
 
@@ -37,8 +37,21 @@ def select_iteration(records: Sequence[IterationRecord], rule: str = "depth") ->
     within = [r for r in records if r.within_tolerance]
     if rule == "last" or max(r.collapsed for r in within) == 0:
         return within[-1].iteration
-    return max(within, key=lambda r: (r.collapsed, r.accuracy if r.accuracy is not None else -math.inf,
-                                      -r.iteration)).iteration
+    return max(within, key=_depth_order).iteration
+
+
+def _depth_order(r: IterationRecord) -> tuple:
+    return r.collapsed, r.accuracy if r.accuracy is not None else -math.inf, -r.iteration
+
+
+def _still_selectable(records: Sequence[IterationRecord], rule: str) -> set[int]:
+    """The iterations whose state a resume may need, whatever records follow ``records``: the newest
+    (the next start), the last within tolerance and, for ``"depth"``, the first by its order among
+    those within when a layer collapsed there (with none collapsed, ``"depth"`` takes the last)."""
+    within = [r for r in records if r.within_tolerance]
+    keep = {records[-1].iteration} | ({within[-1].iteration} if within else set())
+    best = max(within, key=_depth_order) if within and rule == "depth" else None
+    return keep | ({best.iteration} if best is not None and best.collapsed > 0 else set())
 
 
 def _next_scale(record: IterationRecord, config: PruneConfig) -> float:
@@ -171,31 +184,34 @@ def prune_(
                 for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
                     stale.unlink(missing_ok=True)
     with ranks.agreed(f"reading the checkpoints in {directory}"):  # every rank resumes from the same files
-        checkpoints = (load_checkpoints(directory, config) if directory and config.resume and directory.exists()
+        checkpoints = (load_checkpoints(directory, config, lambda found: _still_selectable(found, config.select))
+                       if directory and config.resume and directory.exists()
                        else [])
     if checkpoints:
         last = checkpoints[-1]
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
         for site in last["linearized"]:
             pruner.replace_with_identity(site, stats)
-        current = _Snapshot(last["model"], list(last["linearized"]))
-        pruner.restore(current)
+        pruner.restore(Snapshot(last["model"], list(last["linearized"])))
         records = [IterationRecord(**c["record"]) for c in checkpoints]
         scale = float(config.metric_scale if config.metric_scale is not None
                       else checkpoints[0].get("metric_scale", 1.0))
         stats = EntropyStats.from_state_dict(last["stats"])
         selected = select_iteration(records, config.select)
         keep = checkpoints[selected]
+        # the model is the last checkpoint's now: when it is the next start, the snapshot is taken from
+        # the model (compacted), and the selected one is the same snapshot when it is the last
+        current = pruner.snapshot() if records[-1].within_tolerance else None
         # FSDP2: the snapshots keep this rank's slices only, as the ones the loop takes do
-        best = pruner.as_shards(_Snapshot(copy.deepcopy(keep["model"]), list(keep["linearized"])))
+        best = (current if current is not None and keep is last
+                else pruner.keep(keep["model"], keep["linearized"]))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
         with ranks.agreed(f"restoring the random states of {last['path']}"):
             # last: nothing between here and the next phase draws, as nothing did after the write
             restore_random_states(last, generators)
-        if records[-1].within_tolerance:  # the next iteration starts from the last good one
-            current = pruner.as_shards(_Snapshot(copy.deepcopy(last["model"]), list(last["linearized"])))
-        else:
+        if current is None:
             return _finish(pruner, records, selected, stop_reason_of(last, records[-1]), best, best_stats)
+        del checkpoints, keep, last  # every iteration's state read back: only the snapshots stay
     else:
         started = time.perf_counter()
         stats = pruner.measure()
@@ -297,7 +313,7 @@ def prune_step(model: nn.Module, calib_data: Iterable, *, config: PruneConfig | 
     return pruner.prune_step(pruner.measure(), scale)
 
 
-def _finish(pruner: Pruner, records, selected, stop_reason, best: _Snapshot, best_stats) -> PruneResult:
+def _finish(pruner: Pruner, records, selected, stop_reason, best: Snapshot, best_stats) -> PruneResult:
     """Leave the model as the selected iteration and package the result."""
     pruner.restore(best)
     with ranks.agreed("writing summary.json"):  # every rank returns once the folder is complete

@@ -19,16 +19,22 @@ from ..sharded import is_sharded, local
 __all__ = ["enforce_masks", "keep_masks_after_steps", "masked_optimizer", "masks_enforced", "repair_masked_weights"]
 
 
+def _on_this_rank(param: torch.Tensor, mask: torch.Tensor, state: dict | None):
+    """FSDP2: this rank's slices of a parameter, of its mask (a bool DTensor's, or the packed bits of the
+    slice as stored) and of its optimizer state, so that each rank zeroes its own; as they are otherwise."""
+    if not is_sharded(param):
+        return param, mask, state
+    state = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else state
+    return local(param), local(mask), state
+
+
 @torch.no_grad()
 def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Zero every masked parameter entry (and its optimizer state, when an optimizer is given)."""
     for module, param_name, mask in masked_parameters(model):
         param = getattr(module, param_name)
         state = optimizer.state.get(param) if optimizer is not None else None
-        if is_sharded(param):  # FSDP2: every rank zeroes its own slice (mask and moments sharded alike)
-            param, mask = local(param), local(mask)
-            state = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else state
-        ops.apply_mask_(param, mask, state)
+        ops.apply_mask_(*_on_this_rank(param, mask, state))
 
 
 def keep_masks_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -91,7 +97,7 @@ def masks_enforced(model: nn.Module) -> Iterator[None]:
             for p in group["params"]:
                 entry = held.get(id(p))
                 if entry is not None and entry[0] is p:
-                    ops.apply_mask_(p, entry[1], opt.state.get(p))
+                    ops.apply_mask_(*_on_this_rank(p, entry[1], opt.state.get(p)))
 
     handle = register_optimizer_step_post_hook(hook)
     try:
@@ -109,12 +115,13 @@ def repair_masked_weights(model: nn.Module) -> dict[str, int]:
     names = {id(p): n for n, p in model.named_parameters()}
     for module, param_name, mask in masked_parameters(model):
         param = getattr(module, param_name)
-        if is_sharded(param):  # FSDP2: this rank's slice (each rank repairs, and reports, its own)
-            param, mask = local(param), local(mask)
+        name = names.get(id(param), param_name)
+        param, mask, _ = _on_this_rank(param, mask, None)  # FSDP2: each rank repairs, and reports, its own
         mask = as_bool_mask(mask, param)  # a packed mask: unpacked for this layer only
         dropped = ~mask if mask.dtype == torch.bool else mask == 0
         count = int(torch.count_nonzero(param.detach()[dropped]))
         if count:
-            revived[names.get(id(param), param_name)] = count
+            revived[name] = count
             param.masked_fill_(dropped, 0)
+        del mask, dropped  # this layer's bool copies, before the next layer's are made
     return revived

@@ -24,8 +24,8 @@ import torch.nn as nn
 from .. import budget
 from ..distributed import rank
 from ..entropy import EntropyStats
-from ..masks import get_mask, prunable_modules, remaining_weights
-from ..sharded import full, is_sharded, local
+from ..masks import full_mask, prunable_modules, remaining_weights, stored_mask
+from ..sharded import counted_here, full, is_sharded, local
 
 if TYPE_CHECKING:
     from .pruner import Pruner, Step
@@ -62,21 +62,25 @@ class PruningMethod:
         return f"{type(self).__name__}()"
 
 
-def _whole(weight, mask):
+def _whole(module):
     """A layer's weight and mask whole (an FSDP2 layer gathered: one layer at a time, so that the
-    budget is computed exactly as by one process)."""
-    return full(weight), None if mask is None else full(mask)
+    budget is computed exactly as by one process; a packed mask stays packed)."""
+    return full(module.weight), full_mask(module)
 
 
 def _rank_parts(weights: dict, masks: dict) -> tuple[dict, dict]:
-    """Each rank's part of every layer for a summed selection: its slice of a sharded layer; all of
-    an unsharded one on rank 0 and nothing elsewhere (so it is counted once)."""
+    """Each rank's part of every layer for a summed selection: its slice of a sharded layer (on the
+    first replica only, HSDP); all of an unsharded one on rank 0 and nothing elsewhere (so that each
+    weight is counted once)."""
     main = rank() == 0
     parts, part_masks = {}, {}
     for n, w in weights.items():
         m = masks.get(n)
-        if is_sharded(w):
+        if is_sharded(w) and counted_here(w):
             parts[n], part_masks[n] = local(w), None if m is None else local(m)
+        elif is_sharded(w):  # a replica of a slice another rank counts
+            parts[n] = local(w).detach().reshape(-1)[:0]
+            part_masks[n] = None if m is None else local(m).reshape(-1)[:0]
         else:
             parts[n] = w if main else w.detach().reshape(-1)[:0]
             part_masks[n] = m if main or m is None else m.reshape(-1)[:0]
@@ -91,9 +95,9 @@ class Nepenthe(PruningMethod):
     def step(self, pruner, stats, scale, avoid):
         cfg = pruner.config
         entropy = pruner.layer_entropy(stats)
-        weights = {n: m.weight for n, m in pruner.layers.items()}
         remaining = {n: remaining_weights(m) for n, m in pruner.layers.items()}
-        irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), *_whole(weights[n], get_mask(m)), cfg.normalize)
+        # a packed mask is unpacked inside, one layer at a time
+        irrelevance = {n: budget.irrelevance(entropy.get(n, 0.0), *_whole(m), cfg.normalize)
                        for n, m in pruner.layers.items()}
         # The allocation at the full ζ, every layer's share times the back-off scale: a smaller
         # budget alone would still empty the least relevant layers first (the softmax gives them
@@ -124,7 +128,7 @@ class IMP(PruningMethod):
 
     def step(self, pruner, stats, scale, avoid):
         weights = {n: m.weight for n, m in pruner.layers.items()}
-        masks = {n: get_mask(m) for n, m in pruner.layers.items()}
+        masks = {n: stored_mask(m) for n, m in pruner.layers.items()}  # as stored: packed ones are read packed
         zeta = pruner.config.zeta * scale
         reduce = None
         if any(is_sharded(w) for w in weights.values()):  # FSDP2: each rank counts its slices, summed

@@ -23,17 +23,21 @@ from ..errors import PruneError
 from ..graph import TraceError, first_linear_ops, input_reaches_output, is_fully_sharded, last_linear_ops, trace
 from ..masks import (
     MASK_SUFFIX,
-    get_mask,
+    PACKED_SUFFIX,
+    full_mask,
     is_mask_key,
     pack_masks_,
     remaining_weights,
     remove_masks,
     restore_masks,
     set_mask,
+    shard_packed_mask,
     sparsity,
+    stored_mask,
 )
 from ..sharded import full, is_sharded, local, reshard, shard_like
 from .config import IterationRecord, PruneConfig
+from .snapshot import Snapshot, compact_state, expand_into
 
 __all__ = ["Pruner", "Step"]
 
@@ -51,12 +55,6 @@ class Step:
         return not any(self.pruned.values()) and not self.linearized
 
 
-@dataclass
-class _Snapshot:
-    state: dict
-    replaced: list[str]
-
-
 class Pruner:
     """State of one run of the loop, and the helpers a :class:`~nepenthe.loop.methods.PruningMethod` steps with."""
 
@@ -65,9 +63,6 @@ class Pruner:
         self.measure_kwargs = {**config.entropy_options(), "max_batches": config.max_calib_batches, **measure_kwargs}
         self.replaced: dict[str, tuple[str, nn.Module]] = {}  # EASIER: site -> (module path, original)
         self.method = config.strategy
-        if is_fully_sharded(model) and config.pack_masks:  # a packed mask's bytes do not split like its parameter
-            raise PruneError(f"{type(model).__name__} is sharded by FSDP2: pack_masks is not supported for it; "
-                             "keep bool masks (PruneConfig(pack_masks=False))")
         if config.pack_masks:  # masks the model already carries are stored packed too
             pack_masks_(model)
         self.graph = self._trace()
@@ -120,9 +115,7 @@ class Pruner:
             infos = describe_sites(self.model)
         except TraceError as exc:
             raise PruneError(f"finding the layer that feeds each rectifier needs tracing: {exc}") from exc
-        if is_fully_sharded(self.model):  # measured through module hooks only: functional calls get no entropy
-            infos = {name: info for name, info in infos.items() if info.module_path is not None}
-        return self._prunable(infos)
+        return self._prunable(infos)  # FSDP2 too: measure counts functional calls in the model's own forward
 
     def _prunable(self, infos) -> dict[str, str]:
         """Call site -> its producer, for the sites with one that ``protect`` and ``filter_fn`` leave prunable."""
@@ -206,9 +199,10 @@ class Pruner:
                 m = self.layers[n]
                 # FSDP2: one layer gathered at a time (never the whole model), the new mask sliced back
                 # locally by set_mask: exactly the mask one process computes
-                mask = get_mask(m)
-                chosen = budget.magnitude_mask(full(m.weight), None if mask is None else full(mask), k)
+                mask = full_mask(m)  # packed: unpacked by magnitude_mask into the one bool copy it returns
+                chosen = budget.magnitude_mask(full(m.weight), mask, k)
                 set_mask(m, chosen, packed=self.config.pack_masks or None)
+                del mask, chosen  # before the next layer's
         return Step({n: counts.get(n, 0) for n in self.layers}, [], dict(capped or {}))
 
     def replace_with_identity(self, site: str, stats: EntropyStats) -> None:
@@ -226,11 +220,20 @@ class Pruner:
             set_submodule(self.model, path, original)
 
     # ----- snapshots --------------------------------------------------------------------------
-    def snapshot(self) -> _Snapshot:
+    def snapshot(self) -> Snapshot:
+        """The model's state as :meth:`restore` takes it back (masked parameters as their kept values:
+        :mod:`nepenthe.loop.snapshot`)."""
         reshard(self.model)  # FSDP2: the state is the shards
-        return _Snapshot(copy.deepcopy(self.model.state_dict()), sorted(self.replaced))
+        return compact_state(self.model.state_dict(), sorted(self.replaced))
 
-    def as_shards(self, snap: _Snapshot) -> _Snapshot:
+    def keep(self, state: dict, replaced: Sequence[str]) -> Snapshot:
+        """A snapshot of a checkpoint's whole ``state`` (read from a file, used by nothing else: its
+        tensors are kept, compacted as :meth:`snapshot` does; FSDP2: this rank's slices, :meth:`as_shards`)."""
+        if is_fully_sharded(self.model):
+            return self.as_shards(Snapshot(copy.deepcopy(state), list(replaced)))
+        return compact_state(state, list(replaced), clone=False)
+
+    def as_shards(self, snap: Snapshot) -> Snapshot:
         """``snap`` as :meth:`snapshot` takes it. FSDP2: a checkpoint's whole tensors (every rank read
         the file) cut to this rank's slices, each sharded as the model's tensor of that key and a mask
         as its parameter (no communication), so that a rank keeps its share only; otherwise ``snap``."""
@@ -242,12 +245,18 @@ class Pruner:
         def like(key: str):  # a mask the model does not hold yet is sharded as the parameter it masks
             return model_state.get(key, model_state.get(key.removesuffix(MASK_SUFFIX)))
 
-        # clone: the slice must not keep the whole tensor it was cut from alive
-        state = {k: v if is_sharded(v) or not is_sharded(like(k)) else shard_like(v, like(k)).clone()
-                 for k, v in snap.state.items()}
-        return _Snapshot(state, list(snap.replaced))
+        def cut(key: str, value):
+            if key.endswith(PACKED_SUFFIX):  # a plain buffer either way: the parameter beside it tells
+                param = key.removesuffix(PACKED_SUFFIX)  # a checkpoint's (plain: whole bits) or a snapshot's
+                whole = param in snap.state and not is_sharded(snap.state[param])
+                return shard_packed_mask(value, model_state[param]) if whole else value
+            return value if is_sharded(value) or not is_sharded(like(key)) else shard_like(value, like(key)).clone()
 
-    def restore(self, snap: _Snapshot) -> None:
+        # clone: the slice must not keep the whole tensor it was cut from alive
+        state = {k: cut(k, v) for k, v in snap.state.items()}
+        return Snapshot(state, list(snap.replaced), snap.kept)
+
+    def restore(self, snap: Snapshot) -> None:
         """Put the model back as it was at ``snap`` (or at a checkpoint's whole state): activations,
         masks (which only grow, so the later ones are dropped first) and weights."""
         snap = self.as_shards(snap)  # FSDP2 (includes the reshard); the snapshot itself otherwise
@@ -255,15 +264,18 @@ class Pruner:
         remove_masks(self.model)
         # copies: a mask buffer must not alias the snapshot, which may be restored again later; each in
         # the form the snapshot holds it (bool *_mask or packed *_mask_bits), so load_state_dict finds its keys
-        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if is_mask_key(k)})
-        self.model.load_state_dict(snap.state)
+        # (FSDP2: a packed mask is this rank's slice's bits, as_shards cut it)
+        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if is_mask_key(k)}, local_bits=True)
+        # compacted parameters written in place (by their restored masks), then the rest loaded
+        self.model.load_state_dict(expand_into(snap, self.model.state_dict()) if snap.kept else snap.state)
         if self.config.pack_masks:  # a checkpoint written with bool masks, resumed with packing on
             pack_masks_(self.model)
 
     def mask_digest(self) -> int:
         """A digest of every prunable layer's mask (compared across ranks after each step)."""
-        masks = [get_mask(self.layers[n]) for n in sorted(self.layers)]
-        # an FSDP2 mask is a different slice on every rank, computed from gathered layers
+        # as stored (packed ones hashed packed: every rank stores them alike); an FSDP2 mask is a
+        # different slice on every rank, computed from gathered layers
+        masks = (stored_mask(self.layers[n]) for n in sorted(self.layers) if not is_sharded(self.layers[n].weight))
         return digest(m for m in masks if m is not None and not is_sharded(m))
 
     def nonfinite_parameters(self) -> list[str]:

@@ -12,6 +12,7 @@ process or an FSDP2 job wrote it, and either resumes from it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,10 +84,13 @@ def _read_checkpoint(path: Path) -> dict | str:
     return ckpt
 
 
-def load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
+def load_checkpoints(directory: Path, config: PruneConfig,
+                     selectable: Callable[[list[IterationRecord]], set[int]] | None = None) -> list[dict]:
     """The consecutive checkpoints a resume can use. A damaged one (and any after it) is set aside
     with a warning and the run resumes from the last good one; a good checkpoint of another run is
-    refused (PruneError)."""
+    refused (PruneError). ``selectable(records so far)``: the iterations whose model state may still
+    be needed; the others' ``"model"`` is dropped (None) as soon as it is not, so that reading N
+    checkpoints does not hold N models."""
     found = sorted(directory.glob("iter_*.pt"))
     checkpoints = []
     for i, path in enumerate(found):
@@ -106,6 +110,11 @@ def load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
             raise PruneError(f"checkpoints in {directory} are not consecutive (missing iteration {i}); "
                              "use another checkpoint_dir or resume=False")
         checkpoints.append(ckpt)
+        if selectable is not None:
+            needed = selectable([IterationRecord(**c["record"]) for c in checkpoints])
+            for c in checkpoints:
+                if c["record"]["iteration"] not in needed:
+                    c["model"] = None
     return checkpoints
 
 

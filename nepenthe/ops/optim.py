@@ -19,6 +19,10 @@ packed copy is made again whenever the mask is replaced or changed in place (a n
 new value of its version counter, which every in-place torch op bumps); edits made through
 ``mask.data`` bypass the version counter and are not seen, so use it only when masks change by
 in-place ops or replacement (as :func:`nepenthe.masks.set_mask` and the pruning loop do).
+
+FSDP2 (``DTensor`` parameters, any mesh): each rank steps its own slices (parameter, gradient,
+state, and the mask's slice: a bool ``DTensor``'s local part, or the packed bits of the slice that
+:mod:`nepenthe.masks` stores per rank); the step is elementwise, so no communication is needed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..sharded import is_sharded, local
 from .mask_bits import pack_mask, packed_mask_bytes
 from .masked_optim import masked_adamw_, masked_sgd_
 
@@ -69,8 +74,11 @@ def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor 
     mask = getter(p)
     if mask is None:
         return None
+    key = id(p)
+    if is_sharded(p):  # FSDP2: this rank's slice of both (a packed mask is stored per slice already)
+        p, mask = local(p), local(mask)
     if ready is not None:
-        if ready.get(id(p)) is mask:
+        if ready.get(key) is mask:
             return mask
     if mask.shape == p.shape:
         prepared = mask.to(device=p.device, dtype=torch.bool).contiguous()
@@ -80,7 +88,7 @@ def _mask_for(getter, p: Tensor, who: str, ready: dict | None = None) -> Tensor 
         raise ValueError(f"{who}: mask of shape {tuple(mask.shape)} does not fit a parameter of shape "
                          f"{tuple(p.shape)} (a packed one would be uint8[{packed_mask_bytes(p.numel())}])")
     if ready is not None and prepared is mask:
-        ready[id(p)] = mask
+        ready[key] = mask
     return prepared
 
 
@@ -163,10 +171,10 @@ class MaskedSGD(torch.optim.Optimizer):
                 if first:
                     state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 params, grads, bufs, masks = batches[first]
-                params.append(p)
-                grads.append(_grad_of(p, "MaskedSGD"))
+                params.append(local(p))  # FSDP2: this rank's slices (the step is elementwise)
+                grads.append(local(_grad_of(p, "MaskedSGD")))
                 if momentum != 0:
-                    bufs.append(state["momentum_buffer"])
+                    bufs.append(local(state["momentum_buffer"]))
                 masks.append(_step_mask(self, p, "MaskedSGD"))
             for first, (params, grads, bufs, masks) in batches.items():
                 if params:
@@ -209,7 +217,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 for seq, value in zip(lists, (p, _grad_of(p, "MaskedAdamW"), state["exp_avg"], state["exp_avg_sq"],
                                               state.get("max_exp_avg_sq"),
                                               _step_mask(self, p, "MaskedAdamW"))):
-                    seq.append(value)
+                    seq.append(None if value is None else local(value))  # FSDP2: this rank's slices
             for step, (params, grads, exp_avgs, exp_avg_sqs, maxes, masks) in by_step.items():
                 masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, maxes if amsgrad else [], masks,
                               lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],

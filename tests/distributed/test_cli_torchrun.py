@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nepenthe import load
+from tests.experiment.smallest import smallest_experiment_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180  # one launch takes ~15 s on 2 busy cores; a hang fails the test instead of blocking it
@@ -28,9 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "nepenthe", *args]
     try:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -81,6 +82,19 @@ def test_run_writes_one_report_and_resumes(finished, tmp_path):
     assert resumed["dense_accuracy"] == report["dense_accuracy"]  # the seeded DDP dense training is redone alike
 
 
+def test_three_processes(tmp_path):
+    """3 ranks (the DistributedSampler pads the 3rd shard): one report with world_size 3, a folded
+    model that loads."""
+    out = tmp_path / "run3"
+    result = _torchrun(*RUN[:10], "1", *RUN[11:], "--out", str(out), cwd=tmp_path, nproc=3)  # --iters 1
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 3 and [r["iteration"] for r in report["iterations"]] == [0, 1]
+    assert 50.0 < report["folded_accuracy"] <= 100.0
+    assert load(out / "folded")(torch.zeros(3, 64)).shape == (3, 10)
+
+
 def test_a_killed_run_resumes_from_rank_zeros_checkpoints(finished, tmp_path):
     """SIGKILL to torchrun and both ranks once iteration 1 is written; the rerun ends as the
     uninterrupted run (what every iteration decided) without rewriting the checkpoints it read."""
@@ -123,34 +137,7 @@ def test_a_failure_on_every_rank_ends_every_rank(tmp_path):
     # (torchrun itself then prints its ChildFailedError traceback: the ranks printed only the line above)
 
 
-TINY = """
-name = "tiny-ddp"
-seeds = [0]
-methods = ["nepenthe", "easier"]
-[data]
-dataset = "digits"
-limit = 120
-batch_size = 20
-calib_batch_size = 60
-calib_batches = 1
-[model]
-name = "mlp"
-options = { width = 8, hidden = 8, depth = 1 }
-[dense]
-epochs = 2
-[retrain]
-epochs = 1
-[prune]
-delta = 100.0
-max_iters = 1
-[fold]
-planner = "none"
-[latency]
-batches = [2]
-repeats = 1
-warmup = 1
-threads = 1
-"""
+TINY = smallest_experiment_toml("tiny-ddp", [0], ["nepenthe", "easier"], batch_size=20)
 
 
 def test_experiment_runs_under_torchrun(tmp_path):

@@ -4,43 +4,16 @@ same error on all ranks, never a hang (every run is bounded by a timeout)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed.worker import ON_REQUEST, SCENARIOS
-
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 240  # the whole scenario list; a hang (60 s group timeout per collective) fails the test
-
-
-def _launch(world: int, out: Path, scenarios=SCENARIOS, **env_vars: str) -> dict[str, list[dict]]:
-    out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_vars}
-    if scenarios is not SCENARIOS:
-        env["NEPENTHE_SCENARIOS"] = ",".join(s.__name__ for s in scenarios)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(r), str(world),
-                               str(out / "rendezvous"), str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(max(world, 1))]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        pytest.fail(f"{world} processes did not finish in {TIMEOUT_S} s (a hang); last lines:\n"
-                    + "\n".join(log[-1500:] for log in logs))
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return {s.__name__: [torch.load(out / f"{s.__name__}.{r}.pt", weights_only=False) for r in range(max(world, 1))]
-            for s in scenarios}
+from tests.distributed.harness import equal as _equal
+from tests.distributed.harness import launch
+from tests.distributed.harness import ok as _ok
+from tests.distributed.worker import ON_REQUEST
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +23,7 @@ def base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(base) -> dict[int, dict[str, list[dict]]]:
-    return {world: _launch(world, base / f"world{world}") for world in (0, 2, 3)}
-
-
-def _ok(result: dict) -> object:
-    assert "ok" in result, f"{result.get('error')}: {result.get('message')}"
-    return result["ok"]
-
-
-def _equal(a, b, where: str = "") -> None:
-    """Bit-identical nested results (tensors by torch.equal, floats exactly)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+    return {world: launch(world, base / f"world{world}") for world in (0, 2, 3)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -180,7 +132,7 @@ def test_fsdp2_checkpoint_resumes_in_one_process(runs, base):
     """Iterations 0-2 written by the 2-rank FSDP2 run, resumed on the unsharded model in one process:
     the result of the one-process run."""
     out = base / "world2_resumed_in_one_process"
-    resumed = _launch(0, out, ON_REQUEST, NEPENTHE_RESUME_FROM=str(base / "world2" / "fsdp_checkpoints"))
+    resumed = launch(0, out, scenarios=ON_REQUEST, NEPENTHE_RESUME_FROM=str(base / "world2" / "fsdp_checkpoints"))
     result = _ok(resumed["fsdp_checkpoint_resumed_in_one_process"][0])
     single = _ok(runs[0]["fsdp_prune_with_checkpoints_then_resume"][0])
     _equal(result, {"records": single["again"], **{k: single[k] for k in ("selected", "stop", "masks", "weights")}})

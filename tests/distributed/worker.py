@@ -2,13 +2,15 @@
 
 ``python -m tests.distributed.worker RANK WORLD INIT_FILE OUT_DIR`` joins a gloo group of WORLD
 processes (WORLD 0: no group, the one-process reference) and runs every scenario of ``SCENARIOS``
-in order in the same group, saving each one's result, or the error it raised, to
+(of this module, or of the one ``NEPENTHE_SCENARIO_MODULE`` names) in order in the same group,
+saving each one's result, or the error it raised, to
 ``OUT_DIR/<scenario>.<rank>.pt``. A scenario that fails on some rank must fail on all of them with
 the same error and leave the group usable for the next one — which is what is tested.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from datetime import timedelta
@@ -20,15 +22,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nepenthe
+import nepenthe.distributed
 from nepenthe.data import load_dataset, make_loader
 from nepenthe.masks import get_masks
 from nepenthe.models import ResidualMLP
 
-RANK, WORLD = 0, 1
+
+def rank() -> int:
+    return nepenthe.distributed.rank()
 
 
-def _shard(items: list) -> list:
-    return items[RANK::WORLD]
+def world() -> int:
+    """The number of ranks (1 for the one-process reference)."""
+    return nepenthe.distributed.world_size()
+
+
+def shard(items: list) -> list:
+    """This rank's items (``rank::world``)."""
+    return items[rank()::world()]
 
 
 def _measure_batches() -> list[torch.Tensor]:
@@ -69,7 +80,7 @@ def _ddp_retrain(model: nn.Module, iteration: int) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     ddp.train()
     batches = _digits()["train"]
-    for x, y in _shard(batches[:len(batches) // WORLD * WORLD]):
+    for x, y in shard(batches[:len(batches) // world() * world()]):
         opt.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
@@ -80,7 +91,7 @@ def _global_accuracy(model: nn.Module) -> float:
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
-        for x, y in _shard(_digits()["val"]):
+        for x, y in shard(_digits()["val"]):
             counts += torch.tensor([int((model(x).argmax(1) == y).sum()), len(y)])
     if dist.is_initialized():
         dist.all_reduce(counts)
@@ -89,7 +100,7 @@ def _global_accuracy(model: nn.Module) -> float:
 
 def _prune(retrain=_same_retrain, evaluate=_global_accuracy, **config) -> dict:
     model = _model()
-    calib = _shard(_digits()["train"])
+    calib = shard(_digits()["train"])
     result = nepenthe.prune(model, calib, retrain=retrain, evaluate=evaluate,
                             config=nepenthe.PruneConfig(**{"max_iters": 3, "delta": None, "zeta": 0.4, **config}))
     return {"records": [(r.iteration, r.accuracy, r.sparsity, r.within_tolerance, r.failure, r.layer_entropy)
@@ -101,20 +112,20 @@ def _prune(retrain=_same_retrain, evaluate=_global_accuracy, **config) -> dict:
 
 
 def measure() -> dict:
-    stats = nepenthe.measure(_model(), _shard(_measure_batches()))
+    stats = nepenthe.measure(_model(), shard(_measure_batches()))
     return {"histogram": dict(stats.histogram), "entropy": stats.layer_entropy,
             "neuron_entropy": dict(stats.neuron_entropy)}
 
 
 def measure_nan_on_rank_1() -> dict:
-    batches = _shard(_measure_batches())
-    if RANK == 1:
+    batches = shard(_measure_batches())
+    if rank() == 1:
         batches = [torch.full((4, 64), float("nan"))]
     return measure_with(batches)
 
 
 def measure_no_batches_on_last_rank() -> dict:
-    return measure_with([] if RANK == WORLD - 1 else _shard(_measure_batches()))
+    return measure_with([] if rank() == world() - 1 else shard(_measure_batches()))
 
 
 def measure_with(batches) -> dict:
@@ -132,7 +143,7 @@ def prune_ddp_retrain() -> dict:
 def prune_retrain_without_ddp() -> dict:
     def per_rank(model, iteration):  # each rank on its own shard, no gradient sync: weights drift apart
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for x, y in _shard(_digits()["train"]):
+        for x, y in shard(_digits()["train"]):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -142,7 +153,7 @@ def prune_retrain_without_ddp() -> dict:
 def prune_evaluate_fails_on_rank_1() -> dict:
     def evaluate(model):
         value = _global_accuracy(model)
-        if RANK == 1 and model.training is False and any(m.sum() < m.numel() for m in get_masks(model).values()):
+        if rank() == 1 and model.training is False and any(m.sum() < m.numel() for m in get_masks(model).values()):
             raise ValueError("validation shard is corrupt")
         return value
     return _prune(evaluate=evaluate)
@@ -151,7 +162,7 @@ def prune_evaluate_fails_on_rank_1() -> dict:
 def prune_retrain_diverges_on_rank_1() -> dict:
     def retrain(model, iteration):
         _same_retrain(model, iteration)
-        if RANK == 1 and iteration == 2:
+        if rank() == 1 and iteration == 2:
             raise FloatingPointError("loss is nan")
     return _prune(retrain=retrain)
 
@@ -161,8 +172,8 @@ def prune_per_rank_accuracy() -> dict:
     def evaluate(model):
         model.eval()
         with torch.no_grad():
-            pairs = [(int((model(x).argmax(1) == y).sum()), len(y)) for x, y in _shard(_digits()["val"])]
-        return 100.0 * sum(c for c, _ in pairs) / sum(n for _, n in pairs) + RANK  # ranks disagree on purpose
+            pairs = [(int((model(x).argmax(1) == y).sum()), len(y)) for x, y in shard(_digits()["val"])]
+        return 100.0 * sum(c for c, _ in pairs) / sum(n for _, n in pairs) + rank()  # ranks disagree on purpose
     return _prune(evaluate=evaluate, delta=1.0)
 
 
@@ -196,7 +207,7 @@ def fsdp_prune_step() -> dict:
     out = {}
     for method in ("nepenthe", "imp"):
         model = _fsdp_model()
-        step = nepenthe.prune_step(model, _shard(_digits()["train"]),
+        step = nepenthe.prune_step(model, shard(_digits()["train"]),
                                    config=nepenthe.PruneConfig(method=method, zeta=0.4))
         out[method] = {"pruned": step.pruned, **_gathered(model)}
     return out
@@ -204,7 +215,7 @@ def fsdp_prune_step() -> dict:
 
 def fsdp_prune_loop() -> dict:
     model = _fsdp_model()
-    result = nepenthe.prune(model, _shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
+    result = nepenthe.prune(model, shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
                             config=nepenthe.PruneConfig(max_iters=2, delta=None, zeta=0.4))
     return {"records": [(r.iteration, r.sparsity, r.layer_entropy) for r in result.iterations],
             "stop": result.stop_reason, **_gathered(model)}
@@ -212,7 +223,7 @@ def fsdp_prune_loop() -> dict:
 
 def _fsdp_prune(folder: Path, max_iters: int) -> dict:
     model = _fsdp_model()
-    result = nepenthe.prune(model, _shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
+    result = nepenthe.prune(model, shard(_digits()["train"]), retrain=_same_retrain, evaluate=_global_accuracy,
                             config=nepenthe.PruneConfig(max_iters=max_iters, delta=None, zeta=0.4,
                                                         checkpoint_dir=str(folder)))
     return {"records": [(r.iteration, r.accuracy, r.sparsity, r.within_tolerance, r.failure, r.layer_entropy)
@@ -256,16 +267,17 @@ ON_REQUEST = [fsdp_checkpoint_resumed_in_one_process]  # named in NEPENTHE_SCENA
 
 
 def main() -> None:
-    global RANK, WORLD
     rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     torch.set_num_threads(1)
     if world > 0:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
-    RANK, WORLD = rank, max(world, 1)
+    # another file's scenarios (tests/distributed/harness.launch names it)
+    module = importlib.import_module(os.environ.get("NEPENTHE_SCENARIO_MODULE", "tests.distributed.worker"))
     try:
-        only = os.environ.get("NEPENTHE_SCENARIOS")  # when debugging: a comma-separated subset
-        chosen = [s for s in [*SCENARIOS, *ON_REQUEST] if s.__name__ in only.split(",")] if only else SCENARIOS
+        only = os.environ.get("NEPENTHE_SCENARIOS")  # a comma-separated subset (ON_REQUEST ones included)
+        everything = [*module.SCENARIOS, *getattr(module, "ON_REQUEST", [])]
+        chosen = [s for s in everything if s.__name__ in only.split(",")] if only else module.SCENARIOS
         for scenario in chosen:
             print(f"rank {rank}: {scenario.__name__}", flush=True)
             try:
@@ -282,3 +294,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Every result is saved and the group destroyed: leave without the interpreter's teardown, where
+    # gloo objects still referenced from elsewhere (a device mesh cache) were seen, rarely, to abort
+    # a finished rank ("terminate called without an active exception") and fail the test for nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

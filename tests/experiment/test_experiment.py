@@ -12,6 +12,7 @@ import torch
 from nepenthe.cli import main
 from nepenthe.experiment import ConfigError, ExperimentError, from_dict, load_config, run_experiment, shipped_configs
 from nepenthe.experiment.results import markdown_table
+from tests.experiment.smallest import smallest_experiment_toml
 
 TINY = {
     "name": "tiny",
@@ -211,34 +212,7 @@ def test_cli_lists_and_runs(tmp_path, capsys):
     assert main(["experiment", "--list"]) == 0
     assert "fashion-mlp" in capsys.readouterr().out
     path = tmp_path / "tiny.toml"
-    path.write_text("""
-name = "cli"
-seeds = [0, 1]
-methods = ["easier"]
-[data]
-dataset = "digits"
-limit = 120
-batch_size = 40
-calib_batch_size = 60
-calib_batches = 1
-[model]
-name = "mlp"
-options = { width = 8, hidden = 8, depth = 1 }
-[dense]
-epochs = 2
-[retrain]
-epochs = 1
-[prune]
-delta = 100.0
-max_iters = 1
-[fold]
-planner = "none"
-[latency]
-batches = [2]
-repeats = 1
-warmup = 1
-threads = 1
-""")
+    path.write_text(smallest_experiment_toml("cli", [0, 1], ["easier"], batch_size=40))
     out = tmp_path / "out"
     assert main(["experiment", str(path), "--out", str(out), "--seeds", "0", "--epochs-scale", "0.5",
                  "--no-progress"]) == 0
