@@ -17,23 +17,33 @@ one layer at a time), so code that reads masks needs no change; :func:`stored_ma
 buffer as stored, which the fused masked optimizers read directly.
 
 **FSDP2** (``fully_shard``, any mesh): a bool mask is a ``DTensor`` sharded as its parameter. A packed
-one is a plain ``uint8`` buffer on each rank: the bits of that rank's own slice of the parameter
-(``to_local()``, row-major), ``ceil(local numel / 8)`` bytes, so each rank stores 1/8 byte per local
-weight; enforcing it is local. :func:`get_mask` returns it unpacked as a bool ``DTensor`` (this layer's
-slice only), :func:`full_mask` the whole layer's mask. Checkpoints hold the whole tensor's packed bits
-(``nepenthe.sharded.full_state_dict`` gathers them one layer at a time: :func:`whole_packed_masks`), the
-file of a one-process run; :func:`restore_masks` cuts each rank's slice out of them locally.
+one holds the bits of each rank's own slice of the parameter (``to_local()``, row-major), so each rank
+stores 1/8 byte per local weight and enforcing it is local; the buffer is a ``uint8`` ``DTensor`` with
+one row per slice (:mod:`nepenthe.packed`), so ``model.state_dict()`` and
+``torch.distributed.checkpoint`` keep every rank's bits. :func:`stored_mask` gives this rank's bits,
+:func:`get_mask` them unpacked as a bool ``DTensor`` (this layer's slice only), :func:`full_mask` the
+whole layer's mask. Checkpoints hold the whole tensor's packed bits (``nepenthe.sharded.full_state_dict``
+gathers them one layer at a time: :func:`whole_packed_masks`), the file of a one-process run;
+:func:`restore_masks` and ``load_state_dict`` cut each rank's slice out of them locally.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .packed import (
+    checked_slice_bits,
+    count_kept_bits,
+    pack_mask,
+    packed_mask_bytes,
+    per_slice_bits,
+    slice_bits,
+    unpack_mask,
+)
 from .sharded import from_local_like, full, is_sharded, local, reshard, shard_like, sharded_sum
 
 __all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "full_mask", "get_mask", "get_masks", "has_mask", "is_mask_key",
@@ -44,59 +54,6 @@ __all__ = ["MASK_SUFFIX", "PACKED_SUFFIX", "full_mask", "get_mask", "get_masks",
 
 MASK_SUFFIX = "_mask"
 PACKED_SUFFIX = "_mask_bits"
-
-_BIT_WEIGHTS = tuple(1 << i for i in range(8))
-
-
-# ----- the bit layout ------------------------------------------------------------------------------------
-def packed_mask_bytes(numel: int) -> int:
-    """The length of the packed mask of a parameter with ``numel`` elements."""
-    return (int(numel) + 7) // 8
-
-
-@torch.no_grad()
-def pack_mask(mask: Tensor) -> Tensor:
-    """The packed form of a ``bool`` mask (any shape and layout), on its device: ``uint8[ceil(n/8)]``,
-    bits past ``n`` in the last byte 0.
-
-    Written with torch ops (one pass of byte-sized temporaries): packing runs when a mask changes,
-    once per pruning round, not per optimizer step, so a dedicated kernel would not pay for itself.
-    """
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = f"{mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"pack_mask: expected a bool mask (True = keep), got a {got}")
-    flat = mask.reshape(-1).view(torch.uint8)  # bool storage holds 0 / 1 bytes
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    # eight distinct powers of two sum to at most 255: the uint8 sum is exact
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-@torch.no_grad()
-def unpack_mask(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """The ``bool`` mask of ``shape`` that ``packed`` holds (contiguous, on ``packed``'s device); the
-    bits past the last element are ignored."""
-    shape = tuple(int(s) for s in shape)
-    n = math.prod(shape)
-    if (not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1
-            or packed.numel() != packed_mask_bytes(n)):
-        got = f"{packed.dtype}{list(packed.shape)}" if isinstance(packed, Tensor) else type(packed).__name__
-        raise ValueError(f"unpack_mask: a packed mask of {shape} must be uint8[{packed_mask_bytes(n)}], got {got}")
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = torch.bitwise_and(packed.unsqueeze(1), weights) != 0
-    return bits.reshape(-1)[:n].reshape(shape)
-
-
-def _count_kept_bits(bits: Tensor, numel: int) -> int:
-    """Set bits among the first ``numel`` of a packed mask, without unpacking it (8 byte-sized passes)."""
-    total = sum(int(torch.bitwise_and(bits, b).count_nonzero()) for b in _BIT_WEIGHTS)
-    tail = numel % 8
-    if tail and bits.numel():  # padding bits of the last byte: 0 when we wrote them, not counted when not
-        total -= bin(int(bits[-1]) >> tail).count("1")
-    return total
-
 
 # ----- one parameter -------------------------------------------------------------------------------------
 _SHARDS = "_nepenthe_packed_shards"  # module attribute: parameter name -> the DTensor its packed slice covers
@@ -144,6 +101,16 @@ def _check_packed_load(module, state_dict, prefix, local_metadata, strict, missi
         if not isinstance(value, Tensor) or value.dtype != torch.uint8:
             got = value.dtype if isinstance(value, Tensor) else type(value).__name__
             error_msgs.append(f"{prefix}{name}: a packed mask must be uint8 (1 bit per weight), got {got}")
+            continue
+        shard = _packed_shard(module, name[: -len(PACKED_SUFFIX)])
+        if shard is not None:  # FSDP2 (state_dict: load_state_dict's own copy): whole bits cut to this rank's
+            try:
+                if is_sharded(value):
+                    checked_slice_bits(value, shard, prefix + name)
+                else:
+                    state_dict[prefix + name] = shard_packed_mask(_checked_bits(value, shard, prefix + name), shard)
+            except ValueError as e:
+                error_msgs.append(str(e))
     for name, buf in module._buffers.items():  # the other form in the state_dict: say how to load it
         if buf is not None and name.endswith(PACKED_SUFFIX) and strict:
             bool_key = prefix + name[: -len(PACKED_SUFFIX)] + MASK_SUFFIX
@@ -155,8 +122,9 @@ def _check_packed_load(module, state_dict, prefix, local_metadata, strict, missi
 def _store(module: nn.Module, param_name: str, tensor: Tensor, packed: bool, shard: Tensor | None = None) -> None:
     """Make ``tensor`` the mask buffer of ``module.<param_name>`` in its form, dropping the other form.
     ``shard``: the sharded parameter whose local slice the packed ``tensor`` covers (recorded)."""
-    if packed and shard is not None:
+    if packed and shard is not None:  # the bits of this rank's slice, held in the per-slice form
         module.__dict__.setdefault(_SHARDS, {})[param_name] = shard
+        tensor = per_slice_bits(tensor, shard)
     else:
         module.__dict__.get(_SHARDS, {}).pop(param_name, None)
     other = mask_buffer_name(param_name, not packed)
@@ -190,7 +158,7 @@ def set_mask(module: nn.Module, mask: Tensor, param_name: str = "weight", *, pac
         packed = mask_buffer_name(param_name, True) in module._buffers
     if is_sharded(param):  # FSDP2: the mask is sharded as its parameter is; zeroing is local
         keep = mask.to(torch.bool) if is_sharded(mask) else shard_like(mask.to(torch.bool), param)
-        # packed: each rank packs its own slice (a plain buffer, 1/8 byte per local weight)
+        # packed: each rank packs its own slice (1/8 byte per local weight)
         _store(module, param_name, pack_mask(local(keep)) if packed else keep, packed, param)
         with torch.no_grad():
             _zero_masked(local(param), local(keep))
@@ -213,13 +181,19 @@ def _zero_masked(param: Tensor, keep: Tensor) -> None:
         flat[start:start + (1 << 18)].mul_(bits[start:start + (1 << 18)].to(param.dtype))
 
 
-def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str, local_bits: bool = False) -> None:
+def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> None:
     """Attach an already packed mask (validated) and zero the masked weights. For a sharded parameter
-    ``bits`` is the whole tensor's mask (cut to this rank's slice here), or with ``local_bits`` the slice's."""
+    ``bits`` is the whole tensor's mask (cut to this rank's slice here), or the per-slice form's."""
     param = getattr(module, param_name)
     shard = param if is_sharded(param) else None
-    if shard is not None and not local_bits:
+    if shard is not None and not is_sharded(bits):
         bits = shard_packed_mask(_checked_bits(bits, param, where), param)
+    if is_sharded(bits) and shard is None:  # one rank's bits are not the whole mask
+        raise ValueError(f"{where}: a sharded model's packed mask (one row of bits per slice) cannot be loaded "
+                         "into a parameter that is not sharded; save the whole mask with "
+                         "nepenthe.sharded.full_state_dict")
+    if is_sharded(bits):
+        bits = checked_slice_bits(bits, param, where)
     param = local(param)
     bits = _checked_bits(bits, param, where).to(param.device).contiguous()
     _store(module, param_name, bits, True, shard)
@@ -230,17 +204,22 @@ def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str, loca
 @torch.no_grad()
 def shard_packed_mask(bits: Tensor, like: Tensor) -> Tensor:
     """This rank's part of a whole tensor's packed mask ``bits``: the packed mask of its slice of the
-    sharded ``like`` (``like.to_local()``), cut locally (no communication); ``bits`` for a plain ``like``."""
+    sharded ``like`` (``like.to_local()``) in the per-slice form a sharded model's state_dict holds, cut
+    locally (no communication); ``bits`` for a plain ``like``."""
     if not is_sharded(like):
         return bits
-    return pack_mask(local(shard_like(unpack_mask(bits, like.shape), like)))
+    return per_slice_bits(pack_mask(local(shard_like(unpack_mask(bits, like.shape), like))), like)
 
 
 def stored_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
     """The mask buffer of ``module.<param_name>`` as stored: bool of the parameter's shape, packed
-    ``uint8[ceil(numel/8)]``, or None."""
+    ``uint8[ceil(numel/8)]``, or None. FSDP2: a bool ``DTensor``, or the packed bits of this rank's slice."""
     found = module._buffers.get(mask_buffer_name(param_name))
-    return found if found is not None else module._buffers.get(mask_buffer_name(param_name, True))
+    if found is not None:
+        return found
+    bits = module._buffers.get(mask_buffer_name(param_name, True))
+    shard = _packed_shard(module, param_name) if bits is not None else None
+    return bits if shard is None else slice_bits(bits, shard)
 
 
 def has_mask(module: nn.Module, param_name: str = "weight") -> bool:
@@ -253,7 +232,7 @@ def get_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
     found = module._buffers.get(mask_buffer_name(param_name))
     if found is not None:
         return found
-    bits = module._buffers.get(mask_buffer_name(param_name, True))
+    bits = stored_mask(module, param_name)
     if bits is None:
         return None
     shard = _packed_shard(module, param_name)
@@ -303,8 +282,8 @@ def masked_parameters(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     for module in model.modules():
         for buffer_name, mask in module._buffers.items():
             param_name = _mask_param_name(module, buffer_name) if mask is not None else None
-            if param_name is not None:
-                found.append((module, param_name, mask))
+            if param_name is not None:  # FSDP2, packed: this rank's bits
+                found.append((module, param_name, stored_mask(module, param_name)))
     return found
 
 
@@ -327,7 +306,7 @@ def mask_lookup(model: nn.Module) -> Callable[[Tensor], Tensor | None]:
     return lookup
 
 
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], *, local_bits: bool = False) -> nn.Module:
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Create the mask buffers a state_dict holds, each in the form it is stored in (bool
     ``*_mask`` or packed ``*_mask_bits``), so ``model.load_state_dict`` accepts it.
 
@@ -336,8 +315,8 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], *, local_b
     one's dtype and length) is refused with ValueError naming its key.
 
     FSDP2: a packed mask of a sharded parameter is the whole tensor's (a checkpoint's, any number of
-    ranks) and each rank keeps its slice; with ``local_bits`` it is already this rank's slice (what
-    this rank's ``model.state_dict()`` holds).
+    ranks), of which each rank keeps its slice, or the per-slice form a sharded model's
+    ``state_dict()`` holds (each rank's own bits; refused when saved on another mesh).
     """
     modules = dict(model.named_modules())
     for key, value in state_dict.items():
@@ -354,7 +333,7 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], *, local_b
             raise ValueError(f"state_dict holds two masks of {owner}.{param_name} ({key!r} and {twin!r}); "
                              "keep one")
         if packed:
-            _set_bits(module, value, param_name, key, local_bits)
+            _set_bits(module, value, param_name, key)
         else:
             if not isinstance(value, Tensor):
                 raise ValueError(f"{key}: a mask must be a tensor, got {type(value).__name__}")
@@ -433,8 +412,8 @@ def remaining_weights(module: nn.Module) -> int:
         return sharded_sum(int(local(mask).sum()), mask)
     shard = _packed_shard(module, "weight") if mask.dtype != torch.bool else None
     if shard is not None:  # the bits of this rank's slice, summed over the ranks
-        return sharded_sum(_count_kept_bits(mask, local(shard).numel()), shard)
-    return int(mask.sum()) if mask.dtype == torch.bool else _count_kept_bits(mask, n)
+        return sharded_sum(count_kept_bits(mask, local(shard).numel()), shard)
+    return int(mask.sum()) if mask.dtype == torch.bool else count_kept_bits(mask, n)
 
 
 def sparsity(modules: Mapping[str, nn.Module]) -> tuple[float, dict[str, float]]:

@@ -139,11 +139,11 @@ def full_state_dict(model) -> dict:
 
     # cpu_offload: rank 0 alone keeps the whole tensors, one at a time off the device
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # packed masks of sharded parameters are plain per-rank buffers (each rank's own slice packed):
-    # gathered and packed whole one layer at a time, in place of rank 0's slice under the same key
+    # packed masks of sharded parameters hold each rank's own slice's bits (one row per slice):
+    # gathered and packed whole one layer at a time, in place of those rows under the same key
     for key, bits in whole_packed_masks(model).items():
         key = _full_key(model, key)
-        if key not in whole:  # never written as rank 0's slice: that would be a wrong mask, silently
+        if key not in whole:  # never left as the rows of slices: a wrong mask for a one-process model
             raise RuntimeError(f"full_state_dict: the packed mask {key!r} is not a key of the full state dict")
         whole[key] = bits
     return whole

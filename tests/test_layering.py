@@ -20,6 +20,7 @@ LAYERS = {
     "nepenthe.activations": 0, "nepenthe.graph": 0, "nepenthe.masks": 0, "nepenthe.latency": 0,
     "nepenthe.checkpoint": 0, "nepenthe.progress": 0, "nepenthe.structure": 0, "nepenthe.models": 0,
     "nepenthe.testing": 0, "nepenthe.mask_interop": 0, "nepenthe.distributed": 0, "nepenthe.sharded": 0,
+    "nepenthe.packed": 0,
     "nepenthe.ops": 1, "nepenthe.kernels": 1,
     "nepenthe.entropy": 2,
     "nepenthe.budget": 3, "nepenthe.loop": 3,

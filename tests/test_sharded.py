@@ -50,16 +50,15 @@ def test_whole_packed_masks_is_empty_without_sharded_parameters():
     assert whole_packed_masks(model) == {}
 
 
-def test_restore_local_bits_of_a_plain_model_is_the_plain_restore():
+def test_packed_restore_of_a_plain_model_keeps_the_whole_bits():
     layer, keep = _masked(True)
     state = layer.state_dict()
-    for local_bits in (False, True):
-        fresh = nn.Linear(13, 7)
-        restore_masks(fresh, state, local_bits=local_bits)
-        fresh.load_state_dict(state)
-        assert stored_mask(fresh).dtype == torch.uint8
-        assert torch.equal(get_mask(fresh), keep)
-        assert torch.equal(fresh.weight, layer.weight)
+    fresh = nn.Linear(13, 7)
+    restore_masks(fresh, state)
+    fresh.load_state_dict(state)
+    assert stored_mask(fresh).dtype == torch.uint8 and torch.equal(stored_mask(fresh), pack_mask(keep))
+    assert torch.equal(get_mask(fresh), keep)
+    assert torch.equal(fresh.weight, layer.weight)
 
 
 def test_full_state_dict_keys_drop_wrapper_prefixes():

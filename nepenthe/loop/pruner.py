@@ -246,10 +246,9 @@ class Pruner:
             return model_state.get(key, model_state.get(key.removesuffix(MASK_SUFFIX)))
 
         def cut(key: str, value):
-            if key.endswith(PACKED_SUFFIX):  # a plain buffer either way: the parameter beside it tells
-                param = key.removesuffix(PACKED_SUFFIX)  # a checkpoint's (plain: whole bits) or a snapshot's
-                whole = param in snap.state and not is_sharded(snap.state[param])
-                return shard_packed_mask(value, model_state[param]) if whole else value
+            if key.endswith(PACKED_SUFFIX):  # a checkpoint's whole bits, or a snapshot's per-slice form
+                return value if is_sharded(value) else shard_packed_mask(value, model_state[key.removesuffix(
+                    PACKED_SUFFIX)])
             return value if is_sharded(value) or not is_sharded(like(key)) else shard_like(value, like(key)).clone()
 
         # clone: the slice must not keep the whole tensor it was cut from alive
@@ -264,8 +263,7 @@ class Pruner:
         remove_masks(self.model)
         # copies: a mask buffer must not alias the snapshot, which may be restored again later; each in
         # the form the snapshot holds it (bool *_mask or packed *_mask_bits), so load_state_dict finds its keys
-        # (FSDP2: a packed mask is this rank's slice's bits, as_shards cut it)
-        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if is_mask_key(k)}, local_bits=True)
+        restore_masks(self.model, {k: v.clone() for k, v in snap.state.items() if is_mask_key(k)})
         # compacted parameters written in place (by their restored masks), then the rest loaded
         self.model.load_state_dict(expand_into(snap, self.model.state_dict()) if snap.kept else snap.state)
         if self.config.pack_masks:  # a checkpoint written with bool masks, resumed with packing on

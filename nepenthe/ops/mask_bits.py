@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# the layout lives with the mask storage (the support tier), which keeps the model's packed buffers too
-from ..masks import pack_mask, packed_mask_bytes, unpack_mask
+# the layout lives in the support tier, whose mask storage keeps the model's packed buffers too
+from ..packed import pack_mask, packed_mask_bytes, unpack_mask
 
 __all__ = ["as_bool_mask", "is_packed_mask", "pack_mask", "packed_mask_bytes", "unpack_mask"]
 

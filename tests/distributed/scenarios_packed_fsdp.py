@@ -67,11 +67,12 @@ def _whole(model: nn.Module) -> dict:
 
 def _storage(model: nn.Module) -> dict:
     """What this rank stores for its masks: bytes per local weight, the buffers' dtypes, any DTensor."""
-    held = masked_parameters(model)
-    stored = sum(local(b).numel() * local(b).element_size() for _, _, b in held)
+    held = masked_parameters(model)  # packed: this rank's bits
+    buffers = [b for k, b in model.named_buffers() if is_mask_key(k)]  # as held (packed: one row per slice)
     weights = sum(local(getattr(m, n)).numel() for m, n, _ in held)
-    return {"bytes_per_weight": stored / weights, "dtypes": sorted({str(b.dtype) for _, _, b in held}),
-            "dtensor": any(is_sharded(b) for _, _, b in held)}
+    return {"bytes_per_weight": sum(local(b).numel() * local(b).element_size() for _, _, b in held) / weights,
+            "held_bytes": sum(local(b).numel() * local(b).element_size() for b in buffers), "weights": weights,
+            "dtypes": sorted({str(b.dtype) for _, _, b in held}), "dtensor": any(is_sharded(b) for _, _, b in held)}
 
 
 def _records(result) -> list:
@@ -153,30 +154,48 @@ def fsdp_fused_optimizers() -> dict:
     return out
 
 
-def packed_fsdp_distributed_checkpoint() -> dict:
-    """The documented way to save a packed FSDP2 model with torch.distributed.checkpoint: unpack the
-    masks (bool DTensors, which it saves and re-shards), save; a new sharded model with masks of
-    the same form loads it in place, and is packed again. Its masks and weights are the saved ones."""
+def _distributed_checkpoint(build) -> dict:
+    """torch.distributed.checkpoint of a packed sharded model as it is: every rank's own bits are saved
+    (one row per slice), and a new model whose masks exist (packed, all kept) loads them in place (no
+    load_state_dict). A whole tensor's packed bits load through load_state_dict, cut to each rank's
+    slice; the per-slice bits given to a plain model are refused."""
     import torch.distributed.checkpoint as dcp
 
-    from nepenthe.masks import set_mask
+    from nepenthe.masks import full_mask, restore_masks, set_mask
 
-    folder = Path(sys.argv[4]) / "dcp"
-    model = _fsdp_model()
+    folder = Path(sys.argv[4]) / f"dcp_{build.__name__}"
+    model = build()
     nepenthe.prune_step(model, shard(_digits()["train"]), config=nepenthe.PruneConfig(zeta=0.4, pack_masks=True))
+
+    def all_kept(fresh):  # the same mask buffers as ``model``'s (all kept) to load into
+        for name in masked_modules(model):
+            layer = fresh.get_submodule(name)
+            set_mask(layer, torch.ones(layer.weight.shape, dtype=torch.bool), packed=True)
+        return fresh
+
     saved = _whole(model)
-    unpack_masks_(model)
-    reshard(model)
     dcp.save(model.state_dict(), checkpoint_id=folder)
-    fresh = _fsdp_model()
-    for module in masked_modules(model):  # the same mask buffers (all kept) to load into
-        layer = fresh.get_submodule(module)
-        set_mask(layer, torch.ones(layer.weight.shape, dtype=torch.bool))
-    state = fresh.state_dict()
-    dcp.load(state, checkpoint_id=folder)
-    fresh.load_state_dict(state)
-    pack_masks_(fresh)
-    return {"saved": saved, "loaded": _whole(fresh), "storage": _storage(fresh)}
+    fresh = all_kept(build())
+    dcp.load(fresh.state_dict(), checkpoint_id=folder)
+    whole = {f"{name}.weight_mask_bits": full_mask(layer) for name, layer in masked_modules(model).items()}
+    cut = all_kept(build())
+    cut.load_state_dict(whole, strict=False)
+    bits = {k: v for k, v in model.state_dict().items() if k.endswith("_mask_bits")}
+    try:
+        restore_masks(_model(), bits)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    return {"saved": saved, "loaded": _whole(fresh), "storage": _storage(fresh), "cut": _whole(cut)["masks"],
+            "refused": refused}
+
+
+def packed_fsdp_distributed_checkpoint() -> dict:
+    return _distributed_checkpoint(_fsdp_model)
+
+
+def packed_hsdp_distributed_checkpoint() -> dict:
+    return _distributed_checkpoint(_hsdp_model)
 
 
 def hsdp_prune_step() -> dict:
@@ -208,5 +227,5 @@ def hsdp_prune_loop() -> dict:
 
 FSDP = [packed_fsdp_prune_step, packed_fsdp_prune_loop, packed_fsdp_checkpoints_then_resume,
         packed_fsdp_snapshot_restore, fsdp_fused_optimizers, packed_fsdp_distributed_checkpoint]
-HSDP = [hsdp_prune_step, hsdp_prune_loop]
+HSDP = [hsdp_prune_step, hsdp_prune_loop, packed_hsdp_distributed_checkpoint]
 SCENARIOS = [*FSDP, *HSDP]

@@ -130,13 +130,31 @@ def test_hsdp_loop_checkpoints_and_resume_equal_one_process(runs, base):
         _equal(sharded, one, f"iter_{k:03d}.pt")
 
 
-def test_packed_fsdp_saved_by_distributed_checkpoint_after_unpacking(runs):
-    """docs/reference/loop.md: unpack_masks_ before torch.distributed.checkpoint.save, pack_masks_ after
-    the load: the loaded model holds the saved masks and weights (those of one process), packed."""
-    single = _ok(runs[0]["packed_fsdp_distributed_checkpoint"][0])
+def _saved_by_distributed_checkpoint(single: dict, results: list) -> None:
     _equal(single["loaded"], single["saved"], "one process")
-    for r, result in enumerate(runs[2]["packed_fsdp_distributed_checkpoint"]):
-        result = _ok(result)
-        _equal(result["loaded"], result["saved"], f"rank {r}: loaded")
+    _equal(single["cut"], single["saved"]["masks"], "one process: whole bits loaded")
+    assert single["refused"] is None
+    results = [_ok(r) for r in results]
+    for r, result in enumerate(results):
+        _equal(result["loaded"], result["saved"], f"rank {r}: loaded in place")
+        _equal(result["cut"], result["saved"]["masks"], f"rank {r}: whole bits through load_state_dict")
         _equal(result["saved"], single["saved"], f"rank {r}: saved")
         _packed_storage(result["storage"])
+        assert "one row of bits per slice" in result["refused"], result["refused"]
+        # every row as long as the largest slice's bits: the same bytes on every rank, rank 0's slices the largest
+        assert result["storage"]["held_bytes"] == results[0]["storage"]["held_bytes"]
+    assert results[0]["storage"]["held_bytes"] / results[0]["storage"]["weights"] <= PACKED_BYTES
+
+
+def test_packed_fsdp_saved_by_distributed_checkpoint_as_it_is(runs):
+    """torch.distributed.checkpoint saves a packed FSDP2 model as it is (every rank's own bits) and loads
+    it in place; a one-process checkpoint's whole bits load through load_state_dict on 2 ranks; a plain
+    model refuses the per-slice bits (tests/distributed/scenarios_packed_fsdp.py)."""
+    _saved_by_distributed_checkpoint(_ok(runs[0]["packed_fsdp_distributed_checkpoint"][0]),
+                                     runs[2]["packed_fsdp_distributed_checkpoint"])
+
+
+def test_packed_hsdp_saved_by_distributed_checkpoint_as_it_is(runs):
+    """The same on the (replicate, shard) mesh of 2 x 2 ranks: rows per slice over the shard dimension."""
+    _saved_by_distributed_checkpoint(_ok(runs[0]["packed_hsdp_distributed_checkpoint"][0]),
+                                     runs[4]["packed_hsdp_distributed_checkpoint"])
