@@ -16,7 +16,11 @@ Each phase runs in a fresh interpreter, so its peak resident set (``ru_maxrss``)
 * ``snapshot@50%``: what the loop keeps of such a model between iterations (``Pruner.snapshot``,
   after the masked weights were zeroed as retraining under the loop leaves them): ``state_bytes``
   = the whole state_dict (what a ``copy.deepcopy(model.state_dict())`` snapshot held),
-  ``snapshot_bytes`` = what the snapshot holds now (kept weights, masks as stored).
+  ``snapshot_bytes`` = what the snapshot holds now (kept weights, masks as stored);
+* ``resume@50%``: a rerun of ``nepenthe.prune`` on a freshly built model (no masks) that resumes from
+  the ``--resume-iters`` + 1 checkpoints a run of the loop on the ``@50%`` model wrote (written
+  beforehand by another process, ``--resume-dir``): it reads every checkpoint, keeps what a resume
+  needs, restores the model and returns; ``checkpoint_bytes`` = the files read.
 
 Each phase runs ``--repeats`` times (rounds over all phases); the table gives the median peak and
 the largest. The ratio is the median peak over the dense step's (target ≤ 1.1), with the worst
@@ -50,7 +54,8 @@ import torch.nn as nn
 SHAPES = {"deep": dict(blocks=128, width=512, hidden=768), "bert": dict(blocks=20, width=768, hidden=3072),
           "tiny": dict(blocks=3, width=16, hidden=24)}
 PHASES = ("idle", "dense", "nepenthe", "imp", "nepenthe@50%", "imp@50%", "nepenthe@50%+packed", "imp@50%+packed",
-          "snapshot@50%", "snapshot@50%+packed")
+          "snapshot@50%", "snapshot@50%+packed", "resume@50%", "resume@50%+packed")
+RESUME_ITERS = 3  # iterations the resumed run finds done (+ the dense iteration 0: 4 checkpoints)
 
 
 class Block(nn.Module):
@@ -133,22 +138,62 @@ def _track_unpacked() -> list[int]:
     return peak
 
 
-def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: int = 4) -> dict:
-    """Build the model, run ``phase`` once; peak and resident memory in KiB (meaningful only in a
-    fresh process) and what the phase did."""
+def _resume_run(model: nn.Module, calib: list, folder: str, packed: bool, calib_batches: int):
+    """The loop with checkpoints in ``folder``, no retraining and a constant accuracy (what it keeps and
+    reads is what the bench is about): writes them, or, run again, resumes from them."""
     import nepenthe
-    from nepenthe.masks import set_mask, sparsity
+
+    config = nepenthe.PruneConfig(max_iters=RESUME_ITERS, delta=None, max_calib_batches=calib_batches,
+                                  pack_masks=packed, checkpoint_dir=folder, metric_scale=1.0)
+    return nepenthe.prune(model, calib, retrain=lambda m, it: None, evaluate=lambda m: 90.0, config=config)
+
+
+def _resume_folder(base: str, shape: str, packed: bool) -> str:
+    return os.path.join(base, f"{shape}{'-packed' if packed else ''}")
+
+
+def prepare_resume(shape: str, base: str, batch: int = 256, calib_batches: int = 4) -> None:
+    """Write the checkpoints the ``resume`` phases read (both mask storages), unless they are there."""
+    for packed in (False, True):
+        folder = _resume_folder(base, shape, packed)
+        if not os.path.exists(os.path.join(folder, f"iter_{RESUME_ITERS:03d}.pt")):
+            model, calib = _built(shape, masked=True, packed=packed, batch=batch, calib_batches=calib_batches)
+            _resume_run(model, calib, folder, packed, calib_batches)
+
+
+def _built(shape: str, masked: bool, packed: bool, batch: int, calib_batches: int) -> tuple[nn.Module, list]:
+    """The model (every Linear half masked when ``masked``) and its calibration batches."""
+    from nepenthe.masks import set_mask
 
     torch.manual_seed(0)
     model = MLPStack(**SHAPES[shape])
-    width = SHAPES[shape]["width"]
-    rest, _, packed = phase.partition("+")
-    method, _, masked = rest.partition("@")
     if masked:  # a later iteration: every Linear already half masked
         gen = torch.Generator().manual_seed(1)
         for m in model.modules():
             if isinstance(m, nn.Linear):
-                set_mask(m, torch.rand(m.weight.shape, generator=gen) < 0.5, packed=bool(packed))
+                set_mask(m, torch.rand(m.weight.shape, generator=gen) < 0.5, packed=packed)
+    width = SHAPES[shape]["width"]
+    calib = [(torch.randn(batch, width), torch.zeros(batch, dtype=torch.long)) for _ in range(calib_batches)]
+    return model, calib
+
+
+def _sparsity(model: nn.Module) -> float:
+    from nepenthe.masks import sparsity
+
+    return round(sparsity({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)})[0], 4)
+
+
+def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: int = 4,
+              resume_dir: str | None = None) -> dict:
+    """Build the model, run ``phase`` once; peak and resident memory in KiB (meaningful only in a
+    fresh process) and what the phase did. ``resume_dir``: where :func:`prepare_resume` wrote."""
+    import nepenthe
+
+    rest, _, packed = phase.partition("+")
+    method, _, masked = rest.partition("@")
+    # a resumed run starts from a model as built: the checkpoints hold its masks
+    model, calib = _built(shape, bool(masked) and method != "resume", bool(packed), batch, calib_batches)
+    width = SHAPES[shape]["width"]
     _trim_heap()
     built = _rss_kib()
     reset = _reset_peak()
@@ -160,13 +205,11 @@ def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: 
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     elif method in ("nepenthe", "imp"):
-        calib = [(torch.randn(batch, width), torch.zeros(batch, dtype=torch.long)) for _ in range(calib_batches)]
         config = nepenthe.PruneConfig(method=method, max_calib_batches=calib_batches, pack_masks=bool(packed))
         unpacked = _track_unpacked()
         step = nepenthe.prune_step(model, calib, config=config)
-        info = {"pruned": sum(step.pruned.values()), "layers": len(step.pruned), "unpacked_peak_bytes": unpacked[0]}
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        info["sparsity"] = round(sparsity(linears)[0], 4)
+        info = {"pruned": sum(step.pruned.values()), "layers": len(step.pruned), "unpacked_peak_bytes": unpacked[0],
+                "sparsity": _sparsity(model)}
     elif method == "snapshot":
         from nepenthe.loop import enforce_masks
         from nepenthe.loop.snapshot import compact_state, state_bytes
@@ -174,6 +217,12 @@ def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: 
         enforce_masks(model)  # masked weights +0.0, as after a retraining under the loop
         snap = compact_state(model.state_dict(), [])  # = Pruner.snapshot() of a model without FSDP2
         info = {"state_bytes": state_bytes(model.state_dict()), "snapshot_bytes": snap.nbytes}
+    elif method == "resume":
+        folder = _resume_folder(resume_dir, shape, bool(packed))
+        result = _resume_run(model, calib, folder, bool(packed), calib_batches)
+        files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
+        info = {"resumed": len(result.iterations), "checkpoint_bytes": sum(os.path.getsize(f) for f in files),
+                "files": len(files), "sparsity": _sparsity(model)}
     elif method != "idle":
         raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
     return {"phase": phase, "shape": shape, "peak_kib": _peak_kib(), "built_kib": built,
@@ -183,14 +232,14 @@ def run_phase(phase: str, shape: str = "deep", batch: int = 256, calib_batches: 
             **info}
 
 
-def run_isolated(phase: str, shape: str, batch: int, calib_batches: int, threads: int) -> dict:
+def run_isolated(phase: str, shape: str, batch: int, calib_batches: int, threads: int, resume_dir: str) -> dict:
     """``run_phase`` in a fresh interpreter (its own peak resident set)."""
     code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(int(sys.argv[6])); "
-            "import bench_memory as b; "
-            "print(json.dumps(b.run_phase(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))")
+            "import bench_memory as b; print(json.dumps(b.run_phase(sys.argv[2], sys.argv[3], int(sys.argv[4]), "
+            "int(sys.argv[5]), sys.argv[7])))")
     here = os.path.dirname(os.path.abspath(__file__))
     # -P: no working directory on sys.path, so PYTHONPATH decides which nepenthe is measured
-    argv = [here, phase, shape, str(batch), str(calib_batches), str(threads)]
+    argv = [here, phase, shape, str(batch), str(calib_batches), str(threads), resume_dir]
     out = subprocess.run([sys.executable, "-P", "-c", code, *argv], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -213,7 +262,9 @@ def table(rows: list[dict]) -> str:
         pruned = (f"{r['pruned']:,} ({r['sparsity']:.1%})" + (f"; unpacked masks ≤ {unpacked / 2**20:.1f} MiB"
                                                               if unpacked else "") if "pruned" in r else
                   f"snapshot {r['snapshot_bytes'] / 2**20:.0f} MiB of a {r['state_bytes'] / 2**20:.0f} MiB state"
-                  if "snapshot_bytes" in r else "-")
+                  if "snapshot_bytes" in r else
+                  f"{r['files']} checkpoints, {r['checkpoint_bytes'] / 2**20:.0f} MiB read; sparsity {r['sparsity']:.1%}"
+                  if "checkpoint_bytes" in r else "-")
         own = sorted(x["phase_peak_kib"] for x in rs if x.get("phase_peak_kib"))
         own_text = f"{own[len(own) // 2] / 1024:.0f}" if own else "-"
         lines.append(f"| {phase} | {median[phase] / 1024:.0f} ({peaks[phase][-1] / 1024:.0f}) | "
@@ -238,12 +289,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per phase (median reported)")
+    parser.add_argument("--resume-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nepenthe-bench-resume"),
+                        help="where the resume phases' checkpoints are written once (reused when there)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if any(p.startswith("resume") for p in args.phases.split(",")):  # written by another process: not measured
+        subprocess.run([sys.executable, "-P", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import bench_memory "
+                        "as b; b.prepare_resume(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))",
+                        os.path.dirname(os.path.abspath(__file__)), args.shape, args.resume_dir, str(args.batch),
+                        str(args.calib_batches)], check=True)
     rows = []
     for _ in range(args.repeats):  # rounds over the phases, so a slow drift of the machine hits them all
         for phase in args.phases.split(","):
-            rows.append(run_isolated(phase, args.shape, args.batch, args.calib_batches, args.threads))
+            rows.append(run_isolated(phase, args.shape, args.batch, args.calib_batches, args.threads, args.resume_dir))
             print(f"  {phase}: peak {rows[-1]['peak_kib'] / 1024:.0f} MiB", file=sys.stderr, flush=True)
     print(f"{args.shape}: {rows[0]['params'] / 1e6:.1f}M parameters; {environment()}")
     if len({r["nepenthe"] for r in rows} | {os.path.dirname(sys.modules["nepenthe"].__file__)}) > 1:
@@ -255,8 +313,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def test_memory_bench_phases_on_a_tiny_model():
-    rows = [run_phase(phase, "tiny", batch=8, calib_batches=2) for phase in PHASES]
+def test_memory_bench_phases_on_a_tiny_model(tmp_path):
+    prepare_resume("tiny", str(tmp_path), batch=8, calib_batches=2)
+    rows = [run_phase(phase, "tiny", batch=8, calib_batches=2, resume_dir=str(tmp_path)) for phase in PHASES]
     by = {r["phase"]: r for r in rows}
     assert by["idle"]["params"] == by["dense"]["params"] == 3 * (16 * 24 * 2 + 24 + 16 + 32) + 16 * 10 + 10
     for phase in ("nepenthe", "imp"):
@@ -268,6 +327,10 @@ def test_memory_bench_phases_on_a_tiny_model():
     assert all(0 < by[p + "@50%+packed"]["unpacked_peak_bytes"] <= largest for p in ("nepenthe", "imp"))
     bools, packed = by["snapshot@50%"], by["snapshot@50%+packed"]
     assert bools["state_bytes"] > bools["snapshot_bytes"] > packed["snapshot_bytes"]
+    for phase in ("resume@50%", "resume@50%+packed"):  # every iteration found done, the masks restored
+        assert by[phase]["resumed"] == RESUME_ITERS + 1 and by[phase]["files"] == RESUME_ITERS + 1
+        assert by[phase]["sparsity"] > by["nepenthe@50%"]["sparsity"]
+    assert by["resume@50%"]["checkpoint_bytes"] > by["resume@50%+packed"]["checkpoint_bytes"]
     text = table(rows)
     assert text.count("\n") == len(PHASES) + 1 and "| dense |" in text and "| 1.00× (1.00×) |" in text
     twice = table(rows + [{**by["dense"], "peak_kib": by["dense"]["peak_kib"] * 2}])  # median of 2: the larger
