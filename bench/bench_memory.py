@@ -263,7 +263,7 @@ def table(rows: list[dict]) -> str:
                                                               if unpacked else "") if "pruned" in r else
                   f"snapshot {r['snapshot_bytes'] / 2**20:.0f} MiB of a {r['state_bytes'] / 2**20:.0f} MiB state"
                   if "snapshot_bytes" in r else
-                  f"{r['files']} checkpoints, {r['checkpoint_bytes'] / 2**20:.0f} MiB read; sparsity {r['sparsity']:.1%}"
+                  f"{r['files']} checkpoints, {r['checkpoint_bytes'] / 2**20:.0f} MiB; sparsity {r['sparsity']:.1%}"
                   if "checkpoint_bytes" in r else "-")
         own = sorted(x["phase_peak_kib"] for x in rs if x.get("phase_peak_kib"))
         own_text = f"{own[len(own) // 2] / 1024:.0f}" if own else "-"

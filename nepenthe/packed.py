@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .sharded import is_sharded, local
 
-__all__ = ["checked_slice_bits", "count_kept_bits", "pack_mask", "packed_mask_bytes", "per_slice_bits", "slice_bits", "unpack_mask"]
+__all__ = ["checked_slice_bits", "count_kept_bits", "pack_mask", "packed_mask_bytes", "per_slice_bits", "slice_bits",
+           "unpack_mask"]
 
 _BIT_WEIGHTS = tuple(1 << i for i in range(8))
 

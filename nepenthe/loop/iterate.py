@@ -20,7 +20,14 @@ from ..sharded import is_sharded
 from .config import IterationRecord, PruneConfig, PruneResult
 from .masked_training import masks_enforced, repair_masked_weights
 from .pruner import Pruner, Step
-from .resume import failure_stop_reason, load_checkpoints, restore_random_states, save_checkpoint, stop_reason_of
+from .resume import (
+    failure_stop_reason,
+    load_checkpoints,
+    model_state,
+    restore_random_states,
+    save_checkpoint,
+    stop_reason_of,
+)
 from .snapshot import Snapshot
 
 __all__ = ["prune", "prune_", "prune_step", "select_iteration"]
@@ -44,14 +51,11 @@ def _depth_order(r: IterationRecord) -> tuple:
     return r.collapsed, r.accuracy if r.accuracy is not None else -math.inf, -r.iteration
 
 
-def _still_selectable(records: Sequence[IterationRecord], rule: str) -> set[int]:
-    """The iterations whose state a resume may need, whatever records follow ``records``: the newest
-    (the next start), the last within tolerance and, for ``"depth"``, the first by its order among
-    those within when a layer collapsed there (with none collapsed, ``"depth"`` takes the last)."""
-    within = [r for r in records if r.within_tolerance]
-    keep = {records[-1].iteration} | ({within[-1].iteration} if within else set())
-    best = max(within, key=_depth_order) if within and rule == "depth" else None
-    return keep | ({best.iteration} if best is not None and best.collapsed > 0 else set())
+def _read_back(ckpt: dict) -> dict:
+    """The model state of a checkpoint the resume read (one state held at a time), every rank alike."""
+    with ranks.agreed(f"reading back the model state of {ckpt['path']}"):
+        state = model_state(ckpt)
+    return state
 
 
 def _next_scale(record: IterationRecord, config: PruneConfig) -> float:
@@ -184,15 +188,13 @@ def prune_(
                 for stale in [*directory.glob("iter_*.pt"), directory / "summary.json"]:
                     stale.unlink(missing_ok=True)
     with ranks.agreed(f"reading the checkpoints in {directory}"):  # every rank resumes from the same files
-        checkpoints = (load_checkpoints(directory, config, lambda found: _still_selectable(found, config.select))
-                       if directory and config.resume and directory.exists()
-                       else [])
+        checkpoints = load_checkpoints(directory, config) if directory and config.resume and directory.exists() else []
     if checkpoints:
         last = checkpoints[-1]
         stats = pruner.measure()  # learn call-site module paths before replaying replacements
         for site in last["linearized"]:
             pruner.replace_with_identity(site, stats)
-        pruner.restore(Snapshot(last["model"], list(last["linearized"])))
+        pruner.restore(Snapshot(_read_back(last), list(last["linearized"])))
         records = [IterationRecord(**c["record"]) for c in checkpoints]
         scale = float(config.metric_scale if config.metric_scale is not None
                       else checkpoints[0].get("metric_scale", 1.0))
@@ -204,7 +206,7 @@ def prune_(
         current = pruner.snapshot() if records[-1].within_tolerance else None
         # FSDP2: the snapshots keep this rank's slices only, as the ones the loop takes do
         best = (current if current is not None and keep is last
-                else pruner.keep(keep["model"], keep["linearized"]))
+                else pruner.keep(_read_back(keep), keep["linearized"]))
         best_stats = EntropyStats.from_state_dict(keep["stats"])
         with ranks.agreed(f"restoring the random states of {last['path']}"):
             # last: nothing between here and the next phase draws, as nothing did after the write

@@ -12,7 +12,6 @@ process or an FSDP2 job wrote it, and either resumes from it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from ..sharded import full_state_dict
 from .config import IterationRecord, PruneConfig
 from .pruner import Pruner
 
-__all__ = ["FORMAT", "checkpoint_path", "failure_stop_reason", "load_checkpoints", "restore_random_states",
-           "save_checkpoint", "stop_reason_of"]
+__all__ = ["FORMAT", "checkpoint_path", "failure_stop_reason", "load_checkpoints", "model_state",
+           "restore_random_states", "save_checkpoint", "stop_reason_of"]
 
 FORMAT = "nepenthe.checkpoint/3"  # /3: random states and the stop reason; /2 files still resume
 
@@ -84,13 +83,12 @@ def _read_checkpoint(path: Path) -> dict | str:
     return ckpt
 
 
-def load_checkpoints(directory: Path, config: PruneConfig,
-                     selectable: Callable[[list[IterationRecord]], set[int]] | None = None) -> list[dict]:
+def load_checkpoints(directory: Path, config: PruneConfig) -> list[dict]:
     """The consecutive checkpoints a resume can use. A damaged one (and any after it) is set aside
     with a warning and the run resumes from the last good one; a good checkpoint of another run is
-    refused (PruneError). ``selectable(records so far)``: the iterations whose model state may still
-    be needed; the others' ``"model"`` is dropped (None) as soon as it is not, so that reading N
-    checkpoints does not hold N models."""
+    refused (PruneError). Each one's model state is dropped (``"model"``: None) as soon as it was
+    checked, so that reading N checkpoints holds one model state at a time: :func:`model_state` reads
+    back those the resume needs (the last one, the selected one)."""
     found = sorted(directory.glob("iter_*.pt"))
     checkpoints = []
     for i, path in enumerate(found):
@@ -109,13 +107,25 @@ def load_checkpoints(directory: Path, config: PruneConfig,
         if ckpt["record"]["iteration"] != i:
             raise PruneError(f"checkpoints in {directory} are not consecutive (missing iteration {i}); "
                              "use another checkpoint_dir or resume=False")
+        ckpt["digest"], ckpt["model"] = _digest(ckpt), None
         checkpoints.append(ckpt)
-        if selectable is not None:
-            needed = selectable([IterationRecord(**c["record"]) for c in checkpoints])
-            for c in checkpoints:
-                if c["record"]["iteration"] not in needed:
-                    c["model"] = None
     return checkpoints
+
+
+def _digest(ckpt: dict) -> str:
+    """What tells this file's content from any other: its checksum (a /2 file's computed)."""
+    return ckpt.get("checksum") or payload_checksum({k: v for k, v in ckpt.items() if k != "path"})
+
+
+def model_state(ckpt: dict) -> dict:
+    """The model state of ``ckpt`` (one of :func:`load_checkpoints`'), read from its file again: the
+    same content, or PruneError (the file was replaced or damaged since the resume read it)."""
+    again = _read_checkpoint(ckpt["path"])
+    if isinstance(again, str) or _digest(again) != ckpt["digest"]:
+        why = again if isinstance(again, str) else "its content is not the one read before"
+        raise PruneError(f"checkpoint {ckpt['path']} changed while the run was resuming from it ({why}); "
+                         "is another run writing to this checkpoint_dir? Rerun to resume from the files as they are")
+    return again["model"]
 
 
 def stop_reason_of(ckpt: dict, record: IterationRecord) -> str:

@@ -199,11 +199,12 @@ def test_a_snapshot_keeps_negative_zeros_and_keeps_odd_layers_whole(data):
     assert same_bits(bits(model.state_dict()), before)
 
 
-def test_a_resume_keeps_only_the_states_it_can_still_need(data, tmp_path):
-    """Reading N checkpoints holds the model state of the last one, the last within tolerance and the
-    best by depth only; the resumed run ends as the uninterrupted one."""
-    from nepenthe.loop.iterate import _still_selectable
-    from nepenthe.loop.resume import load_checkpoints
+def test_a_resume_holds_one_model_state_at_a_time(data, tmp_path):
+    """Reading N checkpoints drops each one's model state once checked; the resume reads back the ones
+    it needs (the last, the selected) and ends as the uninterrupted run. A file replaced in between is
+    refused, not resumed from."""
+    from nepenthe.errors import PruneError
+    from nepenthe.loop.resume import load_checkpoints, model_state
 
     def retrain(m, iteration):
         torch.manual_seed(iteration)
@@ -220,9 +221,12 @@ def test_a_resume_keeps_only_the_states_it_can_still_need(data, tmp_path):
     whole = make_stack()
     reference = run(whole, tmp_path / "whole", 5, iter([90.0, 89.9, 89.8, 80.0]))
     assert [r.within_tolerance for r in reference.iterations] == [True, True, True, False]
-    found = load_checkpoints(tmp_path / "whole", config(tmp_path / "whole"),
-                             lambda records: _still_selectable(records, "last"))
-    assert [c["model"] is not None for c in found] == [False, False, True, True]  # last within, newest
+    found = load_checkpoints(tmp_path / "whole", config(tmp_path / "whole"))
+    assert [c["model"] for c in found] == [None] * 4
+    assert same_bits(bits(model_state(found[2])), bits(torch.load(found[2]["path"], weights_only=True)["model"]))
+    found[1]["path"].write_bytes(found[0]["path"].read_bytes())  # another good checkpoint in its place
+    with pytest.raises(PruneError, match="iter_001.pt changed while the run was resuming"):
+        model_state(found[1])
 
     resumed = make_stack(seed=7)
     scores = iter([90.0, 89.9, 89.8, 80.0])  # one evaluation per iteration, over both runs
@@ -233,21 +237,3 @@ def test_a_resume_keeps_only_the_states_it_can_still_need(data, tmp_path):
     assert same_bits(bits(resumed.state_dict()), bits(whole.state_dict()))
 
 
-def test_the_states_a_resume_keeps_cover_every_later_selection():
-    """Whatever records follow, select_iteration picks one of the iterations kept so far or a later one."""
-    import itertools
-
-    from nepenthe.loop.config import IterationRecord
-    from nepenthe.loop.iterate import _still_selectable, select_iteration
-
-    def record(i, accuracy, within, collapsed):
-        return IterationRecord(i, accuracy, 0.0, {}, {}, [], {}, [], within, 0.0, collapsed=collapsed)
-
-    kinds = [(90.0, True, 0), (89.0, True, 1), (91.0, True, 1), (80.0, False, 2), (89.5, True, 0), (88.0, True, 2)]
-    for rule in ("depth", "last"):
-        for seq in itertools.product(range(len(kinds)), repeat=4):
-            records = [record(0, 90.0, True, 0)] + [record(i + 1, *kinds[k]) for i, k in enumerate(seq)]
-            for cut in range(1, len(records)):
-                kept = _still_selectable(records[:cut], rule)
-                chosen = select_iteration(records, rule)
-                assert chosen in kept or chosen >= cut, (rule, seq, cut)
