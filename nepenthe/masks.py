@@ -186,14 +186,14 @@ def _set_bits(module: nn.Module, bits: Tensor, param_name: str, where: str) -> N
     ``bits`` is the whole tensor's mask (cut to this rank's slice here), or the per-slice form's."""
     param = getattr(module, param_name)
     shard = param if is_sharded(param) else None
-    if shard is not None and not is_sharded(bits):
-        bits = shard_packed_mask(_checked_bits(bits, param, where), param)
-    if is_sharded(bits) and shard is None:  # one rank's bits are not the whole mask
-        raise ValueError(f"{where}: a sharded model's packed mask (one row of bits per slice) cannot be loaded "
-                         "into a parameter that is not sharded; save the whole mask with "
-                         "nepenthe.sharded.full_state_dict")
-    if is_sharded(bits):
+    if is_sharded(bits):  # rows of per-rank bits: this rank's, for a parameter sharded the same way only
+        if shard is None:  # one rank's bits are not the whole mask
+            raise ValueError(f"{where}: a sharded model's packed mask (one row of bits per slice) cannot be "
+                             "loaded into a parameter that is not sharded; save the whole mask with "
+                             "nepenthe.sharded.full_state_dict")
         bits = checked_slice_bits(bits, param, where)
+    elif shard is not None:  # a whole tensor's bits: this rank's slice cut out
+        bits = _bits_of_slice(_checked_bits(bits, param, where), param)
     param = local(param)
     bits = _checked_bits(bits, param, where).to(param.device).contiguous()
     _store(module, param_name, bits, True, shard)
@@ -206,9 +206,12 @@ def shard_packed_mask(bits: Tensor, like: Tensor) -> Tensor:
     """This rank's part of a whole tensor's packed mask ``bits``: the packed mask of its slice of the
     sharded ``like`` (``like.to_local()``) in the per-slice form a sharded model's state_dict holds, cut
     locally (no communication); ``bits`` for a plain ``like``."""
-    if not is_sharded(like):
-        return bits
-    return per_slice_bits(pack_mask(local(shard_like(unpack_mask(bits, like.shape), like))), like)
+    return per_slice_bits(_bits_of_slice(bits, like), like) if is_sharded(like) else bits
+
+
+def _bits_of_slice(bits: Tensor, like: Tensor) -> Tensor:
+    """The packed mask of this rank's slice of the sharded ``like``, cut out of the whole tensor's ``bits``."""
+    return pack_mask(local(shard_like(unpack_mask(bits, like.shape), like)))
 
 
 def stored_mask(module: nn.Module, param_name: str = "weight") -> Tensor | None:
